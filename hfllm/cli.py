@@ -1,0 +1,55 @@
+"""`hfllm` command line: each subcommand is a function `fn(argv: list[str], prog: str) -> int | None` in its module.
+
+Bad input raises `HfllmError`; here it becomes one line on stderr and exit code 2, never a traceback.
+"""
+
+import importlib
+import sys
+
+from .errors import HfllmError
+
+# subcommand -> ("module:function", one-line help); modules are imported only when their command runs
+COMMANDS: dict[str, tuple[str, str]] = {
+    "presets": ("hfllm.models.presets:main", "list the named model presets with their parameter counts"),
+    "convert": ("hfllm.convert:convert_main", "convert a transformers checkpoint folder or a .gguf file into an hfllm checkpoint"),
+    "export": ("hfllm.convert:export_main", "export an hfllm checkpoint to a native transformers architecture"),
+    "data": ("hfllm.data:main", "prepare data: `data shakespeare --out DIR`, `data synth TASK --out DIR`"),
+    "pretrain": ("hfllm.run_pretrain:main", "pretrain from a YAML recipe"),
+    "sft": ("hfllm.run_sft:main", "supervised fine-tuning from a YAML recipe (TRL SFTTrainer)"),
+    "dpo": ("hfllm.run_dpo:main", "direct preference optimisation from a YAML recipe (TRL DPOTrainer)"),
+    "orpo": ("hfllm.run_align:orpo_main", "ORPO from a YAML recipe"),
+    "kto": ("hfllm.run_align:kto_main", "KTO from a YAML recipe"),
+    "grpo": ("hfllm.run_align:grpo_main", "GRPO from a YAML recipe"),
+    "merge": ("hfllm.adapters:merge_main", "merge a PEFT adapter into a full checkpoint"),
+    "eval": ("hfllm.evaluation:main", "evaluate models with lm-evaluation-harness"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: hfllm <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"hfllm: error: unknown command '{command}'; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, function_name = COMMANDS[command][0].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    try:
+        result = function(rest, prog=f"hfllm {command}")
+    except HfllmError as error:
+        print(f"hfllm {command}: error: {error}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
