@@ -147,7 +147,7 @@ def test_unknown_data_action_is_an_error(capsys):
 
 def write_sources(folder: Path) -> dict[str, str]:
     rows = [{"body": f"document {i}\nline two", "id": i} for i in range(3)]
-    (folder / "docs.txt").write_text(f"document 0\nline two\n{DOCUMENT_SEPARATOR}\ndocument 1\n\nthree\n{DOCUMENT_SEPARATOR}\n")
+    write_documents(["document 0\nline two\n", "document 1\n\nthree\n"], folder / "docs.txt")
     (folder / "docs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (folder / "docs.json").write_text(json.dumps(rows))
     datasets.Dataset.from_list(rows).to_csv(folder / "docs.csv", index=False)
@@ -173,7 +173,8 @@ def test_globs_and_validation_percentage_hold_out_documents(tmp_path):
         (tmp_path / f"part{part}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     data = load_text_datasets(train_files=str(tmp_path / "part*.jsonl"), validation_split_percentage=10, seed=3)
     assert (len(data["train"]), len(data["validation"])) == (18, 2)
-    assert sorted([*data["train"]["text"], *data["validation"]["text"]]) == sorted(f"doc {p}-{i}" for p in range(2) for i in range(10))
+    everything = sorted([*data["train"]["text"], *data["validation"]["text"]])
+    assert everything == sorted(f"doc {p}-{i}" for p in range(2) for i in range(10))
     again = load_text_datasets(train_files=str(tmp_path / "part*.jsonl"), validation_split_percentage=10, seed=3)
     assert again["validation"]["text"] == data["validation"]["text"]
 
@@ -182,7 +183,9 @@ def test_validation_duplicates_are_dropped_from_train(tmp_path, caplog):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a", "b", "c", "b"]))
     (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["b", "z"]))
     with caplog.at_level(logging.WARNING, logger="hfllm.data.loading"):
-        data = load_text_datasets(train_files=str(tmp_path / "train.jsonl"), validation_files=str(tmp_path / "val.jsonl"))
+        data = load_text_datasets(
+            train_files=str(tmp_path / "train.jsonl"), validation_files=str(tmp_path / "val.jsonl")
+        )
     assert data["train"]["text"] == ["a", "c"]
     assert "dropped 2 train document(s) that also occur in validation" in caplog.text
 
@@ -198,7 +201,8 @@ def test_mixing_is_weighted_and_seeded(tmp_path):
         rows = [{"text": f"{name}{i}"} for i in range(200)]
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         (tmp_path / f"{name}_val.jsonl").write_text(json.dumps({"text": f"{name}-val"}) + "\n")
-        sources.append(load_text_datasets(train_files=str(tmp_path / f"{name}.jsonl"), validation_files=str(tmp_path / f"{name}_val.jsonl")))
+        files = {"train_files": str(tmp_path / f"{name}.jsonl"), "validation_files": str(tmp_path / f"{name}_val.jsonl")}
+        sources.append(load_text_datasets(**files))
     mixed = mix_datasets(sources, [3, 1], seed=0)
     texts = mixed["train"]["text"]
     share_a = sum(text.startswith("a") for text in texts) / len(texts)
@@ -210,7 +214,7 @@ def test_mixing_is_weighted_and_seeded(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [
+    [  # fmt: skip (one case per line)
         ({"train_files": "{d}/nothing*.jsonl"}, "no file matches the pattern '{d}/nothing*.jsonl'; check the path and the glob"),
         ({"train_files": "{d}/missing.txt"}, "data file '{d}/missing.txt' does not exist; check the path"),
         ({"train_files": "{d}/empty.txt"}, "data file '{d}/empty.txt' is empty; give it some text or leave it out"),
@@ -243,7 +247,10 @@ def tokenizer():
 
 def documents_dataset(train: list[str], validation: list[str]) -> datasets.DatasetDict:
     return datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict({"text": train}), "validation": datasets.Dataset.from_dict({"text": validation})}
+        {
+            "train": datasets.Dataset.from_dict({"text": train}),
+            "validation": datasets.Dataset.from_dict({"text": validation}),
+        }
     )
 
 
@@ -335,7 +342,8 @@ def test_collated_blocks_keep_documents_apart_under_sdpa(tokenizer):
 def test_cli_tokenizer_trains_saves_and_reports(tmp_path, capsys):
     rows = [{"text": f"line {i}\nwith verse {i * 7}\n"} for i in range(50)]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    argv = ["data", "tokenizer", "--kind", "char", "--train-files", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "tok")]
+    argv = ["data", "tokenizer", "--kind", "char", "--train-files", str(tmp_path / "docs.jsonl")]
+    argv += ["--out", str(tmp_path / "tok")]
     assert cli_main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["tokens_per_char"] == 1.0 and report["vocab_size"] == 6 + len(set("".join(r["text"] for r in rows)))

@@ -12,7 +12,14 @@ import json
 from pathlib import Path
 
 from ..errors import HfllmError
-from .corpus import DOCUMENT_SEPARATOR, VALIDATION_PLAYS, clean_play, read_documents, shakespeare_corpus, write_documents
+from .corpus import (
+    DOCUMENT_SEPARATOR,
+    VALIDATION_PLAYS,
+    clean_play,
+    read_documents,
+    shakespeare_corpus,
+    write_documents,
+)
 from .loading import drop_validation_duplicates, load_files, load_text_datasets, mix_datasets
 from .packing import collate_blocks, tokenize_and_pack
 from .tokenizer import check_round_trip, chatml_template, load_or_train_tokenizer, tokenizer_report, train_tokenizer

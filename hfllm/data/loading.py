@@ -34,7 +34,8 @@ def resolve_files(patterns: str | list[str]) -> list[str]:
                 raise HfllmError(f"data file '{path}' does not exist; check the path")
             if Path(path).suffix not in BUILDERS:
                 raise HfllmError(
-                    f"data file '{path}' has an unknown extension '{Path(path).suffix}'; use one of {', '.join(BUILDERS)}"
+                    f"data file '{path}' has an unknown extension '{Path(path).suffix}'; "
+                    f"use one of {', '.join(BUILDERS)}"
                 )
             if Path(path).stat().st_size == 0:
                 raise HfllmError(f"data file '{path}' is empty; give it some text or leave it out")
@@ -59,7 +60,9 @@ def _select_text(data: Dataset | IterableDataset, text_column: str, source: str)
     return data.rename_column(text_column, "text") if text_column != "text" else data
 
 
-def load_files(patterns: str | list[str], text_column: str = "text", streaming: bool = False) -> Dataset | IterableDataset:
+def load_files(
+    patterns: str | list[str], text_column: str = "text", streaming: bool = False
+) -> Dataset | IterableDataset:
     """One split from local files (see module docstring for the formats)."""
     files = resolve_files(patterns)
     builder = BUILDERS[Path(files[0]).suffix]
@@ -135,18 +138,24 @@ def load_text_datasets(
             data = IterableDatasetDict({split: part.to_iterable_dataset() for split, part in data.items()})
     elif dataset is not None:  # a Hub dataset (needs the network; not used offline)
         hub = datasets.load_dataset(dataset, dataset_config, streaming=streaming)
+        if "train" not in hub:
+            raise HfllmError(f"dataset '{dataset}' has no 'train' split; its splits are: {', '.join(hub)}")
         train = _select_text(hub["train"], text_column, dataset)
         if "validation" in hub:
             validation = _select_text(hub["validation"], text_column, dataset)
         else:
-            train, validation = _hold_out(train, validation_split_percentage, seed, dataset, streaming_validation_documents)
+            train, validation = _hold_out(
+                train, validation_split_percentage, seed, dataset, streaming_validation_documents
+            )
         data = (IterableDatasetDict if streaming else DatasetDict)({"train": train, "validation": validation})
     else:
         train = load_files(train_files, text_column, streaming)
         if validation_files is not None:
             validation = load_files(validation_files, text_column, streaming)
         else:
-            train, validation = _hold_out(train, validation_split_percentage, seed, source, streaming_validation_documents)
+            train, validation = _hold_out(
+                train, validation_split_percentage, seed, source, streaming_validation_documents
+            )
         data = (IterableDatasetDict if streaming else DatasetDict)({"train": train, "validation": validation})
     _check_not_empty(data, source)
     return drop_validation_duplicates(data)

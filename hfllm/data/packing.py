@@ -20,7 +20,7 @@ What `position_ids` do, read from transformers 5.23 and checked on CPU with a ti
 import itertools
 
 import torch
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from datasets import DatasetDict, IterableDataset, IterableDatasetDict
 
 from ..errors import HfllmError
 
@@ -80,7 +80,9 @@ def tokenize_and_pack(
             if next(iter(packed[split]), None) is None:
                 raise HfllmError(f"the {split} split packs into no block of block_size {block_size}; give more text")
             continue
-        tokens = part.map(tokenize, batched=True, num_proc=num_proc, remove_columns=["text"], desc=f"Tokenizing {split}")
+        tokens = part.map(
+            tokenize, batched=True, num_proc=num_proc, remove_columns=["text"], desc=f"Tokenizing {split}"
+        )
         packed[split] = tokens.map(
             pack, batched=True, batch_size=pack_batch_size, num_proc=num_proc, remove_columns=["input_ids"],
             desc=f"Packing {split} into blocks of {block_size}",
