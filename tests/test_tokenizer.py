@@ -1,7 +1,7 @@
 """Tokenizers: exact round-trips, special tokens, the ChatML template with generation markers, save/load, report."""
 
 import pytest
-from trl.chat_template_utils import has_generation_markers
+from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
 
 from hfllm.data.corpus import shakespeare_corpus
 from hfllm.data.tokenizer import (
@@ -83,6 +83,7 @@ def test_special_tokens_are_distinct_set_and_bos_is_prepended(kind, bpe, char):
 def test_chat_template_renders_chatml_with_generation_markers(bpe):
     assert bpe.chat_template == chatml_template()
     assert has_generation_markers(bpe.chat_template)  # TRL's assistant_only_loss check
+    assert is_chat_template_stop_token_trained(bpe)  # TRL: <|im_end|> is inside the assistant mask
     assert "{% generation %}" in bpe.chat_template and "{% endgeneration %}" in bpe.chat_template
     text = bpe.apply_chat_template(MESSAGES[:3], tokenize=False, add_generation_prompt=False)
     assert text == (
