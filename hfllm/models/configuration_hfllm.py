@@ -1,0 +1,170 @@
+"""Configuration of hfllm's decoder family: Llama-style dense, Mistral-style sliding window, and MoE.
+
+One config covers every variant; the variant is a matter of fields:
+  - dense Llama: the defaults (GQA/MQA through `num_key_value_heads`, optional `qk_norm` and qkv bias)
+  - sliding window: `sliding_window=W` and `layer_types` ("sliding_attention" / "full_attention" per layer)
+  - MoE: `num_experts > 0` (top-k routing, optional shared experts, aux-loss-free balancing)
+
+This file is copied next to saved checkpoints (`trust_remote_code=True`), so it imports only transformers.
+"""
+
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ROPE_TYPES = ("default", *sorted(ROPE_INIT_FUNCTIONS))
+
+
+class HfllmConfigError(ValueError):
+    """An inconsistent configuration; the message names the field and what is allowed."""
+
+
+class HfllmConfig(PreTrainedConfig):
+    r"""
+    Args:
+        vocab_size: size of the token vocabulary.
+        hidden_size: width of the residual stream.
+        intermediate_size: hidden width of the dense SwiGLU MLP.
+        num_hidden_layers: number of decoder layers.
+        num_attention_heads: number of query heads.
+        num_key_value_heads: number of key/value heads (GQA); 1 is MQA; defaults to `num_attention_heads` (MHA).
+        head_dim: width of one head; defaults to `hidden_size // num_attention_heads`.
+        max_position_embeddings: longest sequence the rotary embedding is set up for.
+        rope_parameters: `{"rope_type": ..., "rope_theta": ...}` plus the type's own keys
+            (linear / dynamic: `factor`; yarn: `factor`, `original_max_position_embeddings`, ...; llama3: `factor`,
+            `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`).
+        attention_bias: bias on the q/k/v projections (Qwen2-style).
+        attention_out_bias: bias on the output projection (Llama's `attention_bias` sets both).
+        qk_norm: RMSNorm on each query/key head before RoPE (Qwen3 / OLMo-style stability).
+        sliding_window: window size (tokens) of "sliding_attention" layers; None disables sliding attention.
+        layer_types: per-layer "full_attention" or "sliding_attention"; defaults to all sliding when
+            `sliding_window` is set, else all full.
+        num_experts: experts per MoE layer; 0 makes every layer dense.
+        num_experts_per_tok: experts each token is routed to (top-k).
+        moe_intermediate_size: hidden width of one expert; defaults to `intermediate_size`.
+        num_shared_experts: always-on experts (DeepSeek-style), fused into one MLP of width
+            `num_shared_experts * moe_intermediate_size`.
+        mlp_only_layers: layer indices that stay dense in an MoE model.
+        norm_topk_prob: renormalise the top-k routing weights to sum to 1.
+        router_aux_loss_coef: weight of the Switch-style load-balancing loss added to the LM loss.
+        router_z_loss_coef: weight of the router z-loss (mean squared log-sum-exp of router logits).
+        router_bias_update_rate: aux-loss-free balancing (DeepSeek-V3): after each optimizer step, each expert's
+            routing bias moves by this amount towards balance; 0 disables it.
+        output_router_logits: return router logits (and compute the auxiliary losses) by default.
+    """
+
+    model_type = "hfllm"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: int | float = 0.02
+    rms_norm_eps: int | float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    attention_dropout: int | float = 0.0
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None
+    num_shared_experts: int = 0
+    mlp_only_layers: list[int] | None = None
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: int | float = 0.01
+    router_z_loss_coef: int | float = 0.0
+    router_bias_update_rate: int | float = 0.0
+    output_router_logits: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self._check(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}), or set head_dim explicitly",
+            )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.layer_types is None:
+            kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        if self.mlp_only_layers is None:
+            self.mlp_only_layers = []
+        if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        super().__post_init__(**kwargs)
+        self._validate_hfllm()
+
+    def _check(self, condition: bool, message: str) -> None:
+        if not condition:
+            raise HfllmConfigError(message)
+
+    def _validate_hfllm(self) -> None:
+        """Shape and option checks; each failure names the field and what is allowed."""
+        self._check(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
+            f"({self.num_key_value_heads})",
+        )
+        self._check(self.head_dim % 2 == 0, f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        self._check(
+            rope_type in ROPE_TYPES, f"unknown rope_type '{rope_type}' in rope_parameters; allowed: {', '.join(ROPE_TYPES)}"
+        )
+        self._check(
+            len(self.layer_types) == self.num_hidden_layers,
+            f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}",
+        )
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        self._check(not unknown, f"layer_types has unknown entries {unknown}; allowed: {', '.join(LAYER_TYPES)}")
+        self._check(
+            "sliding_attention" not in self.layer_types or (self.sliding_window or 0) > 0,
+            "layer_types has 'sliding_attention' layers but sliding_window is not a positive integer; set sliding_window",
+        )
+        if self.num_experts > 0:
+            self._check(
+                1 <= self.num_experts_per_tok <= self.num_experts,
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and num_experts ({self.num_experts})",
+            )
+            bad_layers = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+            self._check(
+                not bad_layers, f"mlp_only_layers {bad_layers} out of range 0..{self.num_hidden_layers - 1}"
+            )
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.num_experts > 0 and layer_idx not in self.mlp_only_layers
+
+
+__all__ = ["HfllmConfig", "HfllmConfigError"]

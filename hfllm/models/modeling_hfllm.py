@@ -1,0 +1,567 @@
+"""hfllm's decoder-only transformer: one family, read top to bottom.
+
+    RMSNorm -> rotary embedding -> attention (GQA, optional QK-norm, sliding window) -> SwiGLU MLP
+    -> MoE (router, fused experts, shared experts) -> decoder layer -> model -> causal-LM head (+ MoE losses)
+
+Llama, Mistral (sliding window) and MoE variants differ only by config fields (see `configuration_hfllm.py`).
+Attention kernels (eager / sdpa / flash_attention_2 / flex_attention) are swapped through transformers'
+`ALL_ATTENTION_FUNCTIONS`, KV caches through its `Cache` classes, experts kernels through `use_experts_implementation`.
+Shapes: B batch, T new tokens, S key length (cache included), H hidden, nh / nkv heads, hd head dim, E experts.
+
+This file is copied next to saved checkpoints (`trust_remote_code=True`): it imports only torch and transformers.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_hfllm import HfllmConfig
+
+
+class HfllmRMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class HfllmRotaryEmbedding(nn.Module):
+    """Rotary position embedding; scaling types (linear, dynamic NTK, YaRN, llama3) come from transformers."""
+
+    def __init__(self, config: HfllmConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        # Not saved in checkpoints: `_init_weights` recomputes both after loading on the meta device.
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)  # (hd/2,)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: HfllmConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update  # recomputes inv_freq for "dynamic" rope when sequences outgrow the original length
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, nh, T, hd), k (B, nkv, T, hd), cos/sin (B, T, hd)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+class HfllmMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: HfllmConfig, intermediate_size: int | None = None):
+        super().__init__()
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, nkv, S, hd) -> (B, nkv * n_rep, S, hd): each key/value head serves n_rep query heads."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention in plain torch; the mask (causal, padding, sliding window) is additive."""
+    key_states = repeat_kv(key, module.num_key_value_groups)  # (B, nh, S, hd)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling  # (B, nh, T, S)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)  # (B, nh, T, hd)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights  # (B, T, nh, hd)
+
+
+class HfllmAttention(nn.Module):
+    """Multi-head attention with grouped key/value heads, rotary positions and an optional sliding window."""
+
+    def __init__(self, config: HfllmConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
+
+        q_width, kv_width = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = HfllmRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = HfllmRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]  # (B, T)
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape)  # (B, T, nh, hd)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)  # (B, T, nkv, hd)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.config.qk_norm:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)  # (B, n, T, hd)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:  # append this step's keys/values; returns the whole cache (B, nkv, S, hd)
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )  # (B, T, nh, hd)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, nh * hd)
+        return self.o_proj(attn_output), attn_weights
+
+
+class HfllmRouter(nn.Module):
+    """Top-k softmax router.
+
+    With aux-loss-free balancing (DeepSeek-V3), a per-expert bias is added to the scores used to *choose* experts
+    but not to the weights that mix them; `HfllmForCausalLM.update_router_bias` moves it after each optimizer step.
+    In training mode the router counts how many tokens each expert received (`tokens_per_expert`), for that update
+    and for logging.
+    """
+
+    def __init__(self, config: HfllmConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))  # (E, H)
+        self.expert_bias = nn.Buffer(torch.zeros(config.num_experts))  # (E,) saved with the checkpoint
+        self.tokens_per_expert = nn.Buffer(torch.zeros(config.num_experts), persistent=False)  # (E,)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states (N, H) -> router_logits (N, E), top_k_weights (N, k), top_k_index (N, k)."""
+        router_logits = F.linear(hidden_states, self.weight)  # (N, E)
+        router_probs = F.softmax(router_logits, dim=-1, dtype=torch.float)  # (N, E)
+        _, top_k_index = torch.topk(router_probs + self.expert_bias, self.top_k, dim=-1)  # (N, k)
+        top_k_weights = router_probs.gather(-1, top_k_index)  # (N, k)
+        if self.norm_topk_prob:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        if self.training:
+            with torch.no_grad():
+                ones = torch.ones_like(top_k_index, dtype=self.tokens_per_expert.dtype).flatten()
+                self.tokens_per_expert.scatter_add_(0, top_k_index.flatten(), ones)
+        return router_logits, top_k_weights.to(router_logits.dtype), top_k_index
+
+
+@use_experts_implementation
+class HfllmExperts(nn.Module):
+    """E SwiGLU experts in fused 3-D weights, so transformers' batched / grouped-GEMM experts kernels apply."""
+
+    def __init__(self, config: HfllmConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        intermediate, hidden = config.moe_intermediate_size, config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * intermediate, hidden))  # (E, 2I, H)
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, intermediate))  # (E, H, I)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Eager path: loop over the experts that received tokens. hidden_states (N, H) -> (N, H)."""
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # (E, k, N)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])  # which tokens, in which top-k slot
+            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])  # (n, H)
+            expert_out = expert_out * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, expert_out.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+class HfllmSparseMoeBlock(nn.Module):
+    """Routed experts plus optional always-on shared experts."""
+
+    def __init__(self, config: HfllmConfig):
+        super().__init__()
+        self.gate = HfllmRouter(config)
+        self.experts = HfllmExperts(config)
+        self.shared_experts = None
+        if config.num_shared_experts > 0:
+            self.shared_experts = HfllmMLP(config, config.num_shared_experts * config.moe_intermediate_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, seq_len, hidden_dim = hidden_states.shape
+        flat = hidden_states.view(-1, hidden_dim)  # (N = B*T, H)
+        _, top_k_weights, top_k_index = self.gate(flat)
+        out = self.experts(flat, top_k_index, top_k_weights)  # (N, H)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(batch_size, seq_len, hidden_dim)
+
+
+class HfllmDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is dense or MoE."""
+
+    def __init__(self, config: HfllmConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = HfllmAttention(config, layer_idx)
+        self.mlp = HfllmSparseMoeBlock(config) if config.is_moe_layer(layer_idx) else HfllmMLP(config)
+        self.input_layernorm = HfllmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = HfllmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states  # (B, T, H)
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class HfllmPreTrainedModel(PreTrainedModel):
+    config: HfllmConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HfllmDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(HfllmRouter, index=0),
+        "hidden_states": HfllmDecoderLayer,
+        "attentions": HfllmAttention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # Linear / Embedding: normal(0, initializer_range); norms: 1; rotary buffers
+        std = self.config.initializer_range
+        if isinstance(module, HfllmExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, HfllmRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.expert_bias)
+            init.zeros_(module.tokens_per_expert)
+
+
+class HfllmModel(HfllmPreTrainedModel):
+    """The decoder stack without a head: token ids -> final hidden states (B, T, H)."""
+
+    def __init__(self, config: HfllmConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([HfllmDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = HfllmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = HfllmRotaryEmbedding(config=config)
+        self.has_sliding_layers = "sliding_attention" in config.layer_types
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, H)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)  # sliding layers keep only the last window
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)  # (1, T)
+
+        # One mask per layer type: causal + padding (+ window). generate() may pass the mapping ready-made.
+        if not isinstance(mask_mapping := attention_mask, dict):
+            mask_kwargs = {
+                "config": self.config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "past_key_values": past_key_values,
+                "position_ids": position_ids,
+            }
+            mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if self.has_sliding_layers:
+                mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)  # cos, sin: (B, T, hd)
+        for i, decoder_layer in enumerate(self.layers):
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=mask_mapping[self.config.layer_types[i]],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch Transformer auxiliary loss, E * sum_e f_e * P_e, over all MoE layers together.
+
+    f_e: fraction of (token, slot) assignments routed to expert e; P_e: mean router probability of expert e.
+    Both are averaged over every layer's tokens, padding excluded. A perfectly uniform router gives top_k.
+    router_logits: one (N, E) tensor per MoE layer, N = B*T; attention_mask: (B, T) with 1 for real tokens.
+    """
+    logits = torch.stack([layer.float() for layer in router_logits])  # (L, N, E)
+    probs = F.softmax(logits, dim=-1)
+    _, selected = torch.topk(probs, top_k, dim=-1)  # (L, N, k)
+    assignments = F.one_hot(selected, num_experts).sum(dim=-2).float()  # (L, N, E)
+    if attention_mask is None:
+        weights = torch.ones(logits.shape[1], device=logits.device)
+    else:
+        weights = attention_mask.reshape(-1).to(logits.device, torch.float)  # (N,)
+    total = weights.sum() * logits.shape[0]
+    tokens_per_expert = (assignments * weights[None, :, None]).sum(dim=(0, 1)) / total  # (E,) sums to top_k
+    prob_per_expert = (probs * weights[None, :, None]).sum(dim=(0, 1)) / total  # (E,) sums to 1
+    return num_experts * torch.sum(tokens_per_expert * prob_per_expert)
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens (and layers) of logsumexp(router logits)^2; keeps logits small."""
+    z = torch.stack([torch.logsumexp(layer.float(), dim=-1) ** 2 for layer in router_logits])  # (L, N)
+    if attention_mask is None:
+        return z.mean()
+    weights = attention_mask.reshape(-1).to(z.device, torch.float)  # (N,)
+    return (z * weights).sum() / (weights.sum() * z.shape[0])
+
+
+@dataclass
+class HfllmCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` plus the router z-loss (`aux_loss` is the load-balancing loss)."""
+
+    z_loss: torch.FloatTensor | None = None
+
+
+class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
+    """The decoder plus a language-model head; adds the MoE auxiliary losses to the LM loss."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: HfllmConfig):
+        super().__init__(config)
+        self.model = HfllmModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> HfllmCausalLMOutputWithPast:
+        r"""
+        labels: (B, T) token ids, -100 where no loss is wanted. They are the inputs themselves: the loss shifts them
+            by one internally (position t predicts token t+1), so never shift them before calling.
+        output_router_logits: return each MoE layer's router logits and add the auxiliary losses to the loss;
+            defaults to `config.output_router_logits`.
+        """
+        is_moe = self.config.num_experts > 0
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        output_router_logits = output_router_logits and is_moe
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)  # (B, T', H)
+        logits = self.lm_head(hidden_states)  # (B, T', V)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        aux_loss = z_loss = None
+        if output_router_logits and outputs.router_logits:
+            token_mask = None  # (B, T) over this call's tokens; during cached generation the mask also covers the past
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+                token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1]:]
+            aux_loss = load_balancing_loss(
+                outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, token_mask
+            )
+            z_loss = router_z_loss(outputs.router_logits, token_mask)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+
+        return HfllmCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+    def routers(self) -> list[HfllmRouter]:
+        return [module for module in self.modules() if isinstance(module, HfllmRouter)]
+
+    @torch.no_grad()
+    def update_router_bias(self) -> torch.Tensor | None:
+        """Call after each optimizer step. Returns the per-layer expert load (L_moe, E) since the last call, as
+        fractions of the tokens routed; with `router_bias_update_rate > 0`, moves each expert's routing bias by that
+        rate towards balance (DeepSeek-V3: overloaded experts down, underloaded up). Resets the counts."""
+        routers = self.routers()
+        if not routers:
+            return None
+        load = torch.stack([router.tokens_per_expert.clone() for router in routers])  # (L_moe, E)
+        rate = self.config.router_bias_update_rate
+        for router, counts in zip(routers, load):
+            if rate > 0 and counts.sum() > 0:
+                router.expert_bias += rate * torch.sign(counts.mean() - counts)
+            router.tokens_per_expert.zero_()
+        return load / load.sum(dim=-1, keepdim=True).clamp(min=1)
+
+
+__all__ = ["HfllmForCausalLM", "HfllmModel", "HfllmPreTrainedModel", "load_balancing_loss", "router_z_loss"]
