@@ -6,12 +6,17 @@ PEFT methods (recipe key `peft_type`, used when `use_peft: true`): `lora` (DoRA 
 
 import argparse
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+# bitsandbytes warns on import that it has no optional `kernels` package and then uses its own CPU code: harmless
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
 from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -11,10 +11,10 @@ if __name__ == "__main__" and not __package__:  # run as a script: import hfllm 
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 def main(argv: list[str], prog: str = "hfllm dpo") -> int:
+    from hfllm.adapters import build_peft_config, load_model, load_tokenizer  # first: quiets bitsandbytes
     from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
-    from hfllm.adapters import build_peft_config, load_model, load_tokenizer
     from hfllm.chat import set_template
     from hfllm.recipes import load_splits, parse_recipe
     from hfllm.synth import score_file

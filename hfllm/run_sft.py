@@ -12,10 +12,10 @@ from hfllm.errors import HfllmError
 
 
 def main(argv: list[str], prog: str = "hfllm sft") -> int:
+    from hfllm.adapters import build_peft_config, load_model, load_tokenizer  # first: quiets bitsandbytes
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from hfllm.adapters import build_peft_config, load_model, load_tokenizer
     from hfllm.chat import set_template
     from hfllm.recipes import load_splits, parse_recipe
     from hfllm.synth import score_file

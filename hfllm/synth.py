@@ -46,7 +46,7 @@ UNITS = [("km", "m", 1000), ("m", "cm", 100), ("kg", "g", 1000), ("hours", "minu
 
 def units_item(rng: random.Random) -> tuple[str, str, str]:
     source, target, factor = rng.choice(UNITS)
-    value = rng.randint(2, 40)
+    value = rng.randint(2, 200)
     answer = value * factor
     wrong = value * (factor // 10 if factor >= 100 else factor + 10)
     return f"Convert {value} {source} to {target}. Reply with only the number.", str(answer), str(wrong)

@@ -19,10 +19,43 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(folder)
 
 
+def tiny_tokenizer():
+    """A 400-token byte-level BPE with ChatML specials, trained on synthetic chats in a fraction of a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hfllm.synth import synthesize
+
+    texts = []
+    for task in ("arithmetic", "reverse", "units"):
+        for row in synthesize(task, 200, 10, seed=1)["sft"]:
+            texts += [m["role"] + "\n" + m["content"] for m in row["messages"]]
+    texts.append("system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>",
+        chat_template=SMOLLM2_ORIGINAL_TEMPLATE,
+    )
+
+
+# SmolLM2-135M-Instruct's own template (no generation markers), as shipped in its GGUF
+SMOLLM2_ORIGINAL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' "
+    "+ message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A random 2-layer Llama (hidden 64) saved with SmolLM2's tokenizer: trains in well under a second a step."""
-    tokenizer = smollm2_tokenizer()
+    """A random 2-layer Llama (hidden 64) with a 400-token tokenizer: a training step takes milliseconds."""
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
