@@ -170,9 +170,10 @@ def merge_main(argv: list[str], prog: str) -> int:
     if out.exists() and any(out.iterdir()):
         raise HfllmError(f"{out} already exists and is not empty; choose a new output folder")
     config = PeftConfig.from_pretrained(adapter)
-    if config.peft_type not in MERGEABLE:
+    peft_type = getattr(config.peft_type, "value", config.peft_type)  # "LORA", "IA3", "PREFIX_TUNING", ...
+    if peft_type not in MERGEABLE:
         raise HfllmError(
-            f"{adapter} is a {config.peft_type} adapter, which adds virtual tokens and cannot be merged into weights; "
+            f"{adapter} is a {peft_type} adapter, which adds virtual tokens and cannot be merged into weights; "
             "load it with peft (AutoPeftModelForCausalLM) instead"
         )
     base = args.base or config.base_model_name_or_path
@@ -191,5 +192,5 @@ def merge_main(argv: list[str], prog: str) -> int:
     if out.exists():
         out.rmdir()
     tmp.rename(out)
-    print(f"merged {config.peft_type} adapter {adapter} into {base} -> {out}")
+    print(f"merged {peft_type} adapter {adapter} into {base} -> {out}")
     return 0

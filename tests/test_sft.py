@@ -213,3 +213,14 @@ def test_load_in_4bit_without_bitsandbytes_fails(tmp_path, tiny_model_dir, synth
     with pytest.raises(HfllmError, match=r"need bitsandbytes, which is not installed; run `pip install 'hfllm\[qlora\]'`"):
         sft_main([str(recipe)])
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_refuses_prompt_learning_adapters(tmp_path, tiny_model_dir, synth_dir):
+    from hfllm.adapters import merge_main
+
+    recipe = sft_recipe(tmp_path, tiny_model_dir, synth_dir, peft_type="prefix", num_virtual_tokens=4, max_steps=1,
+                        save_strategy="no", assistant_only_loss=False)
+    sft_main([str(recipe)])
+    with pytest.raises(HfllmError, match="is a PREFIX_TUNING adapter, which adds virtual tokens and cannot be merged"):
+        merge_main([str(tmp_path / "out"), str(tmp_path / "merged")], prog="hfllm merge")
+    assert not (tmp_path / "merged").exists()
