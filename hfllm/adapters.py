@@ -1,0 +1,196 @@
+"""Loading models for adaptation (full, 4-bit for QLoRA), PEFT configs from a recipe, and merging adapters.
+
+PEFT methods (recipe key `peft_type`, used when `use_peft: true`): `lora` (DoRA with `use_dora: true`, QLoRA with
+`load_in_4bit: true`), `prefix` (prefix tuning), `prompt` (prompt tuning), `p_tuning` and `ia3`.
+"""
+
+import argparse
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+# bitsandbytes warns on import that it has no optional `kernels` package and then uses its own CPU code: harmless
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hfllm.errors import HfllmError
+
+PEFT_TYPES = ("lora", "prefix", "prompt", "p_tuning", "ia3")
+ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query", "key", "value", "out_proj")
+MERGEABLE = ("LORA", "IA3")  # prompt-learning adapters add virtual tokens and have no weights to merge
+
+
+# ----------------------------------------------------------------------------- the real demo model
+
+
+def smollm2_instruct_dir() -> Path:
+    """SmolLM2-135M-Instruct as a float32 transformers checkpoint (with tokenizer), converted once from the GGUF."""
+    from hfllm.assets import cache_dir, smollm2_gguf
+
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantized already; save_pretrained refuses a gguf-quantized model
+    del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp)
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def check_bitsandbytes() -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise HfllmError(
+            "load_in_4bit/load_in_8bit need bitsandbytes, which is not installed; "
+            "run `pip install 'hfllm[qlora]'` or set load_in_4bit: false"
+        )
+
+
+def load_model(model_args, trust_remote_code: bool = False):
+    """The recipe's causal LM (TRL ModelConfig keys), 4-bit nf4 / 8-bit through bitsandbytes when asked."""
+    from trl import get_quantization_config
+
+    kwargs = dict(
+        revision=model_args.model_revision,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        check_bitsandbytes()
+        kwargs["quantization_config"] = get_quantization_config(model_args)  # compute dtype = `dtype`
+        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    except OSError as error:
+        raise HfllmError(
+            f"could not load model '{model_args.model_name_or_path}' ({str(error).splitlines()[0]}); "
+            "give a local model folder or a hub id that is in the local cache"
+        ) from None
+
+
+def load_tokenizer(path: str):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as error:
+        raise HfllmError(f"could not load a tokenizer from '{path}' ({str(error).splitlines()[0]}); save one with the model") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_for_inference(path: str | Path):
+    """(model, tokenizer) from a full checkpoint or a PEFT adapter folder (the base model is loaded under it)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise HfllmError(f"no model folder at {path}; give a folder written by `hfllm sft`/`dpo` or a checkpoint")
+    if (path / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    has_tokenizer = (path / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(path) if has_tokenizer else model.peft_config["default"].base_model_name_or_path)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- PEFT configs
+
+
+def attention_targets(model) -> list[str] | str:
+    """The attention projection names present in the model (LoRA's default targets), else every linear layer."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    found = [name for name in ATTENTION_NAMES if name in names]
+    return found or "all-linear"
+
+
+def build_peft_config(model_args, peft_type: str, num_virtual_tokens: int, model) -> PeftConfig | None:
+    """The recipe's PEFT config, or None for full fine-tuning (`use_peft: false`)."""
+    if not model_args.use_peft:
+        return None
+    if peft_type not in PEFT_TYPES:
+        raise HfllmError(f"unknown peft_type '{peft_type}'; choose from: {', '.join(PEFT_TYPES)}")
+    if peft_type != "lora" and (model_args.load_in_4bit or model_args.load_in_8bit):
+        raise HfllmError(f"load_in_4bit/8bit (QLoRA) works with peft_type: lora, not '{peft_type}'; set peft_type: lora")
+    targets = model_args.lora_target_modules or attention_targets(model)
+    if peft_type == "lora":
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=targets,
+            modules_to_save=model_args.lora_modules_to_save,
+            use_rslora=model_args.use_rslora,
+            use_dora=model_args.use_dora,
+            bias="none",
+        )
+    if peft_type == "ia3":
+        linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        feedforward = [name for name in ("down_proj", "fc2", "c_proj") if name in linear]
+        targets = model_args.lora_target_modules or [n for n in ("k_proj", "v_proj") if n in linear] + feedforward
+        return IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=feedforward)
+    prompt_learning = {"prefix": PrefixTuningConfig, "prompt": PromptTuningConfig, "p_tuning": PromptEncoderConfig}
+    return prompt_learning[peft_type](task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def merge_main(argv: list[str], prog: str) -> int:
+    """`hfllm merge ADAPTER OUT`: fold a LoRA/DoRA/IA3 adapter into its base model; OUT loads without peft."""
+    parser = argparse.ArgumentParser(prog=prog, description="Merge a PEFT adapter into a full checkpoint.")
+    parser.add_argument("adapter", help="adapter folder (adapter_config.json), e.g. the output_dir of `hfllm sft`")
+    parser.add_argument("out", help="folder for the merged checkpoint (must not exist or be empty)")
+    parser.add_argument("--base", default=None, help="base model folder (default: the one recorded in the adapter)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+
+    adapter, out = Path(args.adapter), Path(args.out)
+    if not (adapter / "adapter_config.json").is_file():
+        raise HfllmError(f"{adapter} has no adapter_config.json; give the output folder of a run with use_peft: true")
+    if out.exists() and any(out.iterdir()):
+        raise HfllmError(f"{out} already exists and is not empty; choose a new output folder")
+    config = PeftConfig.from_pretrained(adapter)
+    peft_type = getattr(config.peft_type, "value", config.peft_type)  # "LORA", "IA3", "PREFIX_TUNING", ...
+    if peft_type not in MERGEABLE:
+        raise HfllmError(
+            f"{adapter} is a {peft_type} adapter, which adds virtual tokens and cannot be merged into weights; "
+            "load it with peft (AutoPeftModelForCausalLM) instead"
+        )
+    base = args.base or config.base_model_name_or_path
+    if not base or not Path(base).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise HfllmError(f"the adapter's base model '{base}' is not a local folder; pass --base BASE_MODEL_DIR")
+
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, args.dtype))
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))  # write aside, then move into place
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    print(f"merged {peft_type} adapter {adapter} into {base} -> {out}")
+    return 0

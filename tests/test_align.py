@@ -1,0 +1,63 @@
+"""ORPO, KTO and GRPO (programmatic exact-match reward) on a tiny random Llama."""
+
+import json
+
+import pytest
+import yaml
+from align_fixtures import synth_dir, tiny_model_dir  # noqa: F401
+
+from hfllm.errors import HfllmError
+from hfllm.run_align import grpo_main, kto_main, orpo_main
+
+
+def recipe(tmp_path, tiny_model_dir, data_file, **overrides):
+    keys = dict(
+        model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=8, chat_template="smollm2",
+        datasets=[{"path": str(data_file)}], output_dir=str(tmp_path / "out"), max_steps=2,
+        per_device_train_batch_size=4, learning_rate=5e-3, report_to="none", save_strategy="no", seed=0,
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(keys | overrides))
+    return str(path)
+
+
+def test_orpo(tmp_path, tiny_model_dir, synth_dir):
+    assert orpo_main([recipe(tmp_path, tiny_model_dir, synth_dir / "preference.jsonl", max_length=128)]) == 0
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_kto(tmp_path, tiny_model_dir, synth_dir):
+    assert kto_main([recipe(tmp_path, tiny_model_dir, synth_dir / "kto.jsonl", max_length=128)]) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_grpo_with_exact_match_reward(tmp_path, tiny_model_dir, synth_dir):
+    path = recipe(tmp_path, tiny_model_dir, synth_dir / "prompts.jsonl", num_generations=4, max_completion_length=4,
+                  logging_steps=1)
+    assert grpo_main([path]) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_grpo_unknown_reward_function(tmp_path, tiny_model_dir, synth_dir):
+    path = recipe(tmp_path, tiny_model_dir, synth_dir / "prompts.jsonl", reward_funcs=["hfllm.synth:nope"], num_generations=4)
+    with pytest.raises(HfllmError, match="reward function 'hfllm.synth:nope' not found; give it as module:function"):
+        grpo_main([path])
+
+
+def test_kto_needs_label_column(tmp_path, tiny_model_dir, synth_dir):
+    with pytest.raises(HfllmError, match=r"kto needs prompt\+completion\+label"):
+        kto_main([recipe(tmp_path, tiny_model_dir, synth_dir / "preference.jsonl")])
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("recipes").glob("[a-z]*/*.yaml")))
+def test_shipped_recipes_parse(path):
+    from trl import DPOConfig, GRPOConfig, KTOConfig, SFTConfig
+    from trl.experimental.orpo import ORPOConfig
+
+    from hfllm.recipes import GRPOArguments, parse_recipe
+
+    method = path.split("/")[-2]
+    configs = {"sft": SFTConfig, "dpo": DPOConfig, "orpo": ORPOConfig, "kto": KTOConfig, "grpo": GRPOConfig}
+    extra = (GRPOArguments,) if method == "grpo" else ()
+    args = parse_recipe([path, "--bf16", "false"], configs[method], f"hfllm {method}", extra)  # bf16 needs a GPU here
+    assert args[2].model_name_or_path and args[1].output_dir.startswith("runs/") and args[3].datasets

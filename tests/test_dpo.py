@@ -1,0 +1,61 @@
+"""DPO with LoRA (no reference copy) and full, on a tiny random Llama."""
+
+import json
+
+import pytest
+import yaml
+from align_fixtures import synth_dir, tiny_model_dir  # noqa: F401
+
+from hfllm.errors import HfllmError
+from hfllm.run_dpo import main as dpo_main
+
+
+def dpo_recipe(tmp_path, tiny_model_dir, synth_dir, **overrides):
+    keys = dict(
+        model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=8, chat_template="smollm2",
+        datasets=[{"path": str(synth_dir / "preference.jsonl")}], test_split_size=0.25, eval_strategy="steps",
+        eval_steps=100, output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+        learning_rate=5e-3, max_length=128, report_to="none", save_strategy="no", seed=0,
+    )
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(keys | overrides))
+    return path
+
+
+def test_dpo_lora_reports_preference_metrics(tmp_path, tiny_model_dir, synth_dir):
+    assert dpo_main([str(dpo_recipe(tmp_path, tiny_model_dir, synth_dir))]) == 0
+    out = tmp_path / "out"
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    metrics = json.loads((out / "eval_results.json").read_text())
+    assert 0.0 <= metrics["eval_rewards/accuracies"] <= 1.0 and "eval_rewards/margins" in metrics
+
+
+def test_dpo_with_lora_uses_no_reference_copy(tiny_model_dir, synth_dir, tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    from hfllm.adapters import build_peft_config, load_model, load_tokenizer
+    from hfllm.chat import set_template
+    from hfllm.recipes import load_splits, parse_recipe
+
+    script, training, model_args, mixture, extra = parse_recipe([str(dpo_recipe(tmp_path, tiny_model_dir, synth_dir))], DPOConfig, "hfllm dpo")
+    train, evaluation = load_splits("dpo", script, mixture, True)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    set_template(tokenizer, "smollm2", assistant_only_loss=False)
+    model = load_model(model_args)
+    trainer = DPOTrainer(model=model, args=training, train_dataset=train, eval_dataset=evaluation,
+                         processing_class=tokenizer, peft_config=build_peft_config(model_args, "lora", 0, model))
+    assert trainer.ref_model is None  # the reference is the base with the adapter disabled
+
+
+def test_dpo_full_fine_tune_saves_a_full_model(tmp_path, tiny_model_dir, synth_dir):
+    recipe = dpo_recipe(tmp_path, tiny_model_dir, synth_dir, use_peft=False, eval_strategy="no", max_steps=2)
+    assert dpo_main([str(recipe)]) == 0
+    out = tmp_path / "out"
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+
+
+def test_dpo_needs_preference_columns(tmp_path, tiny_model_dir, synth_dir):
+    recipe = dpo_recipe(tmp_path, tiny_model_dir, synth_dir, datasets=[{"path": str(synth_dir / "sft.jsonl")}])
+    with pytest.raises(HfllmError, match=r"has columns \['messages'\] but dpo needs prompt\+chosen\+rejected"):
+        dpo_main([str(recipe)])
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,75 @@
+"""Synthetic verifiable tasks: files, schemas, held-out separation, exact rewards; the SmolLM2 demo (slow)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from align_fixtures import smollm2_dir  # noqa: F401
+
+from hfllm.synth import exact_match_reward, parse_answer, read_jsonl, synth_main, synthesize
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "reverse", "units"])
+def test_synth_writes_all_files_with_held_out_tests(tmp_path, task):
+    assert synth_main([task, "--out", str(tmp_path), "--n-train", "40", "--n-test", "10"], prog="hfllm data synth") == 0
+    sft, pref, kto, prompts, test = (read_jsonl(tmp_path / f"{n}.jsonl") for n in ("sft", "preference", "kto", "prompts", "test"))
+    assert len(sft) == len(pref) == len(kto) == len(prompts) == 40 and len(test) == 10
+    assert [m["role"] for m in sft[0]["messages"]] == ["user", "assistant"]
+    assert set(pref[0]) == {"prompt", "chosen", "rejected"} and pref[0]["chosen"] != pref[0]["rejected"]
+    assert {row["label"] for row in kto} == {True, False}
+    assert set(test[0]) == {"prompt", "answer", "rejected"} and test[0]["answer"] != test[0]["rejected"]
+    train_questions = {row["messages"][0]["content"] for row in sft}
+    assert not train_questions & {row["prompt"] for row in test}
+
+
+def test_answers_are_exact():
+    rows = synthesize("arithmetic", 20, 5, seed=3)
+    for row in rows["sft"]:
+        a, b = map(int, row["messages"][0]["content"].removeprefix("What is ").split("?")[0].split(" + "))
+        assert row["messages"][1]["content"] == str(a + b)
+    reverse = synthesize("reverse", 5, 1, seed=0)["sft"][0]["messages"]
+    assert reverse[0]["content"].split("'")[1][::-1] == reverse[1]["content"]
+
+
+def test_parse_answer_and_reward():
+    assert [parse_answer(t) for t in ["59 + 63 = 122", " 122.\nmore", "'abc'", ""]] == ["122", "122", "abc", ""]
+    completions = [[{"role": "assistant", "content": "122"}], [{"role": "assistant", "content": "12"}]]
+    assert exact_match_reward(completions, answer=["122", "122"]) == [1.0, 0.0]
+
+
+def test_unknown_task_fails_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hfllm.synth", "sorting", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "hfllm synth: error: unknown synth task 'sorting'; choose from: arithmetic, reverse, units"
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_sft_then_dpo_shortened(tmp_path, smollm2_dir):
+    """The demo in small: SFT must raise held-out exact match; DPO must not lower it."""
+    from hfllm.run_dpo import main as dpo_main
+    from hfllm.run_sft import main as sft_main
+
+    data = tmp_path / "data"
+    synth_main(["arithmetic", "--out", str(data), "--n-train", "400", "--n-test", "30"], prog="hfllm data synth")
+    common = ["--exact_match_file", str(data / "test.jsonl"), "--report_to", "none", "--save_strategy", "no"]
+    sft = ["recipes/sft/smollm2_synth_lora.yaml", "--model_name_or_path", str(smollm2_dir), "--max_steps", "40",
+           "--output_dir", str(tmp_path / "sft"), *common]
+    import yaml  # the recipes' data paths point at runs/smollm2_demo: use copies pointing at this test's data
+
+    for name in ("sft", "dpo"):
+        recipe = yaml.safe_load(open(f"recipes/{name}/smollm2_synth_lora.yaml"))
+        recipe["datasets"][0]["path"] = str(data / ("sft.jsonl" if name == "sft" else "preference.jsonl"))
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+    sft[0] = str(tmp_path / "sft.yaml")
+    assert sft_main(sft) == 0
+    subprocess.run([sys.executable, "-m", "hfllm", "merge", str(tmp_path / "sft"), str(tmp_path / "merged"), "--base", str(smollm2_dir)], check=True)
+    dpo = [str(tmp_path / "dpo.yaml"), "--model_name_or_path", str(tmp_path / "merged"), "--max_steps", "15",
+           "--output_dir", str(tmp_path / "dpo"), *common]
+    assert dpo_main(dpo) == 0
+    after_sft = json.loads((tmp_path / "sft" / "exact_match.json").read_text())
+    after_dpo = json.loads((tmp_path / "dpo" / "exact_match.json").read_text())
+    assert after_sft["exact_match"] >= 0.3  # SmolLM2 scores ~0.0 before SFT (it answers "a + b = c" at length)
+    assert after_dpo["exact_match"] >= after_sft["exact_match"] - 0.05
