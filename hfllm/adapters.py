@@ -8,7 +8,6 @@ import argparse
 import importlib.util
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,28 +27,6 @@ MERGEABLE = ("LORA", "IA3")  # prompt-learning adapters add virtual tokens and h
 
 
 # ----------------------------------------------------------------------------- the real demo model
-
-
-def smollm2_instruct_dir() -> Path:
-    """SmolLM2-135M-Instruct as a float32 transformers checkpoint (with tokenizer), converted once from the GGUF."""
-    from hfllm.assets import cache_dir, smollm2_gguf
-
-    out = cache_dir() / "smollm2-135m-instruct"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # dequantized already; save_pretrained refuses a gguf-quantized model
-    del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp)
-    return out
 
 
 # ----------------------------------------------------------------------------- loading

@@ -79,7 +79,7 @@ def synth_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    """SmolLM2-135M-Instruct as a float32 transformers checkpoint in the hfllm cache (converted once, ~20 s)."""
-    from hfllm.adapters import smollm2_instruct_dir
+    """SmolLM2-135M-Instruct converted with `hfllm convert` from the GGUF file, cached (first time ~40 s)."""
+    from hfllm.assets import smollm2_hfllm_dir
 
-    return smollm2_instruct_dir()
+    return smollm2_hfllm_dir()
