@@ -21,8 +21,8 @@ def synth(synth_data=None, **metadata):
 
 
 def synth_process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    """Score one generation with hfllm's local evaluate metrics: exact match (stripped) and sentence chrF."""
-    prediction = results[0].strip()
+    """Score one generation with hfllm's local evaluate metrics: exact match of the parsed answer, and chrF."""
+    prediction = tasks.parse_answer(results[0])
     exact = load_metric("exact_match").compute(predictions=[prediction], references=[doc["answer"]])
     chrf = load_metric("chrf").compute(predictions=[prediction], references=[[doc["answer"]]])
     return {"exact_match": exact["exact_match"], "chrf": chrf["score"]}

@@ -3,6 +3,9 @@
     from hfllm.evaluation import load_model, evaluate_model, scores
     model, tokenizer = load_model("runs/sft")
     print(scores(evaluate_model(model, tokenizer, ["hfllm_offline"], limit=20)))
+
+The training callback is `hfllm.evaluation.callback.EvalCallback` (not imported here: importing transformers'
+Trainer machinery is slow and loads bitsandbytes, which prints a warning on CPU machines).
 """
 
 from .harness import evaluate_model, load_model, load_tasks, scores

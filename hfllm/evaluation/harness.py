@@ -90,10 +90,13 @@ def task_manager(tasks: list[str], include_path: list[str] | None = None, metada
 def load_tasks(tasks: list[str], include_path: list[str] | None = None, metadata: dict | None = None) -> list:
     """Task names -> lm-eval Task objects (tags expanded), each checked by rendering its first document."""
     manager = task_manager(tasks, include_path, metadata)
-    try:
-        loaded = list(manager.load(tasks)["tasks"].values())
-    except jinja2.TemplateError as error:
-        raise HfllmError(f"a task template is broken ({error}); fix the task YAML") from None
+    loaded = []
+    for name in tasks:
+        try:
+            loaded += manager.load([name])["tasks"].values()
+        except jinja2.TemplateError as error:
+            raise HfllmError(f"task '{name}': a template in its YAML is broken ({type(error).__name__}: {error}); "
+                             f"fix the task YAML") from None
     for task in loaded:
         check_templates(task)
     return loaded

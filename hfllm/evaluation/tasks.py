@@ -143,6 +143,13 @@ def synth_item(row: dict, where: str) -> dict:
     return {"prompt": str(prompt), "answer": str(answer)}
 
 
+def parse_answer(text: str) -> str:
+    """The answer in a generation: its first non-empty line, after a last '=' if any ("2 + 2 = 4" -> "4"), without
+    quotes, spaces or a trailing full stop (the rule of `hfllm.synth.parse_answer`)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0].rsplit("=", 1)[-1].strip().strip("'\"`").rstrip(".").strip() if lines else ""
+
+
 def synth_file(synth_data: str | None) -> Path:
     """The JSONL to evaluate: `synth_data` (a .jsonl file, or a folder holding test.jsonl), else the built-in set."""
     if synth_data is None:
