@@ -194,3 +194,28 @@ def test_task_file_with_a_broken_template(tiny_model_dir, tmp_path):
     with pytest.raises(HfllmError, match=r"^task 'my_broken': a template in its YAML is broken "
                                          r"\(UndefinedError: 'questio' is undefined\); fix the task YAML$"):
         main([str(tiny_model_dir), "--tasks", "my_broken", "--include_path", str(tasks)])
+
+
+# ---------------------------------------------------------------- during training
+
+
+def test_callback_logs_task_scores_and_regression_prompts_with_the_loss(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from hfllm.evaluation.callback import EvalCallback
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    ids = tokenizer("To be, or not to be, that is the question.")["input_ids"]
+    data = Dataset.from_list([{"input_ids": ids, "labels": ids}] * 8)
+    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=2, logging_steps=1,
+                             report_to=[], use_cpu=True, save_strategy="no", learning_rate=1e-3)
+    trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    prompts = [{"prompt": "What is 2 + 2?", "pattern": r""}, {"prompt": "Hello", "pattern": r"^NEVER THIS$"}]
+    trainer.add_callback(EvalCallback(trainer, ["hfllm_synth"], every_n_steps=2, limit=2, regression_prompts=prompts,
+                                      max_new_tokens=4))
+    trainer.train()
+    evals = [entry for entry in trainer.state.log_history if "eval/regression/pass_rate" in entry]
+    assert [entry["step"] for entry in evals] == [2, 4]
+    assert all(entry["eval/regression/pass_rate"] == 0.5 and entry["eval/hfllm_synth/exact_match"] == 0.0 for entry in evals)
+    assert "loss" in trainer.state.log_history[0] and model.training  # back in training mode
