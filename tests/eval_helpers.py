@@ -1,0 +1,60 @@
+"""Fixtures for the evaluation tests: a tiny random Llama with a small BPE tokenizer, SmolLM2 converted once.
+
+Import into a test module with `from eval_helpers import single_thread, tiny_model_dir, smollm2_dir  # noqa: F401`.
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hfllm.assets import cache_dir, smollm2_gguf
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread, above all on a shared machine; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random 2-layer Llama (hidden 64, 512 positions) with a 300-token BPE trained on held-out Shakespeare."""
+    from hfllm.data.tokenizer import train_tokenizer
+    from hfllm.evaluation.tasks import shakespeare_passages
+
+    tokenizer = train_tokenizer("bpe", shakespeare_passages()[:40], 300)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a float32 transformers folder, converted from the GGUF once into the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache_dir() / "smollm2-135m-instruct"
+    if not (folder / "model.safetensors").is_file():
+        gguf = smollm2_gguf()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    return folder
