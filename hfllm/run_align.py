@@ -1,8 +1,10 @@
-"""ORPO, KTO and GRPO from YAML recipes: `hfllm orpo|kto|grpo RECIPE.yaml [--key value ...]`.
+"""SFT, DPO, ORPO, KTO and GRPO from YAML recipes through TRL's trainers: `hfllm sft|dpo|orpo|kto|grpo RECIPE.yaml`.
 
-Same recipe layout as `hfllm sft`/`dpo`. GRPO's rewards are `module:function` names (`reward_funcs:`); the default,
+One wiring for every method: recipe -> data + chat template (checked before anything is loaded or written) ->
+model + PEFT adapter -> TRL trainer -> save -> evaluate. `hfllm/run_sft.py` and `hfllm/run_dpo.py` are the same
+script under the names users expect. GRPO's rewards are `module:function` names (`reward_funcs:`); the default,
 `hfllm.synth:exact_match_reward`, scores completions of `hfllm data synth` prompts exactly.
-Also runs as `python hfllm/run_align.py orpo|kto|grpo RECIPE.yaml` and under `accelerate launch`.
+Also runs as `python hfllm/run_align.py METHOD RECIPE.yaml` and under `accelerate launch`.
 """
 
 import importlib
@@ -13,6 +15,15 @@ if __name__ == "__main__" and not __package__:  # run as a script: import hfllm 
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from hfllm.errors import HfllmError
+
+# method -> (module, config class, trainer class)
+TRAINERS = {
+    "sft": ("trl", "SFTConfig", "SFTTrainer"),
+    "dpo": ("trl", "DPOConfig", "DPOTrainer"),
+    "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer"),
+    "kto": ("trl", "KTOConfig", "KTOTrainer"),
+    "grpo": ("trl", "GRPOConfig", "GRPOTrainer"),
+}
 
 
 def load_reward(name: str):
@@ -30,12 +41,9 @@ def run(method: str, argv: list[str], prog: str) -> int:
     from hfllm.chat import set_template
     from hfllm.recipes import GRPOArguments, load_splits, parse_recipe
 
-    if method == "orpo":
-        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
-    elif method == "kto":
-        from trl import KTOConfig as Config, KTOTrainer as Trainer
-    else:
-        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+    module_name, config_name, trainer_name = TRAINERS[method]
+    module = importlib.import_module(module_name)
+    Config, Trainer = getattr(module, config_name), getattr(module, trainer_name)
 
     # ---- recipe
     extra = (GRPOArguments,) if method == "grpo" else ()
@@ -48,14 +56,18 @@ def run(method: str, argv: list[str], prog: str) -> int:
     # ---- data and chat template (checked before anything is loaded or written)
     train, evaluation = load_splits(method, script_args, mixture_args, training_args.eval_strategy != "no")
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    if isinstance(train[0]["prompt"], list) or hfllm_args.chat_template:
-        set_template(tokenizer, hfllm_args.chat_template, assistant_only_loss=False)
+    conversational = "messages" in train.column_names or isinstance(train[0].get("prompt"), list)
+    assistant_only_loss = getattr(training_args, "assistant_only_loss", False)
+    if conversational or hfllm_args.chat_template:
+        set_template(tokenizer, hfllm_args.chat_template, assistant_only_loss)
+    elif assistant_only_loss:
+        raise HfllmError("assistant_only_loss needs conversational data (a `messages` column); use completion_only_loss for prompt/completion text")
 
-    # ---- model and adapter
+    # ---- model and adapter (with use_peft, DPO's reference is the base with the adapter disabled: no second copy)
     model = load_model(model_args, training_args.trust_remote_code)
     peft_config = build_peft_config(model_args, hfllm_args.peft_type, hfllm_args.num_virtual_tokens, model)
 
-    # ---- train and save
+    # ---- train, save (the tokenizer, with its chat template, goes with the model), evaluate
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -69,7 +81,7 @@ def run(method: str, argv: list[str], prog: str) -> int:
     trainer.save_model(training_args.output_dir)
     if not (Path(training_args.output_dir) / "tokenizer_config.json").exists():  # not every trainer saves it
         tokenizer.save_pretrained(training_args.output_dir)
-    if evaluation is not None:
+    if evaluation is not None:  # DPO: eval_rewards/accuracies and eval_rewards/margins are preference accuracy/margin
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
@@ -80,6 +92,14 @@ def run(method: str, argv: list[str], prog: str) -> int:
         print(f"held-out: {result}")
     trainer.accelerator.print(f"saved to {training_args.output_dir}")
     return 0
+
+
+def sft_main(argv: list[str], prog: str = "hfllm sft") -> int:
+    return run("sft", argv, prog)
+
+
+def dpo_main(argv: list[str], prog: str = "hfllm dpo") -> int:
+    return run("dpo", argv, prog)
 
 
 def orpo_main(argv: list[str], prog: str = "hfllm orpo") -> int:

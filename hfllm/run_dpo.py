@@ -1,7 +1,7 @@
-"""Direct preference optimisation from a YAML recipe with TRL's DPOTrainer: `hfllm dpo RECIPE.yaml [--key value ...]`.
+"""Direct preference optimisation with TRL's DPOTrainer from a YAML recipe: `hfllm dpo RECIPE.yaml [--key value ...]`.
 
-With `use_peft: true` the reference model is the base with the adapter disabled (no second copy); without it TRL
-keeps a frozen copy as reference. Also runs as `python hfllm/run_dpo.py RECIPE.yaml` and under `accelerate launch`.
+The wiring is shared by every TRL method (see `hfllm/run_align.py`). Also runs as
+`python hfllm/run_dpo.py RECIPE.yaml` and `accelerate launch hfllm/run_dpo.py RECIPE.yaml`.
 """
 
 import sys
@@ -10,50 +10,9 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a script: import hfllm from this checkout, not hfllm/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-def main(argv: list[str], prog: str = "hfllm dpo") -> int:
-    from hfllm.adapters import build_peft_config, load_model, load_tokenizer  # first: quiets bitsandbytes
-    from transformers import set_seed
-    from trl import DPOConfig, DPOTrainer
+from hfllm.run_align import dpo_main as main  # noqa: E402
 
-    from hfllm.chat import set_template
-    from hfllm.recipes import load_splits, parse_recipe
-    from hfllm.synth import score_file
-
-    # ---- recipe
-    script_args, training_args, model_args, mixture_args, hfllm_args = parse_recipe(argv, DPOConfig, prog)
-    set_seed(training_args.seed)
-
-    # ---- data and chat template (checked before anything is loaded or written)
-    train, evaluation = load_splits("dpo", script_args, mixture_args, training_args.eval_strategy != "no")
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    if isinstance(train[0]["prompt"], list) or hfllm_args.chat_template:
-        set_template(tokenizer, hfllm_args.chat_template, assistant_only_loss=False)
-
-    # ---- model and adapter
-    model = load_model(model_args, training_args.trust_remote_code)
-    peft_config = build_peft_config(model_args, hfllm_args.peft_type, hfllm_args.num_virtual_tokens, model)
-
-    # ---- train, evaluate preferences, save
-    trainer = DPOTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    if evaluation is not None:  # eval_rewards/accuracies and eval_rewards/margins: preference accuracy and margin
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    if hfllm_args.exact_match_file and trainer.accelerator.is_main_process:
-        result = score_file(trainer.model, tokenizer, hfllm_args.exact_match_file, hfllm_args.exact_match_limit, training_args.output_dir)
-        print(f"held-out: {result}")
-    trainer.accelerator.print(f"saved to {training_args.output_dir}")
-    return 0
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     from hfllm.cli import main as cli_main

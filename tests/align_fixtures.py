@@ -83,3 +83,22 @@ def smollm2_dir():
     from hfllm.assets import smollm2_hfllm_dir
 
     return smollm2_hfllm_dir()
+
+
+@pytest.fixture(scope="session", params=["hfllm-dense", "hfllm-moe"])
+def tiny_hfllm_dir(request, tmp_path_factory):
+    """hfllm's own family (dense, then MoE with aux losses on), same size and tokenizer as `tiny_model_dir`."""
+    from hfllm import HfllmForCausalLM, get_preset
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, output_router_logits=True)
+    config = get_preset(
+        "llama-tiny", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **(moe if request.param == "hfllm-moe" else {}),
+    )
+    folder = tmp_path_factory.mktemp(request.param)
+    HfllmForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

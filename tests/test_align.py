@@ -1,13 +1,15 @@
 """ORPO, KTO and GRPO (programmatic exact-match reward) on a tiny random Llama."""
 
+import importlib
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 from align_fixtures import synth_dir, tiny_model_dir  # noqa: F401
 
 from hfllm.errors import HfllmError
-from hfllm.run_align import grpo_main, kto_main, orpo_main
+from hfllm.run_align import TRAINERS, grpo_main, kto_main, orpo_main
 
 
 def recipe(tmp_path, tiny_model_dir, data_file, **overrides):
@@ -49,15 +51,13 @@ def test_kto_needs_label_column(tmp_path, tiny_model_dir, synth_dir):
         kto_main([recipe(tmp_path, tiny_model_dir, synth_dir / "preference.jsonl")])
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("recipes").glob("[a-z]*/*.yaml")))
+@pytest.mark.parametrize("path", sorted(str(p) for method in TRAINERS for p in Path("recipes", method).glob("*.yaml")))
 def test_shipped_recipes_parse(path):
-    from trl import DPOConfig, GRPOConfig, KTOConfig, SFTConfig
-    from trl.experimental.orpo import ORPOConfig
-
     from hfllm.recipes import GRPOArguments, parse_recipe
 
     method = path.split("/")[-2]
-    configs = {"sft": SFTConfig, "dpo": DPOConfig, "orpo": ORPOConfig, "kto": KTOConfig, "grpo": GRPOConfig}
+    module, config_name, _ = TRAINERS[method]
+    config = getattr(importlib.import_module(module), config_name)
     extra = (GRPOArguments,) if method == "grpo" else ()
-    args = parse_recipe([path, "--bf16", "false"], configs[method], f"hfllm {method}", extra)  # bf16 needs a GPU here
+    args = parse_recipe([path, "--bf16", "false"], config, f"hfllm {method}", extra)  # bf16 needs a GPU here
     assert args[2].model_name_or_path and args[1].output_dir.startswith("runs/") and args[3].datasets

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import yaml
-from align_fixtures import synth_dir, tiny_model_dir  # noqa: F401
+from align_fixtures import synth_dir, tiny_hfllm_dir, tiny_model_dir  # noqa: F401
 
 from hfllm.errors import HfllmError
 from hfllm.run_dpo import main as dpo_main
@@ -28,6 +28,12 @@ def test_dpo_lora_reports_preference_metrics(tmp_path, tiny_model_dir, synth_dir
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
     metrics = json.loads((out / "eval_results.json").read_text())
     assert 0.0 <= metrics["eval_rewards/accuracies"] <= 1.0 and "eval_rewards/margins" in metrics
+
+
+def test_dpo_lora_trains_hfllm_models(tmp_path, tiny_hfllm_dir, synth_dir):
+    assert dpo_main([str(dpo_recipe(tmp_path, tiny_hfllm_dir, synth_dir, max_steps=2))]) == 0
+    metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert metrics["eval_loss"] > 0 and "eval_rewards/margins" in metrics
 
 
 def test_dpo_with_lora_uses_no_reference_copy(tiny_model_dir, synth_dir, tmp_path):

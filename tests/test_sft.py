@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from align_fixtures import SMOLLM2_ORIGINAL_TEMPLATE, synth_dir, tiny_model_dir, tiny_tokenizer  # noqa: F401
+from align_fixtures import SMOLLM2_ORIGINAL_TEMPLATE, synth_dir, tiny_hfllm_dir, tiny_model_dir, tiny_tokenizer  # noqa: F401
 
 from hfllm.chat import PROBE, check_roles, check_template, load_template
 from hfllm.errors import HfllmError
@@ -114,6 +114,15 @@ def test_sft_lora_assistant_only_loss_saves_adapter_and_template(tmp_path, tiny_
     assert len(series) == 6 and series[-1] < series[0]
     result = json.loads((out / "exact_match.json").read_text())
     assert result["n"] == 8 and 0.0 <= result["exact_match"] <= 1.0 and "preference_accuracy" in result
+
+
+def test_sft_lora_trains_hfllm_models(tmp_path, tiny_hfllm_dir, synth_dir):
+    assert sft_main([str(sft_recipe(tmp_path, tiny_hfllm_dir, synth_dir))]) == 0
+    out = tmp_path / "out"
+    assert sorted(json.loads((out / "adapter_config.json").read_text())["target_modules"]) == [
+        "k_proj", "o_proj", "q_proj", "v_proj"]
+    series = losses(out)
+    assert series[-1] < series[0]
 
 
 @pytest.mark.parametrize(

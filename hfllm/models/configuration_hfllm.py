@@ -46,7 +46,8 @@ class HfllmConfig(PreTrainedConfig):
             `num_shared_experts * moe_intermediate_size`.
         mlp_only_layers: layer indices that stay dense in an MoE model.
         norm_topk_prob: renormalise the top-k routing weights to sum to 1.
-        router_aux_loss_coef: weight of the Switch-style load-balancing loss added to the LM loss.
+        router_aux_loss_coef: weight of the Switch-style load-balancing loss added to the LM loss; defaults to 0.01 for
+            MoE models and 0 for dense ones (libraries such as TRL read a non-zero value as "this is an MoE").
         router_z_loss_coef: weight of the router z-loss (mean squared log-sum-exp of router logits).
         router_bias_update_rate: aux-loss-free balancing (DeepSeek-V3): after each optimizer step, each expert's
             routing bias moves by this amount towards balance; 0 disables it.
@@ -97,7 +98,7 @@ class HfllmConfig(PreTrainedConfig):
     num_shared_experts: int = 0
     mlp_only_layers: list[int] | None = None
     norm_topk_prob: bool = True
-    router_aux_loss_coef: int | float = 0.01
+    router_aux_loss_coef: int | float | None = None
     router_z_loss_coef: int | float = 0.0
     router_bias_update_rate: int | float = 0.0
     output_router_logits: bool = False
@@ -122,6 +123,8 @@ class HfllmConfig(PreTrainedConfig):
             self.moe_intermediate_size = self.intermediate_size
         if self.mlp_only_layers is None:
             self.mlp_only_layers = []
+        if self.router_aux_loss_coef is None:
+            self.router_aux_loss_coef = 0.01 if self.num_experts > 0 else 0.0
         if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         super().__post_init__(**kwargs)
