@@ -3,14 +3,10 @@
 Import into a test module with `from eval_helpers import single_thread, tiny_model_dir, smollm2_dir  # noqa: F401`.
 """
 
-import os
-import shutil
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hfllm.assets import cache_dir, smollm2_gguf
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +39,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    """SmolLM2-135M-Instruct as a float32 transformers folder, converted from the GGUF once into the cache."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """SmolLM2-135M-Instruct as a float32 transformers folder (hfllm.assets converts the GGUF once into the cache)."""
+    from hfllm.assets import smollm2_dir
 
-    folder = cache_dir() / "smollm2-135m-instruct"
-    if not (folder / "model.safetensors").is_file():
-        gguf = smollm2_gguf()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.hf_quantizer = None
-        del model.config.quantization_config
-        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    return folder
+    return smollm2_dir()

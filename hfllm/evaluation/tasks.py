@@ -22,12 +22,13 @@ from datasets import Dataset, DatasetDict, load_dataset
 from ..assets import cache_dir
 from ..data.corpus import shakespeare_corpus
 from ..errors import HfllmError
+from ..synth import parse_answer, synthesize  # noqa: F401  (parse_answer: the scoring rule task YAMLs use)
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "eval_tasks"  # the YAMLs shipped in the package
 PASSAGE_CHARS = 2000
 NEXT_LINE_ITEMS = 500
 ARITHMETIC_ITEMS = 200
-DATA_VERSION = 1  # bump when a builder changes, so cached files are rebuilt
+DATA_VERSION = 2  # bump when a builder changes, so cached files are rebuilt
 
 
 def data_dir() -> Path:
@@ -111,17 +112,6 @@ def shakespeare_next_line_data() -> DatasetDict:
 # ---------------------------------------------------------------- synthetic instruction tasks
 
 
-def arithmetic_items(count: int = ARITHMETIC_ITEMS, seed: int = 0) -> list[dict]:
-    """Built-in stand-in for `hfllm data synth` output: "What is 12 + 7?" -> "19" as chat messages."""
-    rng = random.Random(seed)
-    items = []
-    for _ in range(count):
-        a, b, op = rng.randint(0, 99), rng.randint(0, 99), rng.choice("+-*")
-        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
-        items.append({"messages": [{"role": "user", "content": f"What is {a} {op} {b}?"}], "answer": str(answer)})
-    return items
-
-
 def synth_item(row: dict, where: str) -> dict:
     """One synth JSONL row -> {"prompt", "answer"}.
 
@@ -143,19 +133,13 @@ def synth_item(row: dict, where: str) -> dict:
     return {"prompt": str(prompt), "answer": str(answer)}
 
 
-def parse_answer(text: str) -> str:
-    """The answer in a generation: its first non-empty line, after a last '=' if any ("2 + 2 = 4" -> "4"), without
-    quotes, spaces or a trailing full stop (the rule of `hfllm.synth.parse_answer`)."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0].rsplit("=", 1)[-1].strip().strip("'\"`").rstrip(".").strip() if lines else ""
-
-
 def synth_file(synth_data: str | None) -> Path:
-    """The JSONL to evaluate: `synth_data` (a .jsonl file, or a folder holding test.jsonl), else the built-in set."""
+    """The JSONL to evaluate: `synth_data` (a .jsonl file, or a folder holding test.jsonl), else the built-in set
+    (the held-out items of `hfllm data synth arithmetic --seed 0`)."""
     if synth_data is None:
         path = data_dir() / "synth_arithmetic.jsonl"
         if not path.exists():
-            _write_jsonl(arithmetic_items(), path)
+            _write_jsonl(synthesize("arithmetic", n_train=0, n_test=ARITHMETIC_ITEMS, seed=0)["test"], path)
         return path
     path = Path(synth_data)
     if path.is_dir():
