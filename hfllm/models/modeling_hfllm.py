@@ -523,7 +523,9 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
 
         aux_loss = z_loss = None
         if output_router_logits and outputs.router_logits:
-            token_mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+            token_mask = None  # (B, T) over this call's tokens; during cached generation the mask also covers the past
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+                token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1]:]
             aux_loss = load_balancing_loss(
                 outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, token_mask
             )

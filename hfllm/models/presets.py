@@ -31,8 +31,8 @@ def _variant(variant: str, size: dict) -> dict:
         return {}
     if variant == "mistral":  # every layer attends to a window of half the context
         return dict(sliding_window=size["max_position_embeddings"] // 2)
-    # moe: 8 experts of a quarter MLP width, top-2, one shared expert; aux losses on by default
-    return dict(num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+    # moe: 8 experts of a quarter MLP width, top-2 (Mixtral-style, so it exports natively); aux losses on by default
+    return dict(num_experts=8, num_experts_per_tok=2,
                 moe_intermediate_size=size["intermediate_size"] // 4, output_router_logits=True)
 
 

@@ -1,0 +1,329 @@
+"""Conversion between native transformers architectures (and GGUF files) and hfllm checkpoints.
+
+    hfllm convert SRC OUT                      SRC: a transformers checkpoint folder or a .gguf file
+    hfllm export SRC OUT --to transformers     an hfllm checkpoint back to the closest native architecture
+
+hfllm uses the same parameter names as Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE in transformers 5.x
+(experts fused as `gate_up_proj (E, 2I, H)` and `down_proj (E, H, I)`), so converting is a config translation plus a
+state-dict copy; hfllm's only extra tensor is the MoE routing bias (`mlp.gate.expert_bias`, zero for a converted
+model). Every copy is checked: a missing or unexpected tensor is an error, never a silently random weight.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    PreTrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
+
+from .errors import HfllmError
+from .models import HfllmConfig, HfllmConfigError, HfllmForCausalLM
+
+SUPPORTED_SOURCES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
+HFLLM_ONLY_KEYS = ("mlp.gate.expert_bias",)  # buffers hfllm has and native architectures lack
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------- configs: native -> hfllm
+
+
+def _common_fields(src: PreTrainedConfig) -> dict:
+    return dict(
+        vocab_size=src.vocab_size,
+        hidden_size=src.hidden_size,
+        num_hidden_layers=src.num_hidden_layers,
+        num_attention_heads=src.num_attention_heads,
+        num_key_value_heads=src.num_key_value_heads,
+        head_dim=getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads,
+        hidden_act=src.hidden_act,
+        max_position_embeddings=src.max_position_embeddings,
+        initializer_range=src.initializer_range,
+        rms_norm_eps=src.rms_norm_eps,
+        tie_word_embeddings=src.tie_word_embeddings,
+        rope_parameters=dict(src.rope_parameters),
+        attention_dropout=src.attention_dropout,
+        pad_token_id=src.pad_token_id,
+        bos_token_id=src.bos_token_id,
+        eos_token_id=src.eos_token_id,
+    )
+
+
+def _sliding_fields(src: PreTrainedConfig) -> dict:
+    layer_types = getattr(src, "layer_types", None)
+    if layer_types is None:  # Mistral / Mixtral: one window for every layer, or none
+        kind = "sliding_attention" if src.sliding_window else "full_attention"
+        layer_types = [kind] * src.num_hidden_layers
+    return dict(sliding_window=src.sliding_window, layer_types=list(layer_types))
+
+
+def hfllm_config_from(src: PreTrainedConfig) -> HfllmConfig:
+    """Translate a native config (one of SUPPORTED_SOURCES) into an equivalent HfllmConfig."""
+    architecture = (src.architectures or [""])[0] or f"{type(src).__name__.removesuffix('Config')}ForCausalLM"
+    fields = _common_fields(src)
+    if isinstance(src, LlamaConfig):
+        fields.update(intermediate_size=src.intermediate_size, attention_bias=src.attention_bias,
+                      attention_out_bias=src.attention_bias, mlp_bias=src.mlp_bias)
+    elif isinstance(src, MistralConfig):
+        fields.update(intermediate_size=src.intermediate_size, **_sliding_fields(src))
+    elif isinstance(src, Qwen2Config):  # bias on q/k/v only
+        fields.update(intermediate_size=src.intermediate_size, attention_bias=True, **_sliding_fields(src))
+    elif isinstance(src, Qwen3Config):
+        fields.update(intermediate_size=src.intermediate_size, attention_bias=src.attention_bias,
+                      attention_out_bias=src.attention_bias, qk_norm=True, **_sliding_fields(src))
+    elif isinstance(src, MixtralConfig):  # every layer MoE, top-k weights renormalised
+        fields.update(intermediate_size=src.intermediate_size, moe_intermediate_size=src.intermediate_size,
+                      num_experts=src.num_local_experts, num_experts_per_tok=src.num_experts_per_tok,
+                      norm_topk_prob=True, router_aux_loss_coef=src.router_aux_loss_coef, **_sliding_fields(src))
+    elif isinstance(src, Qwen3MoeConfig):
+        dense_layers = [i for i in range(src.num_hidden_layers)
+                        if i in src.mlp_only_layers or (i + 1) % src.decoder_sparse_step != 0]
+        fields.update(intermediate_size=src.intermediate_size, moe_intermediate_size=src.moe_intermediate_size,
+                      num_experts=src.num_experts, num_experts_per_tok=src.num_experts_per_tok,
+                      norm_topk_prob=src.norm_topk_prob, router_aux_loss_coef=src.router_aux_loss_coef,
+                      mlp_only_layers=dense_layers, attention_bias=src.attention_bias,
+                      attention_out_bias=src.attention_bias, qk_norm=True, **_sliding_fields(src))
+    else:
+        raise HfllmError(
+            f"cannot convert architecture '{architecture}'; supported: {', '.join(SUPPORTED_SOURCES)}"
+        )
+    try:
+        return HfllmConfig(**fields)
+    except HfllmConfigError as error:
+        raise HfllmError(f"the {architecture} config has no hfllm equivalent: {error}") from None
+
+
+# --------------------------------------------------------------------------- configs: hfllm -> native
+
+
+def native_config_from(config: HfllmConfig) -> PreTrainedConfig:
+    """The native transformers config that computes exactly what `config` computes, or an HfllmError saying why
+    none does. Choice: MoE -> Mixtral (or Qwen3-MoE with QK-norm / dense layers); dense -> Llama, Mistral (sliding
+    window), Qwen2 (q/k/v bias only) or Qwen3 (QK-norm)."""
+    fields = dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim, hidden_act=config.hidden_act, max_position_embeddings=config.max_position_embeddings,
+        initializer_range=config.initializer_range, rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings, rope_parameters=dict(config.rope_parameters),
+        attention_dropout=config.attention_dropout, pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+    )
+    sliding = set(config.layer_types) != {"full_attention"}
+    uniform_window = set(config.layer_types) == {"sliding_attention"}
+    qwen_sliding = dict(use_sliding_window=sliding, sliding_window=config.sliding_window,
+                        layer_types=list(config.layer_types))
+
+    def refuse(reason: str) -> HfllmError:
+        return HfllmError(f"no native transformers architecture matches this model: {reason}")
+
+    if config.mlp_bias and (config.num_experts or sliding or config.qk_norm):
+        raise refuse("mlp_bias is only supported by Llama (dense, full attention, no qk_norm)")
+    if config.num_experts > 0:
+        if config.num_shared_experts > 0:
+            raise refuse("shared experts (num_shared_experts > 0) exist in no native architecture with softmax routing")
+        if config.attention_bias or config.attention_out_bias:
+            raise refuse("attention biases are not supported by Mixtral / Qwen3-MoE exports")
+        if sliding and not uniform_window:
+            raise refuse("Mixtral / Qwen3-MoE support one sliding window for all layers, not a mix of layer types")
+        if config.qk_norm:
+            return Qwen3MoeConfig(
+                **fields, intermediate_size=config.intermediate_size, moe_intermediate_size=config.moe_intermediate_size,
+                num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                norm_topk_prob=config.norm_topk_prob, router_aux_loss_coef=config.router_aux_loss_coef,
+                mlp_only_layers=list(config.mlp_only_layers), decoder_sparse_step=1, attention_bias=False,
+                use_sliding_window=sliding, sliding_window=config.sliding_window,
+            )
+        if config.mlp_only_layers or not config.norm_topk_prob:
+            raise refuse("Mixtral has every layer MoE with renormalised top-k weights; dense layers or "
+                         "norm_topk_prob=False export to Qwen3-MoE, which needs qk_norm=True")
+        return MixtralConfig(
+            **fields, intermediate_size=config.moe_intermediate_size, num_local_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok, router_aux_loss_coef=config.router_aux_loss_coef,
+            sliding_window=config.sliding_window if sliding else None,
+        )
+    if config.qk_norm:
+        if config.attention_bias != config.attention_out_bias:
+            raise refuse("Qwen3 has one attention_bias for q/k/v/o; set attention_bias == attention_out_bias")
+        return Qwen3Config(**fields, intermediate_size=config.intermediate_size,
+                           attention_bias=config.attention_bias, **qwen_sliding)
+    if config.attention_bias and not config.attention_out_bias:  # Qwen2 also carries per-layer sliding windows
+        return Qwen2Config(**fields, intermediate_size=config.intermediate_size, **qwen_sliding)
+    if config.attention_out_bias and not config.attention_bias:
+        raise refuse("a bias on the output projection alone exists in no native architecture")
+    if sliding:
+        if config.attention_bias:
+            raise refuse("sliding-window layers with a bias on every attention projection exist in no native architecture")
+        if not uniform_window:
+            raise refuse("a mix of full and sliding layers needs q/k/v bias (Qwen2) or qk_norm (Qwen3); Mistral has "
+                         "one window for all layers")
+        return MistralConfig(**fields, intermediate_size=config.intermediate_size, sliding_window=config.sliding_window)
+    return LlamaConfig(**fields, intermediate_size=config.intermediate_size, attention_bias=config.attention_bias,
+                       mlp_bias=config.mlp_bias)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def copy_weights(src: PreTrainedModel, dst: PreTrainedModel, allowed_missing: tuple[str, ...] = ()) -> None:
+    """Load src's state dict into dst; every tensor must find its place (tied heads and `allowed_missing` aside)."""
+    state = {k: v for k, v in src.state_dict().items() if not k.endswith(HFLLM_ONLY_KEYS)}
+    result = dst.load_state_dict(state, strict=False)
+    tied = set(dst._tied_weights_keys or {}) if dst.config.tie_word_embeddings else set()
+    missing = [k for k in result.missing_keys if k not in tied and not k.endswith(allowed_missing)]
+    if missing or result.unexpected_keys:
+        raise HfllmError(
+            f"weights do not match between {type(src).__name__} and {type(dst).__name__}: "
+            f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+    if dst.config.tie_word_embeddings:
+        dst.tie_weights()
+
+
+def _load_source(src: Path, dtype) -> tuple[PreTrainedModel, object]:
+    """Load a transformers folder or a .gguf file as its native model, plus its tokenizer."""
+    if not src.exists():
+        raise HfllmError(f"source '{src}' does not exist; give a transformers checkpoint folder or a .gguf file")
+    if src.is_file():
+        if src.suffix != ".gguf":
+            raise HfllmError(f"source file '{src}' is not a .gguf file; give a .gguf file or a checkpoint folder")
+        kwargs = dict(gguf_file=src.name)
+        folder = src.parent
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+    else:
+        if not (src / "config.json").exists():
+            raise HfllmError(f"'{src}' has no config.json; it is not a transformers checkpoint folder")
+        kwargs, folder = {}, src
+        architecture = (json.loads((src / "config.json").read_text()).get("architectures") or ["?"])[0]
+        if architecture not in SUPPORTED_SOURCES:
+            raise HfllmError(
+                f"cannot convert architecture '{architecture}' in {src}; supported: {', '.join(SUPPORTED_SOURCES)}"
+            )
+        config = AutoConfig.from_pretrained(folder)
+    hfllm_config_from(config)  # fail on unsupported configs before loading any weights
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF weights arrive dequantized; forget the quantizer
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    return model, tokenizer
+
+
+def _check_output(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise HfllmError(f"output folder '{out}' is not empty; choose a new folder or remove it first")
+
+
+def _save(model: PreTrainedModel, tokenizer, generation_config: GenerationConfig | None, out: Path) -> None:
+    """Write into a temporary sibling folder, then rename: an error never leaves a half-written checkpoint."""
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if generation_config is not None:
+        generation_config.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+
+
+def to_hfllm(model: PreTrainedModel) -> HfllmForCausalLM:
+    """An HfllmForCausalLM computing the same function as a native `model` (same dtype, same weights)."""
+    config = hfllm_config_from(model.config)
+    with torch.device("meta"):
+        hfllm_model = HfllmForCausalLM(config)
+    hfllm_model.to_empty(device="cpu")
+    copy_weights(model, hfllm_model, allowed_missing=HFLLM_ONLY_KEYS)
+    hfllm_model._init_weights(hfllm_model.model.rotary_emb)  # recompute non-persistent rotary buffers
+    for router in hfllm_model.routers():
+        router.expert_bias.zero_()
+        router.tokens_per_expert.zero_()
+    hfllm_model.generation_config = model.generation_config
+    return hfllm_model.to(model.dtype)
+
+
+def to_native(model: HfllmForCausalLM) -> PreTrainedModel:
+    """The native transformers model computing the same function as an hfllm `model`."""
+    biased = [i for i, router in enumerate(model.routers()) if router.expert_bias.abs().sum() > 0]
+    if biased:
+        raise HfllmError(
+            "this MoE model was trained with aux-loss-free routing biases (router_bias_update_rate > 0), which no "
+            "native architecture applies; it can only be used as an hfllm checkpoint"
+        )
+    native_config = native_config_from(model.config)
+    native_config.architectures = [f"{type(native_config).__name__.removesuffix('Config')}ForCausalLM"]
+    native = AutoModelForCausalLM.from_config(native_config, dtype=model.dtype)
+    copy_weights(model, native)
+    native.generation_config = model.generation_config
+    return native
+
+
+def convert(src: str | Path, out: str | Path, dtype: str = "auto") -> Path:
+    """Convert a transformers checkpoint folder or .gguf file at `src` into an hfllm checkpoint at `out`."""
+    src, out = Path(src), Path(out)
+    _check_output(out)
+    model, tokenizer = _load_source(src, DTYPES[dtype])
+    hfllm_model = to_hfllm(model)
+    _save(hfllm_model, tokenizer, model.generation_config, out)
+    return out
+
+
+def export(src: str | Path, out: str | Path, to: str = "transformers") -> Path:
+    """Export the hfllm checkpoint at `src` to a native transformers checkpoint at `out` (no remote code needed)."""
+    src, out = Path(src), Path(out)
+    if to != "transformers":
+        raise HfllmError(f"unknown export target '{to}'; supported: transformers")
+    if not (src / "config.json").exists():
+        raise HfllmError(f"'{src}' has no config.json; it is not an hfllm checkpoint folder")
+    if json.loads((src / "config.json").read_text()).get("model_type") != "hfllm":
+        raise HfllmError(f"'{src}' is not an hfllm checkpoint (model_type is not 'hfllm'); nothing to export")
+    _check_output(out)
+    model = HfllmForCausalLM.from_pretrained(src, dtype="auto")
+    native = to_native(model)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    _save(native, tokenizer, model.generation_config, out)
+    return out
+
+
+def convert_main(argv: list[str], prog: str = "hfllm convert") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="transformers checkpoint folder or .gguf file")
+    parser.add_argument("out", help="new hfllm checkpoint folder")
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weights dtype (auto keeps the source's)")
+    args = parser.parse_args(argv)
+    out = convert(args.src, args.out, args.dtype)
+    print(f"hfllm checkpoint written to {out}")
+
+
+def export_main(argv: list[str], prog: str = "hfllm export") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description="Export an hfllm checkpoint to a native architecture.")
+    parser.add_argument("src", help="hfllm checkpoint folder")
+    parser.add_argument("out", help="new checkpoint folder")
+    parser.add_argument("--to", default="transformers", help="target format (transformers)")
+    args = parser.parse_args(argv)
+    out = export(args.src, args.out, args.to)
+    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"{architecture} checkpoint written to {out}")
