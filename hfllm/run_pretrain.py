@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None, prog: str = "run_pretrain.py") -> int:
         write_run_info(args.output_dir, plan)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.state.global_step < args.max_steps:
+        trainer.save_state()
         print(f"stopped at step {trainer.state.global_step} of {args.max_steps}; continue with "
               f"--resume_from_checkpoint true")
         return 0
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None, prog: str = "run_pretrain.py") -> int:
         trainer.evaluate()
     trainer.save_model()
     trainer.save_state()
-    if args.should_save:
+    if args.should_save and args.num_samples > 0:
         write_samples(generate_samples(model, tokenizer, args), trainer.args.output_dir + "/samples.txt", "end of training")
         plot_loss_curve(trainer.state.log_history, f"{args.output_dir}/loss_curve.png")
     return 0

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import make_choice_type_function
 
 from ..errors import HfllmError
 from ..models import HfllmConfig
@@ -148,6 +149,9 @@ class RecipeParser(HfArgumentParser):
 
     def __init__(self, prog: str):
         super().__init__((ModelArguments, DataArguments, PretrainingArguments), prog=prog, allow_abbrev=False)
+        optim = next(action for action in self._actions if action.dest == "optim")
+        optim.choices = [*optim.choices, "muon"]
+        optim.type = make_choice_type_function(optim.choices)
 
     def error(self, message: str):
         # "argument --max_steps/--max-steps: invalid int value: 'ten'" -> "key 'max_steps': invalid int value: 'ten'"
@@ -181,7 +185,11 @@ def _split_cli(argv: list[str]) -> dict[str, Any]:
             raise HfllmError(f"unexpected argument '{token}'; give flags as --key value after the recipe")
         else:
             pairs[key].append(token)
-    return {key: values[0] if len(values) == 1 else (values or "true") for key, values in pairs.items()}
+    # `--key null` unsets a key (back to its default), e.g. `--dataset null --train_files my.txt`
+    return {
+        key: None if values == ["null"] else values[0] if len(values) == 1 else (values or "true")
+        for key, values in pairs.items()
+    }
 
 
 def _to_argv(values: dict[str, Any]) -> list[str]:
