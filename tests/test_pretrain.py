@@ -201,6 +201,7 @@ def test_flops_per_token_and_parameter_counts():
         ("", ["--num_hiden_layers", "2"], "unknown key 'num_hiden_layers' in the command line (did you mean 'num_hidden_layers'?)"),
         ("max_steps: ten\n", [], "key 'max_steps': invalid int value: 'ten'"),
         ("", ["--max_steps", "ten"], "key 'max_steps': invalid int value: 'ten'"),
+        ("num_hidden_layers: two\n", [], "key 'num_hidden_layers': expected int, got 'two'"),
         ("lr_scheduler_type: cosin\n", [], "key 'lr_scheduler_type': invalid choice: 'cosin'"),
         ("model: llama-tiyn\nmax_steps: 1\n", [], "unknown model preset 'llama-tiyn'; did you mean llama-tiny"),
         ("- a\n- b\n", [], "recipe '{recipe}' must be a mapping of key: value lines"),

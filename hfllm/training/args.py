@@ -16,6 +16,7 @@ import json
 import math
 import re
 import sys
+import typing
 from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +246,7 @@ def parse_recipe(argv: list[str], prog: str) -> Recipe:
     # architecture overrides are parsed as YAML values (so `--layer_types [a, b]` and `--sliding_window 64` work)
     overrides = {k: v for k, v in recipe_values.items() if k in MODEL_CONFIG_KEYS}
     overrides.update({k: _yaml_value(v) for k, v in cli_values.items() if k in MODEL_CONFIG_KEYS})
+    overrides = {k: _check_model_value(k, v) for k, v in overrides.items()}
     merged = {**PRETRAINING_DEFAULTS, **recipe_values, **cli_values}
     merged = {k: v for k, v in merged.items() if k not in MODEL_CONFIG_KEYS}
 
@@ -279,7 +281,27 @@ def recipe_default(key: str) -> Any:
     return PRETRAINING_DEFAULTS.get(key, _parser_defaults().get(key))
 
 
+def _check_model_value(key: str, value: Any) -> Any:
+    """Type-check an architecture override against HfllmConfig's annotation ("1e-3" from YAML becomes a float)."""
+    allowed = []
+    for hint in typing.get_args(HfllmConfig.__annotations__[key]) or (HfllmConfig.__annotations__[key],):
+        allowed.append(dict if typing.is_typeddict(hint) else type(None) if hint is None else typing.get_origin(hint) or hint)
+    if isinstance(value, str) and str not in allowed:
+        for cast in (int, float):
+            if cast in allowed:
+                try:
+                    return cast(value)
+                except ValueError:
+                    pass
+    if (value is not None and not isinstance(value, tuple(allowed))) or (isinstance(value, bool) and bool not in allowed):
+        expected = " or ".join(t.__name__ for t in allowed if t is not type(None))
+        raise HfllmError(f"key '{key}': expected {expected}, got {value!r}")
+    return value
+
+
 def _yaml_value(value: Any) -> Any:
+    if value is None:
+        return None
     if isinstance(value, list):
         return [_yaml_value(v) for v in value]
     try:
