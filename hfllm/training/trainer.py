@@ -1,7 +1,7 @@
 """`PretrainTrainer`: transformers' Trainer with Muon and pretraining metrics in its logs.
 
 Every training log gets tokens/s (all devices), MFU and (for MoE models) router load; every evaluation log gets the
-validation perplexity. The metrics go through `Trainer.log`, so the progress bar, tensorboard/wandb/trackio and
+validation perplexity; both get the wall time since this session's `train()` began. The metrics go through `Trainer.log`, so the progress bar, tensorboard/wandb/trackio and
 `trainer_state.json` all see them.
 """
 
@@ -21,6 +21,11 @@ class PretrainTrainer(Trainer):
         self.peak_flops = peak_flops  # per device
         self.tokens_per_step = tokens_per_step  # over all devices
         self._last_log: tuple[float, int] | None = None  # (time, global step) of the previous training log
+        self._train_start = time.perf_counter()
+
+    def train(self, *args, **kwargs):
+        self._train_start = time.perf_counter()
+        return super().train(*args, **kwargs)
 
     def create_optimizer(self, model=None):
         if self.args.use_muon and self.optimizer is None:
@@ -42,6 +47,8 @@ class PretrainTrainer(Trainer):
                     logs.update(callback.pop_metrics())
         if "eval_loss" in logs:
             logs["eval_perplexity"] = round(math.exp(min(logs["eval_loss"], 50.0)), 4)
+        if "loss" in logs or "eval_loss" in logs:
+            logs["elapsed_seconds"] = round(time.perf_counter() - self._train_start, 2)  # wall time of this session
         super().log(logs, start_time)
 
     def _evaluate(self, *args, **kwargs):
