@@ -9,8 +9,12 @@ run_info.json, loss_curve.png and samples in output_dir. See docs/pretraining.md
 """
 
 import sys
+from pathlib import Path
 
-import torch
+if __name__ == "__main__" and not __package__:  # run as a file: import hfllm from this checkout, not from hfllm/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
 from transformers import default_data_collator, set_seed
 
 from hfllm.errors import HfllmError

@@ -1,6 +1,7 @@
 """hfllm pretrain: outputs, exact resume, optimisers and schedules, global batch, metrics, recipe parsing."""
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -305,9 +306,26 @@ def test_script_runs_directly_with_python(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "hfllm" / "run_pretrain.py"), "r.yaml", *TINY, *data_args(tmp_path),
          "--output_dir", "out", "--eval_steps", "100", "--num_samples", "0"],
-        capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "OMP_NUM_THREADS": "1",
-                                                           "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert "model llama-tiny: " in result.stdout and "Chinchilla-optimal ~20" in result.stdout
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): the global batch is split over devices, not repeated."""
+    (tmp_path / "r.yaml").write_text("model: llama-tiny\nmax_steps: 3\nglobal_batch_size: 8\nlogging_steps: 1\n")
+    tiny = [arg for arg in TINY]
+    tiny[tiny.index("--global_batch_size") + 1] = "8"
+    result = subprocess.run(
+        ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", str(ROOT / "hfllm" / "run_pretrain.py"),
+         "r.yaml", *tiny, *data_args(tmp_path), "--output_dir", "out", "--eval_steps", "100"],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = yaml.safe_load((tmp_path / "out" / "run_info.json").read_text())
+    assert (info["world_size"], info["gradient_accumulation_steps"], info["tokens_per_step"]) == (2, 2, 8 * 16)
+    assert len(losses(tmp_path / "out")) == 3
