@@ -9,8 +9,12 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "$PY" -m pip install -q torch
   else
-    "$PY" -m pip install -q torch==2.13.0 --extra-index-url "${HFLLM_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}" \
-      || "$PY" -m pip install -q torch==2.13.0
+    cpu_index=${HFLLM_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+    if "$PY" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=5)" "$cpu_index" 2>/dev/null; then
+      "$PY" -m pip install -q torch==2.13.0 --index-url "$cpu_index"
+    else  # the CPU index is out of reach: a local wheel (pip's find-links) or PyPI
+      "$PY" -m pip install -q torch==2.13.0
+    fi
   fi
 fi
 extras=""

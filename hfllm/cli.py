@@ -1,12 +1,14 @@
 """`hfllm` command line: each subcommand is a function `fn(argv: list[str], prog: str) -> int | None` in its module.
 
-Bad input raises `HfllmError`; here it becomes one line on stderr and exit code 2, never a traceback.
+Bad input raises `HfllmError` (or `HfllmConfigError` from a model config); here it becomes one line on stderr and
+exit code 2, never a traceback.
 """
 
 import importlib
 import sys
 
 from .errors import HfllmError
+from .models.configuration_hfllm import HfllmConfigError
 
 # subcommand -> ("module:function", one-line help); modules are imported only when their command runs
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     function = getattr(importlib.import_module(module_name), function_name)
     try:
         result = function(rest, prog=f"hfllm {command}")
-    except HfllmError as error:
+    except (HfllmError, HfllmConfigError) as error:
         print(f"hfllm {command}: error: {error}", file=sys.stderr)
         return 2
     return int(result or 0)
