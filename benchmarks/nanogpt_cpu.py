@@ -29,7 +29,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hfllm.run_pretrain import main as pretrain  # noqa: E402
-from hfllm.training import _data_standin as data  # noqa: E402  TODO: `from hfllm import data`
+from hfllm import data  # noqa: E402
 from hfllm.training.mfu import measure_matmul_flops  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "shakespeare-char.yaml"

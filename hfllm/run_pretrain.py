@@ -15,10 +15,10 @@ if __name__ == "__main__" and not __package__:  # run as a file: import hfllm fr
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402
-from transformers import default_data_collator, set_seed
+from transformers import set_seed
 
+from hfllm import data
 from hfllm.errors import HfllmError
-from hfllm.training import _data_standin as data  # TODO: `from hfllm import data` once main has it
 from hfllm.training.args import apply_global_batch, parse_recipe, scheduler_kwargs
 from hfllm.training.callbacks import (
     RouterLoadCallback, SamplesCallback, StopAtStepCallback, generate_samples, plot_loss_curve, write_samples,
@@ -27,13 +27,6 @@ from hfllm.training.mfu import flops_per_token, parameter_counts, peak_flops
 from hfllm.training.model import build_model, resolve_config
 from hfllm.training.run_info import check_output_dir, data_hash, prepare_output_dir, write_recipe, write_run_info
 from hfllm.training.trainer import PretrainTrainer
-
-
-def collate(features: list[dict]) -> dict[str, torch.Tensor]:
-    """Packed blocks need no padding: stack them; the labels are the inputs (the model shifts them)."""
-    batch = default_data_collator(features)
-    batch.setdefault("labels", batch["input_ids"].clone())
-    return batch
 
 
 def main(argv: list[str] | None = None, prog: str = "run_pretrain.py") -> int:
@@ -86,7 +79,7 @@ def main(argv: list[str] | None = None, prog: str = "run_pretrain.py") -> int:
     if args.samples_at_eval:
         callbacks.append(SamplesCallback(tokenizer, args.output_dir))
     trainer = PretrainTrainer(
-        model=model, args=args, train_dataset=packed["train"], eval_dataset=eval_dataset, data_collator=collate,
+        model=model, args=args, train_dataset=packed["train"], eval_dataset=eval_dataset, data_collator=data.collate_blocks,
         processing_class=tokenizer, callbacks=callbacks,
         flops_per_token=flops, peak_flops=peak, tokens_per_step=tokens_per_step,
     )

@@ -245,11 +245,12 @@ def test_bad_data_inputs(recipe, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     assert "is empty" in _error(recipe, tmp_path, "--dataset", "null", "--train_files", str(tmp_path / "empty.txt"))
     (tmp_path / "blank.txt").write_text("\n\n   \n")
-    message = _error(recipe, tmp_path, "--dataset", "null", "--train_files", str(tmp_path / "blank.txt"))
-    assert "contains no text" in message
+    message = _error(recipe, tmp_path, "--dataset", "null", "--train_files", str(tmp_path / "blank.txt"),
+                     "--validation_files", str(tmp_path / "blank.txt"))
+    assert "contains no text in the train split" in message
     (tmp_path / "rows.jsonl").write_text('{"content": "hello there"}\n' * 20)
     message = _error(recipe, tmp_path, "--dataset", "null", "--train_files", str(tmp_path / "rows.jsonl"))
-    assert "text column 'text'" in message and "content" in message
+    assert message.startswith("text_column 'text' not found in ") and message.endswith("available columns: content")
     assert not (tmp_path / "out").exists()
 
 
