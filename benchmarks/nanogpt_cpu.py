@@ -1,0 +1,213 @@
+"""hfllm vs nanoGPT vs transformers' LlamaForCausalLM at nanoGPT's CPU baseline shape, in one run.
+
+    OMP_NUM_THREADS=2 python3 benchmarks/nanogpt_cpu.py [--max_steps 2000] [--out benchmarks/results]
+
+Three trainings on the same text and split (the embedded Shakespeare corpus, char-level tokens):
+  1. nanoGPT: a faithful plain-PyTorch reproduction of nanoGPT's `model.py` + `train.py` at the settings of its README
+     CPU command (n_layer 4, n_head 4, n_embd 128, block 64, batch 12, lr 1e-3, 100 warmup, cosine to 1e-4 at 2000,
+     AdamW betas (0.9, 0.99), weight decay 0.1, grad clip 1, dropout 0, no bias, eval_iters 20 every 250 steps).
+  2. hfllm: `recipes/shakespeare-char.yaml` through `hfllm.run_pretrain.main` (Trainer).
+  3. llama: the same recipe with `model:` pointing at a LlamaForCausalLM folder of the same shape (same Trainer).
+Reported per run: tokens/s, final validation loss, wall time to reach nanoGPT's final validation loss (first
+evaluation at or below it), MFU (FLOPs/token from hfllm.training.mfu against a measured CPU matmul peak).
+Validation losses are on 240 sequences of 64 tokens (nanoGPT: 20 random batches of 12). Timing covers the training
+loop only (not data preparation), for all three.
+"""
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hfllm.run_pretrain import main as pretrain  # noqa: E402
+from hfllm import data  # noqa: E402
+from hfllm.training.mfu import measure_matmul_flops  # noqa: E402
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "shakespeare-char.yaml"
+
+
+# ---- nanoGPT (model.py, condensed; bias=False, dropout=0)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int):
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.n_head = n_head
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd: int, n_head: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, bias=False)
+        self.attn = CausalSelfAttention(n_embd, n_head)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd, bias=False), nn.GELU(),
+                                 nn.Linear(4 * n_embd, n_embd, bias=False))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size: int, block_size=64, n_layer=4, n_head=4, n_embd=128):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(block_size, n_embd)
+        self.h = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd, bias=False)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets):
+        pos = torch.arange(idx.size(1))
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def train_nanogpt(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int, max_steps: int) -> dict:
+    torch.manual_seed(1337)
+    block, batch, lr, min_lr, warmup = 64, 12, 1e-3, 1e-4, 100
+    model = GPT(vocab_size)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.99), fused=True)
+
+    def get_batch(ids):
+        ix = torch.randint(len(ids) - block, (batch,))
+        x = torch.stack([ids[i:i + block] for i in ix])
+        y = torch.stack([ids[i + 1:i + 1 + block] for i in ix])
+        return x, y
+
+    def get_lr(it):
+        if it < warmup:
+            return lr * (it + 1) / (warmup + 1)
+        ratio = (it - warmup) / (max_steps - warmup)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+    @torch.no_grad()
+    def val_loss():
+        model.eval()
+        losses = [model(*get_batch(val_ids)).item() for _ in range(20)]
+        model.train()
+        return sum(losses) / len(losses)
+
+    evals, start = [], time.perf_counter()
+    for it in range(max_steps + 1):
+        if it % 250 == 0 or it == max_steps:
+            evals.append({"step": it, "eval_loss": val_loss(), "elapsed_seconds": time.perf_counter() - start})
+        if it == max_steps:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(it)
+        loss = model(*get_batch(train_ids))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    n_params = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    flops = 6 * n_params + 12 * 4 * 128 * block  # same formula as hfllm.training.mfu
+    return {"evals": evals, "seconds": seconds, "tokens": max_steps * batch * block, "flops_per_token": flops,
+            "parameters": n_params}
+
+
+# ---- hfllm and Llama through the pretraining entry point
+
+
+def train_recipe(out: Path, max_steps: int, *extra: str) -> dict:
+    pretrain([str(RECIPE), "--output_dir", str(out), "--max_steps", str(max_steps), "--report_to", "none",
+              "--disable_tqdm", "true", "--save_steps", str(10 * max_steps), "--num_samples", "1", *extra])
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    info = json.loads((out / "run_info.json").read_text())
+    evals = [e for e in history if "eval_loss" in e]
+    end = next(e for e in history if "train_runtime" in e)
+    return {"evals": evals, "seconds": end["train_runtime"], "tokens": info["tokens_planned"],
+            "flops_per_token": info["flops_per_token"], "parameters": info["parameters"]["total"]}
+
+
+def llama_folder(folder: Path, vocab_size: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         tie_word_embeddings=True, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def summarise(name: str, run: dict, target: float, peak: float) -> dict:
+    reached = next((e for e in run["evals"] if e["eval_loss"] <= target), None)
+    tokens_per_second = run["tokens"] / run["seconds"]
+    return {
+        "run": name,
+        "parameters": run["parameters"],
+        "tokens_per_second": round(tokens_per_second),
+        "final_val_loss": round(run["evals"][-1]["eval_loss"], 4),
+        "seconds_total": round(run["seconds"], 1),
+        "seconds_to_target": round(reached["elapsed_seconds"], 1) if reached else None,
+        "step_at_target": reached["step"] if reached else None,
+        "mfu": round(tokens_per_second * run["flops_per_token"] / peak, 4),
+    }
+
+
+def run_benchmark(max_steps: int, out: Path) -> list[dict]:
+    raw = data.load_text_datasets(dataset="shakespeare")
+    tokenizer = data.load_or_train_tokenizer("char", raw["train"]["text"], 4096)
+    encode = lambda texts: torch.tensor([i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]])  # noqa: E731
+    train_ids, val_ids = encode(raw["train"]["text"]), encode(raw["validation"]["text"])
+    peak = measure_matmul_flops("cpu", torch.float32)
+
+    nanogpt = train_nanogpt(train_ids, val_ids, len(tokenizer), max_steps)
+    target = nanogpt["evals"][-1]["eval_loss"]
+    with tempfile.TemporaryDirectory() as tmp:
+        hfllm = train_recipe(Path(tmp) / "hfllm", max_steps)
+        llama = train_recipe(Path(tmp) / "llama", max_steps, "--model", str(llama_folder(Path(tmp) / "init", len(tokenizer))))
+    rows = [summarise(n, r, target, peak) for n, r in (("nanoGPT", nanogpt), ("hfllm", hfllm), ("transformers Llama", llama))]
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"max_steps": max_steps, "target_val_loss": target, "peak_flops_measured": peak,
+              "threads": torch.get_num_threads(), "rows": rows}
+    (out / "nanogpt_cpu.json").write_text(json.dumps(result, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max_steps", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))
+    cli = parser.parse_args()
+    rows = run_benchmark(cli.max_steps, cli.out)
+    print(f"{'run':<20}{'params':>9}{'tok/s':>9}{'val loss':>10}{'total s':>9}{'s to target':>13}{'MFU':>8}")
+    for r in rows:
+        print(f"{r['run']:<20}{r['parameters']:>9}{r['tokens_per_second']:>9}{r['final_val_loss']:>10}"
+              f"{r['seconds_total']:>9}{str(r['seconds_to_target']):>13}{r['mfu']:>8}")

@@ -1,0 +1,1 @@
+"""Pretraining building blocks used by `hfllm/run_pretrain.py`: recipe parsing, optimizers, callbacks, metadata."""

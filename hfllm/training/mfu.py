@@ -1,0 +1,90 @@
+"""FLOPs per token, parameter counts and the peak FLOP/s used for model FLOPs utilisation (MFU).
+
+FLOPs per trained token (forward + backward, PaLM appendix B / nanoGPT):
+    6 * N_matmul + 12 * n_layer * n_head * head_dim * T_attn
+N_matmul counts the weights that multiply activations per token: every parameter except the input embedding table
+(the tied head does count), with MoE experts counted for the top-k only. T_attn is the context each query sees:
+the block size, or the sliding window when smaller.
+
+Peak FLOP/s: the dense bf16 tensor-core figure of known GPUs (times the number of GPUs). On a CPU there is no
+datasheet number, so the peak is *measured* with a large matmul in the training dtype at start; CPU MFU is an estimate
+relative to that.
+"""
+
+import time
+
+import torch
+from torch import nn
+
+# dense bf16 peak per device (FLOP/s), matched against torch.cuda.get_device_name()
+GPU_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """total (unique) parameters, embedding parameters, and active matmul parameters per token."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings()
+    tied_head = head is not None and head.weight is model.get_input_embeddings().weight
+    config = model.config
+    experts, top_k = getattr(config, "num_experts", 0) or 0, getattr(config, "num_experts_per_tok", 0) or 0
+    active = 0
+    for name, p in model.named_parameters():
+        if p is model.get_input_embeddings().weight:
+            continue
+        if experts and p.ndim == 3 and p.shape[0] == experts:  # fused expert weights (E, ., .)
+            active += p.numel() * top_k // experts
+        else:
+            active += p.numel()
+    if tied_head:
+        active += head.weight.numel()
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "active_matmul": active}
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    window = getattr(config, "sliding_window", None)
+    context = min(seq_len, window) if window else seq_len
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * context
+    return 6 * parameter_counts(model)["active_matmul"] + attention
+
+
+def peak_flops(dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from)."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops, f"{name} datasheet bf16"
+        return measure_matmul_flops("cuda", dtype), f"{name} measured matmul"
+    return measure_matmul_flops("cpu", dtype), "CPU measured matmul (estimate)"
+
+
+def measure_matmul_flops(device: str, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)

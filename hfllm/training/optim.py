@@ -1,0 +1,72 @@
+"""Optimizers beyond Trainer's own list.
+
+AdamW (fused) and Schedule-Free AdamW are Trainer's `optim: adamw_torch_fused` / `optim: schedule_free_adamw`;
+learning-rate schedules are Trainer's `lr_scheduler_type` (cosine, cosine_with_min_lr, warmup_stable_decay,
+constant_with_warmup). This file adds `optim: muon`: `torch.optim.Muon` on the 2-D weight matrices of the hidden
+layers and AdamW on everything else (embeddings, head, norms, biases, routers, 3-D expert tensors).
+"""
+
+import torch
+from torch import nn
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Two optimizers stepping together, seen by Trainer and the LR scheduler as one: the param groups are the
+    children's own group dicts, so a scheduler setting `lr` on a group sets it on the child."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+        self.muon, self.adamw = muon, adamw
+        super().__init__([*muon.param_groups, *adamw.param_groups], defaults={})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]  # the children made new dicts
+
+
+def muon_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the 2-D hidden weight matrices: not the embeddings or the head, not router weights."""
+    excluded = {id(model.get_input_embeddings().weight)}
+    if model.get_output_embeddings() is not None:
+        excluded.add(id(model.get_output_embeddings().weight))
+    for module in model.modules():
+        if "Router" in type(module).__name__:
+            excluded.update(id(p) for p in module.parameters())
+    return {name for name, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and id(p) not in excluded}
+
+
+def build_muon(model: nn.Module, args, decay_names: set[str]) -> MuonWithAdamW:
+    """Muon (lr `args.muon_lr` or `args.learning_rate`, update RMS matched to AdamW's) + AdamW for the rest."""
+    muon_names = muon_parameter_names(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = torch.optim.Muon(
+        [p for n, p in named if n in muon_names],
+        lr=args.muon_lr or args.learning_rate,
+        weight_decay=args.weight_decay,
+        adjust_lr_fn="match_rms_adamw",
+    )
+    rest = [(n, p) for n, p in named if n not in muon_names]
+    adamw = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in rest if n in decay_names], "weight_decay": args.weight_decay},
+            {"params": [p for n, p in rest if n not in decay_names], "weight_decay": 0.0},
+        ],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+    return MuonWithAdamW(muon, adamw)
