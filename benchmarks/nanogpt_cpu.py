@@ -204,7 +204,7 @@ def run_benchmark(max_steps: int, out: Path) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max_steps", type=int, default=2000)
-    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks"))
     cli = parser.parse_args()
     rows = run_benchmark(cli.max_steps, cli.out)
     print(f"{'run':<20}{'params':>9}{'tok/s':>9}{'val loss':>10}{'total s':>9}{'s to target':>13}{'MFU':>8}")

@@ -38,7 +38,7 @@ MODEL_CONFIG_KEYS = tuple(
 
 # Defaults suited to pretraining, applied under the recipe (TrainingArguments' own defaults suit fine-tuning)
 PRETRAINING_DEFAULTS: dict[str, Any] = {
-    "output_dir": "outputs/pretrain",
+    "output_dir": "runs/pretrain",
     "report_to": "tensorboard",
     "logging_steps": 10,
     "logging_first_step": True,
