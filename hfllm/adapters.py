@@ -6,15 +6,11 @@ PEFT methods (recipe key `peft_type`, used when `use_peft: true`): `lora` (DoRA 
 
 import argparse
 import importlib.util
-import logging
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-
-# bitsandbytes warns on import that it has no optional `kernels` package and then uses its own CPU code: harmless
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -24,9 +20,6 @@ from hfllm.errors import HfllmError
 PEFT_TYPES = ("lora", "prefix", "prompt", "p_tuning", "ia3")
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query", "key", "value", "out_proj")
 MERGEABLE = ("LORA", "IA3")  # prompt-learning adapters add virtual tokens and have no weights to merge
-
-
-# ----------------------------------------------------------------------------- the real demo model
 
 
 # ----------------------------------------------------------------------------- loading

@@ -35,7 +35,7 @@ def load_reward(name: str):
 
 
 def run(method: str, argv: list[str], prog: str) -> int:
-    from hfllm.adapters import build_peft_config, load_model, load_tokenizer  # first: quiets bitsandbytes
+    from hfllm.adapters import build_peft_config, load_model, load_tokenizer
     from transformers import set_seed
 
     from hfllm.chat import set_template
