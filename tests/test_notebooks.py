@@ -1,0 +1,24 @@
+"""The notebooks run: every code cell but the set-up cell, in one namespace, in quick mode."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted(Path(__file__).resolve().parents[1].joinpath("notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs(path, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(path.parents[1])
+    monkeypatch.setenv("HFLLM_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("HFLLM_NOTEBOOK_RUN", str(tmp_path / "run"))
+    cells = json.loads(path.read_text())["cells"]
+    namespace: dict = {}
+    for cell in cells:
+        if cell["cell_type"] == "code" and "setup" not in cell["metadata"].get("tags", []):
+            exec(compile("".join(cell["source"]), f"{path.name}:{cell['id']}", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "HfllmForCausalLM -> " in printed  # the converted chat model answered
+    assert "Paris" in printed
