@@ -148,7 +148,8 @@ def evaluate_model(
     model.eval()
     try:
         device = str(next(model.parameters()).device)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length,
+                  backend="causal")  # lm-eval guesses from model_type and does not know "hfllm"
         with torch.no_grad():
             results = simple_evaluate(
                 model=lm,
