@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sacrebleu
 import torch
-from eval_helpers import single_thread, tiny_hfllm_dir, tiny_model_dir  # noqa: F401
+from eval_helpers import single_thread, tiny_gguf_file, tiny_hfllm_dir, tiny_model_dir  # noqa: F401
 
 from hfllm.errors import HfllmError
 from hfllm.evaluation import evaluate_model, load_model, main, scores, strided_perplexity
@@ -199,6 +199,19 @@ def test_adapter_folder_is_merged_into_its_base(tiny_model_dir, tmp_path):
         lora_scores = scores(evaluate_model(lora, tokenizer, ["hfllm_shakespeare_ppl"], limit=1))
     assert adapted["scores"]["hfllm_shakespeare_ppl"]["bits_per_byte"] == pytest.approx(
         lora_scores["hfllm_shakespeare_ppl"]["bits_per_byte"], rel=1e-5)
+
+
+def test_gguf_file_scores_like_the_folder_it_was_written_from(tiny_gguf_file, tiny_model_dir, tmp_path):
+    tasks = ["hfllm_shakespeare_next_line", "hfllm_shakespeare_ppl"]
+    main([str(tiny_gguf_file), str(tiny_model_dir), "--tasks", ",".join(tasks), "--limit", "2", "--log_samples",
+          "--output_path", str(tmp_path)])
+    gguf_run, folder_run = json.loads((tmp_path / "results.json").read_text())["models"]
+    assert (gguf_run["name"], gguf_run["architecture"]) == ("tiny.gguf", "LlamaForCausalLM")
+    for task in tasks:  # same weights, same tokens: identical per-document log-likelihoods
+        rows = [(tmp_path / f"samples_{run['name']}_{task}.jsonl").read_text().splitlines() for run in (gguf_run, folder_run)]
+        resps = [[json.loads(row)["resps"] for row in run_rows] for run_rows in rows]
+        assert len(resps[0]) == 2 and resps[0] == resps[1]
+    assert gguf_run["scores"] == folder_run["scores"]
 
 
 # ---------------------------------------------------------------- bad input
