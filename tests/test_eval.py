@@ -157,20 +157,20 @@ def test_recipe_runs_through_run_eval_and_rejects_unknown_keys(tiny_model_dir, t
 # ---------------------------------------------------------------- kinds of MODEL
 
 
-def test_hfllm_checkpoint_evaluates_through_the_cli_without_trust_remote_code(tiny_hfllm_dir, tmp_path):
-    """`hfllm eval` imports hfllm, whose registered classes load the folder: its auto_map (remote code) is not used."""
+def test_hfllm_checkpoint_evaluates_without_trust_remote_code(tiny_hfllm_dir, tmp_path):
+    """Importing hfllm (as `hfllm eval` does) registers its classes, which load the folder: the auto_map that
+    `save_pretrained` writes for hfllm-less machines is not used, so no trust_remote_code prompt (it would raise
+    here, stdin being closed)."""
     from hfllm import HfllmForCausalLM
 
-    assert "auto_map" in json.loads((tiny_hfllm_dir / "config.json").read_text())  # would ask for trust_remote_code
-    result = run_cli("eval", str(tiny_hfllm_dir), "--tasks", "hfllm_shakespeare_next_line", "--limit", "2",
-                     "--output_path", str(tmp_path))
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert "auto_map" in json.loads((tiny_hfllm_dir / "config.json").read_text())
+    main([str(tiny_hfllm_dir), "--tasks", "hfllm_shakespeare_next_line", "--limit", "2", "--output_path", str(tmp_path)])
     [run] = json.loads((tmp_path / "results.json").read_text())["models"]
     assert run["architecture"] == "HfllmForCausalLM"
     model, tokenizer = load_model(str(tiny_hfllm_dir))
-    assert type(model) is HfllmForCausalLM  # hfllm's own class, not a copy loaded from the folder
+    assert type(model) is HfllmForCausalLM  # hfllm's own class, not a copy loaded from the folder's .py files
     expected = scores(evaluate_model(model, tokenizer, ["hfllm_shakespeare_next_line"], limit=2))
-    assert run["scores"] == expected
+    assert run["scores"] == expected and expected["hfllm_shakespeare_next_line"]["sample_len"] == 2
 
 
 def test_adapter_folder_is_merged_into_its_base(tiny_model_dir, tmp_path):

@@ -158,6 +158,7 @@ def evaluate_model(
                 log_samples=log_samples,
                 apply_chat_template=apply_chat_template,
                 gen_kwargs=gen_kwargs,
+                task_manager=task_manager([]),  # the tasks are loaded; without it lm-eval indexes ~15k tasks (~15 s)
                 bootstrap_iters=0,
                 verbosity="WARNING",
             )
