@@ -1,12 +1,14 @@
 """Fixtures for the evaluation tests: a tiny random Llama with a small BPE tokenizer, SmolLM2 converted once.
 
 Import into a test module with `from eval_helpers import single_thread, tiny_model_dir, smollm2_dir  # noqa: F401`.
+The SmolLM2 folders are built once into hfllm's cache (`hfllm.assets`), so later sessions reuse them.
 """
+
+import json
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,94 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_hfllm_dir(tiny_model_dir, tmp_path_factory):
+    """A random 2-layer model of hfllm's own family with the same tokenizer, saved with `save_pretrained`."""
+    from transformers import AutoTokenizer
+
+    from hfllm import HfllmForCausalLM, get_preset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    config = get_preset(
+        "llama-tiny", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-hfllm")
+    HfllmForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_file(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama written as a float32 GGUF file (llama architecture, byte-level BPE as "gpt2"), the way
+    llama.cpp's convert_hf_to_gguf.py writes one: q/k rows permuted to its rotary layout, tokens and merges as
+    metadata."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    model, tokenizer = LlamaForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    c = model.config
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_vocab_size(c.vocab_size)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = set(tokenizer.all_special_ids)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([3 if index in special else 1 for _, index in vocab])  # 3: control, 1: normal
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]  # [["a", "b"], ...]
+    writer.add_token_merges([" ".join(pair) for pair in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(True)  # the tokenizer adds bos, like the folder's
+
+    def permute(weight, heads):  # (heads * head_dim, hidden): each head's rotary halves interleaved, as llama.cpp
+        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    tensors = {"token_embd.weight": model.model.embed_tokens.weight, "output_norm.weight": model.model.norm.weight,
+               "output.weight": model.lm_head.weight}
+    for i, layer in enumerate(model.model.layers):
+        for module, name in names.items():
+            weight = layer.get_submodule(module).weight
+            if name == "attn_q":
+                weight = permute(weight, c.num_attention_heads)
+            elif name == "attn_k":
+                weight = permute(weight, c.num_key_value_heads)
+            tensors[f"blk.{i}.{name}.weight"] = weight
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor.detach().float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir():
     """SmolLM2-135M-Instruct as a float32 transformers folder (hfllm.assets converts the GGUF once into the cache)."""
     from hfllm.assets import smollm2_dir
 
     return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hfllm_dir():
+    """The same model converted to hfllm's own family with `hfllm convert` (cached by hfllm.assets)."""
+    from hfllm.assets import smollm2_hfllm_dir
+
+    return smollm2_hfllm_dir()

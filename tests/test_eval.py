@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
-from eval_helpers import single_thread, tiny_model_dir  # noqa: F401
+import torch
+from eval_helpers import single_thread, tiny_gguf_file, tiny_hfllm_dir, tiny_model_dir  # noqa: F401
 
 from hfllm.errors import HfllmError
 from hfllm.evaluation import evaluate_model, load_model, main, scores, strided_perplexity
@@ -151,6 +152,66 @@ def test_recipe_runs_through_run_eval_and_rejects_unknown_keys(tiny_model_dir, t
     recipe.write_text("models: [x]\ntasks: [hfllm_synth]\nlimits: 3\n")
     with pytest.raises(HfllmError, match=r"unknown key\(s\) \['limits'\] in .*eval.yaml; use: models, tasks, limit"):
         run_eval([str(recipe)])
+
+
+# ---------------------------------------------------------------- kinds of MODEL
+
+
+def test_hfllm_checkpoint_evaluates_without_trust_remote_code(tiny_hfllm_dir, tmp_path):
+    """Importing hfllm (as `hfllm eval` does) registers its classes, which load the folder: the auto_map that
+    `save_pretrained` writes for hfllm-less machines is not used, so no trust_remote_code prompt (it would raise
+    here, stdin being closed)."""
+    from hfllm import HfllmForCausalLM
+
+    assert "auto_map" in json.loads((tiny_hfllm_dir / "config.json").read_text())
+    main([str(tiny_hfllm_dir), "--tasks", "hfllm_shakespeare_next_line", "--limit", "2", "--output_path", str(tmp_path)])
+    [run] = json.loads((tmp_path / "results.json").read_text())["models"]
+    assert run["architecture"] == "HfllmForCausalLM"
+    model, tokenizer = load_model(str(tiny_hfllm_dir))
+    assert type(model) is HfllmForCausalLM  # hfllm's own class, not a copy loaded from the folder's .py files
+    expected = scores(evaluate_model(model, tokenizer, ["hfllm_shakespeare_next_line"], limit=2))
+    assert run["scores"] == expected and expected["hfllm_shakespeare_next_line"]["sample_len"] == 2
+
+
+def test_adapter_folder_is_merged_into_its_base(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base, tokenizer = load_model(str(tiny_model_dir))
+    torch.manual_seed(0)  # init_lora_weights=False: a random, non-zero update, so the adapter changes the outputs
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")  # adapter_config.json names tiny_model_dir as the base; no tokenizer
+    ids = tokenizer("To be, or not to be, that is the question.", return_tensors="pt").input_ids  # (1, T)
+    with torch.no_grad():
+        expected = lora(ids).logits  # (1, T, V)
+        with lora.disable_adapter():
+            plain = lora(ids).logits
+    merged, merged_tokenizer = load_model(str(tmp_path / "adapter"))
+    assert type(merged).__name__ == "LlamaForCausalLM" and merged_tokenizer.get_vocab() == tokenizer.get_vocab()
+    with torch.no_grad():
+        got = merged(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # the adapter really was applied
+    main([str(tmp_path / "adapter"), str(tiny_model_dir), "--tasks", "hfllm_shakespeare_ppl", "--limit", "1",
+          "--output_path", str(tmp_path / "out")])
+    adapted, original = json.loads((tmp_path / "out" / "results.json").read_text())["models"]
+    assert adapted["scores"]["hfllm_shakespeare_ppl"] != original["scores"]["hfllm_shakespeare_ppl"]
+    with torch.no_grad():
+        lora_scores = scores(evaluate_model(lora, tokenizer, ["hfllm_shakespeare_ppl"], limit=1))
+    assert adapted["scores"]["hfllm_shakespeare_ppl"]["bits_per_byte"] == pytest.approx(
+        lora_scores["hfllm_shakespeare_ppl"]["bits_per_byte"], rel=1e-5)
+
+
+def test_gguf_file_scores_like_the_folder_it_was_written_from(tiny_gguf_file, tiny_model_dir, tmp_path):
+    tasks = ["hfllm_shakespeare_next_line", "hfllm_shakespeare_ppl"]
+    main([str(tiny_gguf_file), str(tiny_model_dir), "--tasks", ",".join(tasks), "--limit", "2", "--log_samples",
+          "--output_path", str(tmp_path)])
+    gguf_run, folder_run = json.loads((tmp_path / "results.json").read_text())["models"]
+    assert (gguf_run["name"], gguf_run["architecture"]) == ("tiny.gguf", "LlamaForCausalLM")
+    for task in tasks:  # same weights, same tokens: identical per-document log-likelihoods
+        rows = [(tmp_path / f"samples_{run['name']}_{task}.jsonl").read_text().splitlines() for run in (gguf_run, folder_run)]
+        resps = [[json.loads(row)["resps"] for row in run_rows] for run_rows in rows]
+        assert len(resps[0]) == 2 and resps[0] == resps[1]
+    assert gguf_run["scores"] == folder_run["scores"]
 
 
 # ---------------------------------------------------------------- bad input

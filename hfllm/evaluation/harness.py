@@ -148,7 +148,8 @@ def evaluate_model(
     model.eval()
     try:
         device = str(next(model.parameters()).device)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length,
+                  backend="causal")  # lm-eval guesses from model_type and does not know "hfllm"
         with torch.no_grad():
             results = simple_evaluate(
                 model=lm,
@@ -157,6 +158,7 @@ def evaluate_model(
                 log_samples=log_samples,
                 apply_chat_template=apply_chat_template,
                 gen_kwargs=gen_kwargs,
+                task_manager=task_manager([]),  # the tasks are loaded; without it lm-eval indexes ~15k tasks (~15 s)
                 bootstrap_iters=0,
                 verbosity="WARNING",
             )

@@ -76,6 +76,7 @@ def main(argv: list[str], prog: str = "hfllm eval") -> int:
         runs.append({
             "name": name,
             "model": spec,
+            "architecture": type(model).__name__,
             "chat_template_applied": args.apply_chat_template,
             "has_chat_template": bool(tokenizer.chat_template),
             "scores": scores(results),
