@@ -82,7 +82,9 @@ def run(method: str, argv: list[str], prog: str) -> int:
     if not (Path(training_args.output_dir) / "tokenizer_config.json").exists():  # not every trainer saves it
         tokenizer.save_pretrained(training_args.output_dir)
     if evaluation is not None:  # DPO: eval_rewards/accuracies and eval_rewards/margins are preference accuracy/margin
-        metrics = trainer.evaluate()
+        step = trainer.state.global_step  # reuse an evaluation already run at the last step (eval_steps = max_steps)
+        done = [log for log in trainer.state.log_history if "eval_loss" in log and log.get("step") == step]
+        metrics = {k: v for k, v in done[-1].items() if k != "step"} if done else trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     if hfllm_args.exact_match_file and trainer.accelerator.is_main_process:

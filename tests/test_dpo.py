@@ -30,6 +30,18 @@ def test_dpo_lora_reports_preference_metrics(tmp_path, tiny_model_dir, synth_dir
     assert 0.0 <= metrics["eval_rewards/accuracies"] <= 1.0 and "eval_rewards/margins" in metrics
 
 
+def test_dpo_evaluates_once_when_the_last_step_already_did(tmp_path, tiny_model_dir, synth_dir, monkeypatch):
+    """eval_steps = max_steps evaluates at the last step; the run reuses those metrics instead of a second pass."""
+    from trl import DPOTrainer
+
+    calls = []
+    evaluate = DPOTrainer.evaluate
+    monkeypatch.setattr(DPOTrainer, "evaluate", lambda self, *a, **k: calls.append(1) or evaluate(self, *a, **k))
+    assert dpo_main([str(dpo_recipe(tmp_path, tiny_model_dir, synth_dir, max_steps=2, eval_steps=2))]) == 0
+    metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert len(calls) == 1 and "eval_rewards/accuracies" in metrics and "step" not in metrics
+
+
 def test_dpo_lora_trains_hfllm_models(tmp_path, tiny_hfllm_dir, synth_dir):
     assert dpo_main([str(dpo_recipe(tmp_path, tiny_hfllm_dir, synth_dir, max_steps=2))]) == 0
     metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())

@@ -48,28 +48,34 @@ def test_unknown_task_fails_with_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_sft_then_dpo_shortened(tmp_path, smollm2_dir):
-    """The demo in small: SFT must raise held-out exact match; DPO must not lower it."""
+    """The demo in small, on held-out items: SFT raises exact match clearly; DPO keeps it and the preference accuracy
+    and widens the log-likelihood margin of the answer over the corrupted one."""
+    import yaml
+
+    from hfllm.adapters import load_for_inference
     from hfllm.run_dpo import main as dpo_main
     from hfllm.run_sft import main as sft_main
+    from hfllm.synth import score_file
 
     data = tmp_path / "data"
-    synth_main(["arithmetic", "--out", str(data), "--n-train", "400", "--n-test", "30"], prog="hfllm data synth")
-    common = ["--exact_match_file", str(data / "test.jsonl"), "--report_to", "none", "--save_strategy", "no"]
-    sft = ["recipes/sft/smollm2_synth_lora.yaml", "--model_name_or_path", str(smollm2_dir), "--max_steps", "40",
-           "--output_dir", str(tmp_path / "sft"), *common]
-    import yaml  # the recipes' data paths point at runs/smollm2_demo: use copies pointing at this test's data
-
-    for name in ("sft", "dpo"):
+    synth_main(["arithmetic", "--out", str(data), "--n-train", "400", "--n-test", "60"], prog="hfllm data synth")
+    before = score_file(*load_for_inference(str(smollm2_dir)), str(data / "test.jsonl"), None)
+    for name in ("sft", "dpo"):  # the recipes' data paths point at runs/smollm2_demo: use copies pointing at this test's data
         recipe = yaml.safe_load(open(f"recipes/{name}/smollm2_synth_lora.yaml"))
         recipe["datasets"][0]["path"] = str(data / ("sft.jsonl" if name == "sft" else "preference.jsonl"))
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
-    sft[0] = str(tmp_path / "sft.yaml")
-    assert sft_main(sft) == 0
+    common = ["--exact_match_file", str(data / "test.jsonl"), "--report_to", "none", "--save_strategy", "no"]
+    assert sft_main([str(tmp_path / "sft.yaml"), "--model_name_or_path", str(smollm2_dir), "--max_steps", "40",
+                     "--output_dir", str(tmp_path / "sft"), *common]) == 0
     subprocess.run([sys.executable, "-m", "hfllm", "merge", str(tmp_path / "sft"), str(tmp_path / "merged"), "--base", str(smollm2_dir)], check=True)
-    dpo = [str(tmp_path / "dpo.yaml"), "--model_name_or_path", str(tmp_path / "merged"), "--max_steps", "15",
-           "--output_dir", str(tmp_path / "dpo"), *common]
-    assert dpo_main(dpo) == 0
+    assert dpo_main([str(tmp_path / "dpo.yaml"), "--model_name_or_path", str(tmp_path / "merged"), "--max_steps", "25",
+                     "--eval_strategy", "no", "--output_dir", str(tmp_path / "dpo"), *common]) == 0
     after_sft = json.loads((tmp_path / "sft" / "exact_match.json").read_text())
     after_dpo = json.loads((tmp_path / "dpo" / "exact_match.json").read_text())
-    assert after_sft["exact_match"] >= 0.3  # SmolLM2 scores ~0.0 before SFT (it answers "a + b = c" at length)
-    assert after_dpo["exact_match"] >= after_sft["exact_match"] - 0.05
+    print(f"before SFT {before}\nafter SFT {after_sft}\nafter DPO {after_dpo}")
+    assert after_sft["exact_match"] >= before["exact_match"] + 0.3  # SmolLM2 answers "a + b = c" at length, ~0.0 before
+    assert after_dpo["exact_match"] >= after_sft["exact_match"]
+    # measured: preference accuracy 0.967 -> 0.967 (2 of 60 items stay wrong) while the logp margin rose 5.85 -> 7.23;
+    # a strict rise is not reached in 25 DPO steps, so this asserts "not lower" plus a wider margin
+    assert after_dpo["preference_accuracy"] >= after_sft["preference_accuracy"]
+    assert after_dpo["logp_margin"] > after_sft["logp_margin"]
