@@ -97,9 +97,23 @@ class DataArguments:
         default=None, metadata={"help": "evaluate on at most this many sequences (the first ones)"}
     )
     per_document_positions: bool = field(
-        default=False, metadata={"help": "restart position ids at each document inside a packed sequence"}
+        default=True,
+        metadata={"help": "position ids restart at each document inside a packed block, so sdpa/eager/flex attend "
+                          "within documents only (an explicit block-diagonal mask; false: plain causal attention)"},
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenization"})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "read the data as a stream (Hub or large local data): nothing is downloaded or tokenized "
+                          "ahead of training; needs max_steps"},
+    )
+    streaming_validation_documents: int = field(
+        default=1000,
+        metadata={"help": "with streaming and no validation split: the first this many documents are validation"},
+    )
+    tokenizer_train_documents: int | None = field(
+        default=None, metadata={"help": "train the tokenizer on at most this many train documents (the first ones)"}
+    )
 
 
 @dataclass
@@ -135,6 +149,8 @@ class PretrainingArguments(TrainingArguments):
         self.use_muon = self.optim == "muon"
         if self.use_muon:
             self.optim = "adamw_torch"  # Trainer's name check; `PretrainTrainer.create_optimizer` builds Muon
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for (and torch warns about it)
         if (self.bf16 or self.fp16) and not torch.cuda.is_available():
             if self.bf16 and torch.cpu._is_avx512_bf16_supported():
                 self.use_cpu = True  # bf16 autocast on a CPU with bf16 instructions
