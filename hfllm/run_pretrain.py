@@ -26,7 +26,9 @@ from hfllm.training.callbacks import (
 from hfllm.training.data import load_text, resolve_tokenizer, save_tokenizer, take
 from hfllm.training.mfu import flops_per_token, parameter_counts, peak_flops
 from hfllm.training.model import build_model, resolve_config
-from hfllm.training.run_info import check_output_dir, data_hash, prepare_output_dir, write_recipe, write_run_info
+from hfllm.training.run_info import (
+    check_output_dir, data_hash, prepare_output_dir, tokenizer_hash, write_recipe, write_run_info,
+)
 from hfllm.training.trainer import PretrainTrainer
 
 
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None, prog: str = "run_pretrain.py") -> int:
     scheduler_kwargs(args)
     config = resolve_config(model_args.model, recipe.model_overrides, data_args.block_size)
     resume = check_output_dir(args.output_dir, recipe.resolved, args.resume_from_checkpoint, args.overwrite_output_dir)
+    if args.torch_num_threads is not None:
+        torch.set_num_threads(args.torch_num_threads)
     set_seed(args.seed)
 
     # ---- data: raw text -> tokenizer -> model sized to it -> packed blocks of block_size tokens. The main process
@@ -57,6 +61,9 @@ def main(argv: list[str] | None = None, prog: str = "run_pretrain.py") -> int:
             write_recipe(args.output_dir, recipe.resolved)
             save_tokenizer(tokenizer, args.output_dir)
     eval_dataset = take(packed["validation"], data_args.max_eval_samples)
+    if args.world_size > 1:
+        source = tokenizer.name_or_path or "trained here"  # a loaded tokenizer knows its folder
+        print(f"process {args.process_index}: tokenizer sha256 {tokenizer_hash(tokenizer)} ({source})", flush=True)
     streamed = data_args.streaming
 
     # ---- plan: size, FLOPs, tokens
@@ -72,6 +79,7 @@ def main(argv: list[str] | None = None, prog: str = "run_pretrain.py") -> int:
         "train_sequences": None if streamed else len(packed["train"]),
         "validation_sequences": None if streamed else len(eval_dataset),
         "data_sha256": data_hash({"validation": eval_dataset} if streamed else packed),
+        "tokenizer_sha256": tokenizer_hash(tokenizer),
     }
     if args.should_save:
         print_plan(model_args.model, plan, args, data_args.block_size)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from hfllm.run_pretrain import main
 from hfllm.training.args import apply_global_batch, parse_recipe
 from hfllm.training.mfu import flops_per_token, parameter_counts
 from hfllm.training.optim import MuonWithAdamW, build_muon, muon_parameter_names
+from hfllm.training.run_info import tokenizer_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -352,3 +354,8 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     info = yaml.safe_load((tmp_path / "out" / "run_info.json").read_text())
     assert (info["world_size"], info["gradient_accumulation_steps"], info["tokens_per_step"]) == (2, 2, 8 * 16)
     assert len(losses(tmp_path / "out")) == 3
+    # the main process trained and saved the tokenizer; the other loaded it: both used the identical one
+    used = re.findall(r"^process (\d): tokenizer sha256 (\w+) \((.+)\)$", result.stdout, flags=re.MULTILINE)
+    saved = tokenizer_hash(AutoTokenizer.from_pretrained(tmp_path / "out" / "tokenizer"))
+    assert sorted(used) == [("0", saved, "trained here"), ("1", saved, "out/tokenizer")]
+    assert info["tokenizer_sha256"] == saved

@@ -59,6 +59,7 @@ SESSION_KEYS = {
     "resume_from_checkpoint", "overwrite_output_dir", "stop_at_step", "report_to", "logging_steps",
     "logging_first_step", "disable_tqdm", "dataloader_num_workers", "preprocessing_num_workers", "num_samples",
     "sample_max_new_tokens", "samples_at_eval", "eval_steps", "save_steps", "save_total_limit", "run_name",
+    "torch_num_threads",
 }
 
 
@@ -139,6 +140,11 @@ class PretrainingArguments(TrainingArguments):
     stop_at_step: int | None = field(
         default=None, metadata={"help": "end this session after this step with a checkpoint (the schedule still "
                                         "follows max_steps); resume later with resume_from_checkpoint: true"}
+    )
+    torch_num_threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads for torch (torch.set_num_threads; default one per core). 1 keeps small CPU "
+                          "models fast on a machine whose cores are shared with other work"},
     )
     num_samples: int = field(default=3, metadata={"help": "texts generated at the end of training"})
     sample_prompts: list[str] | None = field(default=None, metadata={"help": "prompts for the samples (default: none)"})
