@@ -1,17 +1,21 @@
 """hfllm vs nanoGPT vs transformers' LlamaForCausalLM at nanoGPT's CPU baseline shape, in one run.
 
-    OMP_NUM_THREADS=2 python3 benchmarks/nanogpt_cpu.py [--max_steps 2000] [--out benchmarks/results]
+    OMP_NUM_THREADS=1 python3 benchmarks/nanogpt_cpu.py [--max_steps 2000] [--out runs/benchmarks]
 
-Three trainings on the same text and split (the embedded Shakespeare corpus, char-level tokens):
+Five trainings on the same text and split (the embedded Shakespeare corpus, char-level tokens), one after another:
   1. nanoGPT: a faithful plain-PyTorch reproduction of nanoGPT's `model.py` + `train.py` at the settings of its README
      CPU command (n_layer 4, n_head 4, n_embd 128, block 64, batch 12, lr 1e-3, 100 warmup, cosine to 1e-4 at 2000,
-     AdamW betas (0.9, 0.99), weight decay 0.1, grad clip 1, dropout 0, no bias, eval_iters 20 every 250 steps).
-  2. hfllm: `recipes/shakespeare-char.yaml` through `hfllm.run_pretrain.main` (Trainer).
-  3. llama: the same recipe with `model:` pointing at a LlamaForCausalLM folder of the same shape (same Trainer).
-Reported per run: tokens/s, final validation loss, wall time to reach nanoGPT's final validation loss (first
-evaluation at or below it), MFU (FLOPs/token from hfllm.training.mfu against a measured CPU matmul peak).
-Validation losses are on 240 sequences of 64 tokens (nanoGPT: 20 random batches of 12). Timing covers the training
-loop only (not data preparation), for all three.
+     AdamW betas (0.9, 0.99), weight decay 0.1, grad clip 1, dropout 0, no bias, eval_iters 20 every 250 steps,
+     --compile=False).
+  2. hfllm: `recipes/shakespeare-char.yaml` through `hfllm.run_pretrain.main` (Trainer, torch_compile: true).
+  3. hfllm eager: the same with `--torch_compile false`.
+  4. transformers Llama: the recipe with `model:` a LlamaForCausalLM folder of the same shape (same Trainer, compiled).
+  5. nanoGPT compiled: nanoGPT with torch.compile (its train.py default; not its README's CPU command).
+Reported per run: tokens/s over steps 51..max_steps (training steps only: no evaluation, no compilation, which
+happens in step 1), tokens/s overall (all steps over the whole loop, evaluations and compilation included), final
+validation loss, wall time to reach nanoGPT's final validation loss (first evaluation at or below it), MFU
+(FLOPs/token from hfllm.training.mfu against a measured CPU matmul peak). Validation losses are on 240 sequences of
+64 tokens (nanoGPT: 20 random batches of 12). Timing covers the training loop only (not data preparation).
 """
 
 import argparse
@@ -33,6 +37,7 @@ from hfllm import data  # noqa: E402
 from hfllm.training.mfu import measure_matmul_flops  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "shakespeare-char.yaml"
+WARMUP_STEPS = 50  # steps left out of the steady throughput (torch.compile compiles in the first one)
 
 
 # ---- nanoGPT (model.py, condensed; bias=False, dropout=0)
@@ -93,7 +98,8 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
-def train_nanogpt(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int, max_steps: int) -> dict:
+def train_nanogpt(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int, max_steps: int,
+                  compile: bool = False) -> dict:
     torch.manual_seed(1337)
     block, batch, lr, min_lr, warmup = 64, 12, 1e-3, 1e-4, 100
     model = GPT(vocab_size)
@@ -121,12 +127,16 @@ def train_nanogpt(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: in
         model.train()
         return sum(losses) / len(losses)
 
-    evals, start = [], time.perf_counter()
+    raw_model = model
+    if compile:  # nanoGPT's own default (train.py compile=True); its README's CPU command sets --compile=False
+        model = torch.compile(model)
+    evals, steady_seconds, start = [], 0.0, time.perf_counter()
     for it in range(max_steps + 1):
         if it % 250 == 0 or it == max_steps:
             evals.append({"step": it, "eval_loss": val_loss(), "elapsed_seconds": time.perf_counter() - start})
         if it == max_steps:
             break
+        step_start = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = get_lr(it)
         loss = model(*get_batch(train_ids))
@@ -134,11 +144,14 @@ def train_nanogpt(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: in
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if it >= WARMUP_STEPS:  # steps 51..max_steps, as for the Trainer runs
+            steady_seconds += time.perf_counter() - step_start
     seconds = time.perf_counter() - start
+    model = raw_model
     n_params = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
     flops = 6 * n_params + 12 * 4 * 128 * block  # same formula as hfllm.training.mfu
     return {"evals": evals, "seconds": seconds, "tokens": max_steps * batch * block, "flops_per_token": flops,
-            "parameters": n_params}
+            "parameters": n_params, "steady_tokens_per_second": (max_steps - WARMUP_STEPS) * batch * block / steady_seconds}
 
 
 # ---- hfllm and Llama through the pretraining entry point
@@ -151,8 +164,14 @@ def train_recipe(out: Path, max_steps: int, *extra: str) -> dict:
     info = json.loads((out / "run_info.json").read_text())
     evals = [e for e in history if "eval_loss" in e]
     end = next(e for e in history if "train_runtime" in e)
+    # logs every 50 steps carry the tokens/s of the steps since the previous log, evaluations left out
+    logs = [e for e in history if "tokens_per_second" in e and e["step"] > WARMUP_STEPS]
+    steps = [e["step"] - previous["step"] for previous, e in zip([{"step": WARMUP_STEPS}] + logs, logs)]
+    tokens = [n * info["tokens_per_step"] for n in steps]
+    steady = sum(tokens) / sum(t / e["tokens_per_second"] for t, e in zip(tokens, logs))
     return {"evals": evals, "seconds": end["train_runtime"], "tokens": info["tokens_planned"],
-            "flops_per_token": info["flops_per_token"], "parameters": info["parameters"]["total"]}
+            "flops_per_token": info["flops_per_token"], "parameters": info["parameters"]["total"],
+            "steady_tokens_per_second": steady}
 
 
 def llama_folder(folder: Path, vocab_size: int) -> Path:
@@ -168,11 +187,12 @@ def llama_folder(folder: Path, vocab_size: int) -> Path:
 
 def summarise(name: str, run: dict, target: float, peak: float) -> dict:
     reached = next((e for e in run["evals"] if e["eval_loss"] <= target), None)
-    tokens_per_second = run["tokens"] / run["seconds"]
+    tokens_per_second = run["steady_tokens_per_second"]
     return {
         "run": name,
         "parameters": run["parameters"],
         "tokens_per_second": round(tokens_per_second),
+        "tokens_per_second_overall": round(run["tokens"] / run["seconds"]),
         "final_val_loss": round(run["evals"][-1]["eval_loss"], 4),
         "seconds_total": round(run["seconds"], 1),
         "seconds_to_target": round(reached["elapsed_seconds"], 1) if reached else None,
@@ -188,12 +208,15 @@ def run_benchmark(max_steps: int, out: Path) -> list[dict]:
     train_ids, val_ids = encode(raw["train"]["text"]), encode(raw["validation"]["text"])
     peak = measure_matmul_flops("cpu", torch.float32)
 
-    nanogpt = train_nanogpt(train_ids, val_ids, len(tokenizer), max_steps)
-    target = nanogpt["evals"][-1]["eval_loss"]
+    runs = {"nanoGPT": train_nanogpt(train_ids, val_ids, len(tokenizer), max_steps)}
+    target = runs["nanoGPT"]["evals"][-1]["eval_loss"]
     with tempfile.TemporaryDirectory() as tmp:
-        hfllm = train_recipe(Path(tmp) / "hfllm", max_steps)
-        llama = train_recipe(Path(tmp) / "llama", max_steps, "--model", str(llama_folder(Path(tmp) / "init", len(tokenizer))))
-    rows = [summarise(n, r, target, peak) for n, r in (("nanoGPT", nanogpt), ("hfllm", hfllm), ("transformers Llama", llama))]
+        runs["hfllm"] = train_recipe(Path(tmp) / "hfllm", max_steps)
+        runs["hfllm eager"] = train_recipe(Path(tmp) / "eager", max_steps, "--torch_compile", "false")
+        init = str(llama_folder(Path(tmp) / "init", len(tokenizer)))
+        runs["transformers Llama"] = train_recipe(Path(tmp) / "llama", max_steps, "--model", init)
+    runs["nanoGPT compiled"] = train_nanogpt(train_ids, val_ids, len(tokenizer), max_steps, compile=True)
+    rows = [summarise(name, run, target, peak) for name, run in runs.items()]
     out.mkdir(parents=True, exist_ok=True)
     result = {"max_steps": max_steps, "target_val_loss": target, "peak_flops_measured": peak,
               "threads": torch.get_num_threads(), "rows": rows}
@@ -207,7 +230,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks"))
     cli = parser.parse_args()
     rows = run_benchmark(cli.max_steps, cli.out)
-    print(f"{'run':<20}{'params':>9}{'tok/s':>9}{'val loss':>10}{'total s':>9}{'s to target':>13}{'MFU':>8}")
+    print(f"{'run':<20}{'params':>9}{'tok/s':>9}{'overall':>9}{'val loss':>10}{'total s':>9}{'s to target':>13}"
+          f"{'MFU':>8}")
     for r in rows:
-        print(f"{r['run']:<20}{r['parameters']:>9}{r['tokens_per_second']:>9}{r['final_val_loss']:>10}"
-              f"{r['seconds_total']:>9}{str(r['seconds_to_target']):>13}{r['mfu']:>8}")
+        print(f"{r['run']:<20}{r['parameters']:>9}{r['tokens_per_second']:>9}{r['tokens_per_second_overall']:>9}"
+              f"{r['final_val_loss']:>10}{r['seconds_total']:>9}{str(r['seconds_to_target']):>13}{r['mfu']:>8}")

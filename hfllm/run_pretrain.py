@@ -23,9 +23,12 @@ from hfllm.training.args import apply_global_batch, parse_recipe, scheduler_kwar
 from hfllm.training.callbacks import (
     RouterLoadCallback, SamplesCallback, StopAtStepCallback, generate_samples, plot_loss_curve, write_samples,
 )
+from hfllm.training.data import load_text, resolve_tokenizer, save_tokenizer, take
 from hfllm.training.mfu import flops_per_token, parameter_counts, peak_flops
 from hfllm.training.model import build_model, resolve_config
-from hfllm.training.run_info import check_output_dir, data_hash, prepare_output_dir, write_recipe, write_run_info
+from hfllm.training.run_info import (
+    check_output_dir, data_hash, prepare_output_dir, tokenizer_hash, write_recipe, write_run_info,
+)
 from hfllm.training.trainer import PretrainTrainer
 
 
@@ -39,23 +42,29 @@ def main(argv: list[str] | None = None, prog: str = "run_pretrain.py") -> int:
     scheduler_kwargs(args)
     config = resolve_config(model_args.model, recipe.model_overrides, data_args.block_size)
     resume = check_output_dir(args.output_dir, recipe.resolved, args.resume_from_checkpoint, args.overwrite_output_dir)
+    if args.torch_num_threads is not None:
+        torch.set_num_threads(args.torch_num_threads)
     set_seed(args.seed)
 
-    # ---- data: raw text -> tokenizer -> model sized to it -> packed blocks of block_size tokens
-    raw = data.load_text_datasets(
-        dataset=data_args.dataset, dataset_config=data_args.dataset_config, train_files=data_args.train_files,
-        validation_files=data_args.validation_files, text_column=data_args.text_column,
-        validation_split_percentage=data_args.validation_split_percentage, seed=args.seed,
-    )
-    tokenizer = data.load_or_train_tokenizer(data_args.tokenizer, raw["train"]["text"], data_args.vocab_size)
-    model = build_model(model_args.model, config, tokenizer, model_args.attn_implementation)
-    packed = data.tokenize_and_pack(
-        raw, tokenizer, data_args.block_size, num_proc=data_args.preprocessing_num_workers, seed=args.seed,
-        per_document_positions=data_args.per_document_positions,
-    )
-    eval_dataset = packed["validation"]
-    if data_args.max_eval_samples is not None:
-        eval_dataset = eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
+    # ---- data: raw text -> tokenizer -> model sized to it -> packed blocks of block_size tokens. The main process
+    # goes first and saves the tokenizer in output_dir; the others then load it (hfllm/training/data.py)
+    with args.main_process_first(local=False, desc="tokenizer and data"):
+        raw = load_text(data_args, args.seed)
+        tokenizer = resolve_tokenizer(data_args, raw["train"], args.output_dir, args.should_save, resume is not None)
+        model = build_model(model_args.model, config, tokenizer, model_args.attn_implementation)
+        packed = data.tokenize_and_pack(
+            raw, tokenizer, data_args.block_size, num_proc=data_args.preprocessing_num_workers, seed=args.seed,
+            per_document_positions=data_args.per_document_positions,
+        )
+        if args.should_save:  # everything is checked: the output folder may be written
+            prepare_output_dir(args.output_dir, args.overwrite_output_dir and resume is None)
+            write_recipe(args.output_dir, recipe.resolved)
+            save_tokenizer(tokenizer, args.output_dir)
+    eval_dataset = take(packed["validation"], data_args.max_eval_samples)
+    if args.world_size > 1:
+        source = tokenizer.name_or_path or "trained here"  # a loaded tokenizer knows its folder
+        print(f"process {args.process_index}: tokenizer sha256 {tokenizer_hash(tokenizer)} ({source})", flush=True)
+    streamed = data_args.streaming
 
     # ---- plan: size, FLOPs, tokens
     counts = parameter_counts(model)
@@ -67,7 +76,10 @@ def main(argv: list[str] | None = None, prog: str = "run_pretrain.py") -> int:
         "tokens_planned": tokens_per_step * args.max_steps, "chinchilla_tokens": 20 * counts["total"],
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": args.world_size,
         "peak_flops_per_device": peak, "peak_flops_source": peak_source,
-        "train_sequences": len(packed["train"]), "validation_sequences": len(eval_dataset), "data_sha256": data_hash(packed),
+        "train_sequences": None if streamed else len(packed["train"]),
+        "validation_sequences": None if streamed else len(eval_dataset),
+        "data_sha256": data_hash({"validation": eval_dataset} if streamed else packed),
+        "tokenizer_sha256": tokenizer_hash(tokenizer),
     }
     if args.should_save:
         print_plan(model_args.model, plan, args, data_args.block_size)
@@ -84,8 +96,6 @@ def main(argv: list[str] | None = None, prog: str = "run_pretrain.py") -> int:
         flops_per_token=flops, peak_flops=peak, tokens_per_step=tokens_per_step,
     )
     if args.should_save:
-        prepare_output_dir(args.output_dir, args.overwrite_output_dir and resume is None)
-        write_recipe(args.output_dir, recipe.resolved)
         write_run_info(args.output_dir, plan)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.state.global_step < args.max_steps:
@@ -116,7 +126,8 @@ def print_plan(model_name: str, plan: dict, args, block_size: int) -> None:
         f"{args.world_size} device(s))\n"
         f"plan {args.max_steps} steps = {tokens / 1e6:.2f}M tokens = {tokens / counts['total']:.1f} tokens/parameter "
         f"(Chinchilla-optimal ~20: {plan['chinchilla_tokens'] / 1e6:.1f}M tokens); data: "
-        f"{plan['train_sequences']} train / {plan['validation_sequences']} validation sequences\n"
+        f"{plan['train_sequences'] or 'streamed'} train / {plan['validation_sequences'] or 'streamed'} validation "
+        f"sequences\n"
         f"MFU peak {plan['peak_flops_per_device']:.3g} FLOP/s per device ({plan['peak_flops_source']})",
         flush=True,
     )

@@ -1,7 +1,9 @@
 """hfllm pretrain: outputs, exact resume, optimisers and schedules, global batch, metrics, recipe parsing."""
 
+import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from hfllm.run_pretrain import main
 from hfllm.training.args import apply_global_batch, parse_recipe
 from hfllm.training.mfu import flops_per_token, parameter_counts
 from hfllm.training.optim import MuonWithAdamW, build_muon, muon_parameter_names
+from hfllm.training.run_info import tokenizer_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +91,27 @@ def test_resume_continues_exactly(recipe, tmp_path):
         assert abs(x["loss"] - y["loss"]) < 1e-6
         assert x["learning_rate"] == pytest.approx(y["learning_rate"], abs=1e-12)
         assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-5
+
+
+def test_streaming_from_local_files_with_a_capped_tokenizer(recipe, tmp_path):
+    """`streaming: true` trains from IterableDatasets; the tokenizer sees only the first tokenizer_train_documents."""
+    rows = [{"text": f"All:\nSpeak, speak {i}.\n"} for i in range(30)] + [{"text": "Zounds! Zeal, Zany."}] * 10
+    train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    validation.write_text("".join(json.dumps({"text": f"First Citizen:\nResolved {i}.\n"}) + "\n" for i in range(8)))
+    files = ["--dataset", "null", "--train_files", str(train), "--validation_files", str(validation)]
+    out = tmp_path / "out"
+    assert main([recipe, *TINY, *files, "--output_dir", str(out), "--streaming", "true", "--max_steps", "3",
+                 "--tokenizer_train_documents", "30", "--eval_steps", "3", "--num_samples", "0"]) == 0
+    assert len(losses(out)) == 3 and [e["step"] for e in log_history(out) if "eval_loss" in e] == [3]
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    assert "S" in tokenizer.get_vocab() and "Z" not in tokenizer.get_vocab()  # "Z" only after document 30
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["train_sequences"] is None and set(info["data_sha256"]) == {"validation"}
+
+    message = _error(recipe, tmp_path, *files, "--streaming", "true", "--output_dir", str(tmp_path / "other"))
+    assert message == ("a streamed dataset has no end to train a tokenizer on; set tokenizer_train_documents "
+                       "(e.g. 100000) or give a tokenizer folder")
 
 
 def test_global_batch_gives_the_same_optimisation_with_accumulation(recipe, tmp_path):
@@ -330,3 +354,8 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     info = yaml.safe_load((tmp_path / "out" / "run_info.json").read_text())
     assert (info["world_size"], info["gradient_accumulation_steps"], info["tokens_per_step"]) == (2, 2, 8 * 16)
     assert len(losses(tmp_path / "out")) == 3
+    # the main process trained and saved the tokenizer; the other loaded it: both used the identical one
+    used = re.findall(r"^process (\d): tokenizer sha256 (\w+) \((.+)\)$", result.stdout, flags=re.MULTILINE)
+    saved = tokenizer_hash(AutoTokenizer.from_pretrained(tmp_path / "out" / "tokenizer"))
+    assert sorted(used) == [("0", saved, "trained here"), ("1", saved, "out/tokenizer")]
+    assert info["tokenizer_sha256"] == saved

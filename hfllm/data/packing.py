@@ -21,6 +21,7 @@ import itertools
 
 import torch
 from datasets import DatasetDict, IterableDataset, IterableDatasetDict
+from datasets.fingerprint import Hasher
 
 from ..errors import HfllmError
 
@@ -56,7 +57,9 @@ def tokenize_and_pack(
     """Text splits (column "text") -> splits of packed blocks (`input_ids`, optionally `position_ids`).
 
     The train split is shuffled with `seed` (a stream: with a 10,000-row buffer). `num_proc` applies to map-style
-    datasets; results are cached by datasets' fingerprints when the data came from files.
+    datasets; results are cached by datasets' fingerprints when the data came from files. The tokenization
+    fingerprint comes from the tokenizer's JSON, so a tokenizer saved and loaded elsewhere (another rank) hits the
+    cache written with the one it was saved from.
     """
     if block_size < 2:
         raise HfllmError(f"block_size must be at least 2 (an input and its next-token target), got {block_size}")
@@ -80,8 +83,10 @@ def tokenize_and_pack(
             if next(iter(packed[split]), None) is None:
                 raise HfllmError(f"the {split} split packs into no block of block_size {block_size}; give more text")
             continue
+        fingerprint = Hasher.hash([part._fingerprint, tokenizer.backend_tokenizer.to_str(), eos_id, "tokenize"])
         tokens = part.map(
-            tokenize, batched=True, num_proc=num_proc, remove_columns=["text"], desc=f"Tokenizing {split}"
+            tokenize, batched=True, num_proc=num_proc, remove_columns=["text"], desc=f"Tokenizing {split}",
+            new_fingerprint=fingerprint,
         )
         packed[split] = tokens.map(
             pack, batched=True, batch_size=pack_batch_size, num_proc=num_proc, remove_columns=["input_ids"],

@@ -59,6 +59,7 @@ SESSION_KEYS = {
     "resume_from_checkpoint", "overwrite_output_dir", "stop_at_step", "report_to", "logging_steps",
     "logging_first_step", "disable_tqdm", "dataloader_num_workers", "preprocessing_num_workers", "num_samples",
     "sample_max_new_tokens", "samples_at_eval", "eval_steps", "save_steps", "save_total_limit", "run_name",
+    "torch_num_threads",
 }
 
 
@@ -97,9 +98,23 @@ class DataArguments:
         default=None, metadata={"help": "evaluate on at most this many sequences (the first ones)"}
     )
     per_document_positions: bool = field(
-        default=False, metadata={"help": "restart position ids at each document inside a packed sequence"}
+        default=True,
+        metadata={"help": "position ids restart at each document inside a packed block, so sdpa/eager/flex attend "
+                          "within documents only (an explicit block-diagonal mask; false: plain causal attention)"},
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenization"})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "read the data as a stream (Hub or large local data): nothing is downloaded or tokenized "
+                          "ahead of training; needs max_steps"},
+    )
+    streaming_validation_documents: int = field(
+        default=1000,
+        metadata={"help": "with streaming and no validation split: the first this many documents are validation"},
+    )
+    tokenizer_train_documents: int | None = field(
+        default=None, metadata={"help": "train the tokenizer on at most this many train documents (the first ones)"}
+    )
 
 
 @dataclass
@@ -126,6 +141,11 @@ class PretrainingArguments(TrainingArguments):
         default=None, metadata={"help": "end this session after this step with a checkpoint (the schedule still "
                                         "follows max_steps); resume later with resume_from_checkpoint: true"}
     )
+    torch_num_threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads for torch (torch.set_num_threads; default one per core). 1 keeps small CPU "
+                          "models fast on a machine whose cores are shared with other work"},
+    )
     num_samples: int = field(default=3, metadata={"help": "texts generated at the end of training"})
     sample_prompts: list[str] | None = field(default=None, metadata={"help": "prompts for the samples (default: none)"})
     sample_max_new_tokens: int = field(default=200, metadata={"help": "length of each sample in tokens"})
@@ -135,6 +155,8 @@ class PretrainingArguments(TrainingArguments):
         self.use_muon = self.optim == "muon"
         if self.use_muon:
             self.optim = "adamw_torch"  # Trainer's name check; `PretrainTrainer.create_optimizer` builds Muon
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for (and torch warns about it)
         if (self.bf16 or self.fp16) and not torch.cuda.is_available():
             if self.bf16 and torch.cpu._is_avx512_bf16_supported():
                 self.use_cpu = True  # bf16 autocast on a CPU with bf16 instructions

@@ -114,6 +114,11 @@ def data_hash(packed) -> dict[str, str]:
     return hashes
 
 
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's JSON (vocabulary, merges, special tokens, pre/post-processing)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
 def write_run_info(output_dir: str, info: dict[str, Any]) -> None:
     info = {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -34,6 +34,11 @@ class PretrainTrainer(Trainer):
             return self.optimizer
         return super().create_optimizer(model)
 
+    def floating_point_ops(self, inputs: dict) -> float:
+        """FLOPs of one forward + backward on `inputs` (for `total_flos`): from the FLOPs per token computed once at
+        start, instead of Trainer's count of the parameters at every step."""
+        return self.flops_per_token * inputs["input_ids"].numel()
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             now, step = time.perf_counter(), self.state.global_step
