@@ -102,7 +102,9 @@ def test_streaming_from_local_files_with_a_capped_tokenizer(recipe, tmp_path):
     files = ["--dataset", "null", "--train_files", str(train), "--validation_files", str(validation)]
     out = tmp_path / "out"
     assert main([recipe, *TINY, *files, "--output_dir", str(out), "--streaming", "true", "--max_steps", "3",
-                 "--tokenizer_train_documents", "30", "--eval_steps", "3", "--num_samples", "0"]) == 0
+                 "--tokenizer_train_documents", "30", "--eval_steps", "3", "--num_samples", "0",
+                 "--torch_num_threads", "2"]) == 0
+    assert torch.get_num_threads() == 2  # the autouse fixture set 1 before the run
     assert len(losses(out)) == 3 and [e["step"] for e in log_history(out) if "eval_loss" in e] == [3]
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     assert "S" in tokenizer.get_vocab() and "Z" not in tokenizer.get_vocab()  # "Z" only after document 30
