@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import sacrebleu
 import torch
 from eval_helpers import single_thread, tiny_gguf_file, tiny_hfllm_dir, tiny_model_dir  # noqa: F401
@@ -152,6 +153,18 @@ def test_recipe_runs_through_run_eval_and_rejects_unknown_keys(tiny_model_dir, t
     recipe.write_text("models: [x]\ntasks: [hfllm_synth]\nlimits: 3\n")
     with pytest.raises(HfllmError, match=r"unknown key\(s\) \['limits'\] in .*eval.yaml; use: models, tasks, limit"):
         run_eval([str(recipe)])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "recipes" / "eval").glob("*.yaml")))
+def test_shipped_eval_recipes_run_at_tiny_size(name, tiny_model_dir, tmp_path):
+    """Each shipped recipe runs with its own tasks and flags; only the models, limit and output folder change."""
+    from hfllm.run_eval import main as run_eval
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "eval" / name).read_text())
+    recipe.update(models=[str(tiny_model_dir)] * len(recipe["models"]), limit=1, output_path=str(tmp_path / "o"))
+    (tmp_path / name).write_text(yaml.safe_dump(recipe))
+    assert run_eval([str(tmp_path / name)]) == 0
+    assert (tmp_path / "o" / "results.json").is_file()
 
 
 # ---------------------------------------------------------------- kinds of MODEL
