@@ -95,14 +95,11 @@ def smollm2_dir() -> Path:
     chat template), dequantized once from the GGUF file and cached."""
 
     def build(tmp: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from .convert import load_native
 
-        gguf = smollm2_gguf()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.hf_quantizer = None  # save_pretrained refuses a quantized model; the weights are already float32
-        del model.config.quantization_config
+        model, tokenizer = load_native(smollm2_gguf(), "auto")
         model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
     return _build_once(cache_dir() / "smollm2-135m-instruct", build)
 

@@ -199,8 +199,9 @@ def copy_weights(src: PreTrainedModel, dst: PreTrainedModel, allowed_missing: tu
         dst.tie_weights()
 
 
-def _load_source(src: Path, dtype) -> tuple[PreTrainedModel, object]:
-    """Load a transformers folder or a .gguf file as its native model, plus its tokenizer."""
+def load_native(src: Path, dtype) -> tuple[PreTrainedModel, object]:
+    """Load a transformers folder or a .gguf file (dequantized) as its native model, plus its tokenizer; the
+    architecture must be one `convert` supports."""
     if not src.exists():
         raise HfllmError(f"source '{src}' does not exist; give a transformers checkpoint folder or a .gguf file")
     if src.is_file():
@@ -285,7 +286,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     """Convert a transformers checkpoint folder or .gguf file at `src` into an hfllm checkpoint at `out`."""
     src, out = Path(src), Path(out)
     _check_output(out)
-    model, tokenizer = _load_source(src, DTYPES[dtype])
+    model, tokenizer = load_native(src, DTYPES[dtype])
     hfllm_model = to_hfllm(model)
     _save(hfllm_model, tokenizer, model.generation_config, out)
     return out

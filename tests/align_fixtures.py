@@ -1,22 +1,12 @@
-"""Shared fixtures for the adaptation tests: a tiny random Llama with SmolLM2's tokenizer, synth data, SmolLM2.
+"""Shared fixtures for the adaptation tests: tiny random Llama and hfllm models with a tiny
+ChatML BPE, synth data, SmolLM2.
 
 Import the fixtures into a test module with `from align_fixtures import tiny_model_dir, synth_dir  # noqa: F401`.
 """
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-from hfllm.assets import cache_dir, smollm2_gguf
-
-
-def smollm2_tokenizer():
-    """SmolLM2's real tokenizer (49152 tokens, ChatML), loaded from the GGUF once and cached as a folder."""
-    folder = cache_dir() / "smollm2-135m-instruct-tokenizer"
-    if not (folder / "tokenizer_config.json").is_file():
-        gguf = smollm2_gguf()
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)
+from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def tiny_tokenizer():
