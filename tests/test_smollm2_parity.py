@@ -76,3 +76,18 @@ def test_greedy_continuation_identical_for_64_tokens(models):
     assert torch.equal(got, expected)
     answer = native_tok.decode(got[0, batch.input_ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+
+def test_cached_generation_equals_uncached_batched_and_alone(models):
+    """The symptom of transformers 5.24's cache rename: a cache dropped between steps gave garbage from token 2."""
+    _, ours, _, our_tok = models
+    kwargs = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=our_tok.pad_token_id)
+    alone = [our_tok.apply_chat_template(c, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+             for c in CONVERSATIONS]
+    with torch.no_grad():
+        for inputs in [_prompts(our_tok), *alone]:
+            cached = ours.generate(**inputs, **kwargs)
+            uncached = ours.generate(**inputs, use_cache=False, **kwargs)
+            assert cached.shape[1] == inputs["input_ids"].shape[1] + 64
+            assert torch.equal(cached, uncached)

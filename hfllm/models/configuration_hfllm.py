@@ -55,7 +55,7 @@ class HfllmConfig(PreTrainedConfig):
     """
 
     model_type = "hfllm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the output field before and after transformers 5.24
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",

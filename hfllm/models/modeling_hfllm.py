@@ -8,9 +8,13 @@ Attention kernels (eager / sdpa / flash_attention_2 / flex_attention) are swappe
 `ALL_ATTENTION_FUNCTIONS`, KV caches through its `Cache` classes, experts kernels through `use_experts_implementation`.
 Shapes: B batch, T new tokens, S key length (cache included), H hidden, nh / nkv heads, hd head dim, E experts.
 
-This file is copied next to saved checkpoints (`trust_remote_code=True`): it imports only torch and transformers.
+This file is copied next to saved checkpoints (`trust_remote_code=True`): it imports only torch and transformers,
+and it checks at import that the reader's transformers is one it was tested on (`SUPPORTED_TRANSFORMERS`).
 """
 
+import os
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import transformers
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -34,6 +39,35 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_hfllm import HfllmConfig
+
+# The transformers minor versions this file was tested on: [first, first not yet tested). Checkpoints carry this file
+# to readers with any transformers; outside the range the cache and mask contracts may differ and generation could
+# go wrong without an error, so loading refuses instead. HFLLM_LATEST=1 (trying new upstream releases) only warns.
+SUPPORTED_TRANSFORMERS = ((5, 23), (5, 25))
+TRANSFORMERS_VERSION = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", transformers.__version__).groups())
+if not SUPPORTED_TRANSFORMERS[0] <= TRANSFORMERS_VERSION < SUPPORTED_TRANSFORMERS[1]:
+    _requirement = "transformers>={}.{},<{}.{}".format(*SUPPORTED_TRANSFORMERS[0], *SUPPORTED_TRANSFORMERS[1])
+    _message = (
+        f"this hfllm model code supports {_requirement}, but transformers {transformers.__version__} is installed: "
+        f"pip install '{_requirement}'"
+    )
+    if os.environ.get("HFLLM_LATEST") != "1":
+        raise ImportError(_message)
+    warnings.warn(f"{_message} (continuing because HFLLM_LATEST=1)", stacklevel=2)
+
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache`: generate() passes it under that name, the mask
+# functions take it, and model outputs carry it. This file uses `cache` inside and speaks the installed version's name
+# at those boundaries.
+CACHE_NAME = "cache" if TRANSFORMERS_VERSION >= (5, 24) else "past_key_values"
+
+
+def _cache_argument(cache: Cache | None, kwargs: dict) -> Cache | None:
+    """The KV cache from `cache=` or its pre-5.24 name `past_key_values=` (transformers 5.23's generate(), peft's
+    prefix tuning), removed from kwargs so that it is not passed on twice."""
+    legacy = kwargs.pop("past_key_values", None)
+    if legacy is not None and cache is not None:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return cache if legacy is None else legacy
 
 
 class HfllmRMSNorm(nn.Module):
@@ -176,7 +210,7 @@ class HfllmAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]  # (B, T)
@@ -192,8 +226,8 @@ class HfllmAttention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if past_key_values is not None:  # append this step's keys/values; returns the whole cache (B, nkv, S, hd)
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:  # append this step's keys/values; returns the whole cache (B, nkv, S, hd)
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -312,7 +346,7 @@ class HfllmDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -323,7 +357,7 @@ class HfllmDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             **kwargs,
         )
@@ -336,7 +370,7 @@ class HfllmPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HfllmDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -383,19 +417,20 @@ class HfllmModel(HfllmPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
+        cache = _cache_argument(cache, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, H)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)  # sliding layers keep only the last window
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)  # sliding layers keep only the last window
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)  # (1, T)
 
@@ -405,7 +440,7 @@ class HfllmModel(HfllmPreTrainedModel):
                 "config": self.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
+                CACHE_NAME: cache,
                 "position_ids": position_ids,
             }
             mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -420,11 +455,11 @@ class HfllmModel(HfllmPreTrainedModel):
                 attention_mask=mask_mapping[self.config.layer_types[i]],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 **kwargs,
             )
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache})
 
 
 def load_balancing_loss(
@@ -486,7 +521,7 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -500,6 +535,7 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
         output_router_logits: return each MoE layer's router logits and add the auxiliary losses to the loss;
             defaults to `config.output_router_logits`.
         """
+        cache = _cache_argument(cache, kwargs)
         is_moe = self.config.num_experts > 0
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -508,7 +544,7 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
@@ -538,7 +574,7 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
             aux_loss=aux_loss,
             z_loss=z_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
