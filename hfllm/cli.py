@@ -12,18 +12,23 @@ from .models.configuration_hfllm import HfllmConfigError
 
 # subcommand -> ("module:function", one-line help); modules are imported only when their command runs
 COMMANDS: dict[str, tuple[str, str]] = {
+    # models
     "presets": ("hfllm.models.presets:main", "list the named model presets with their parameter counts"),
-    "convert": ("hfllm.convert:convert_main", "convert a transformers checkpoint folder or a .gguf file into an hfllm checkpoint"),
-    "export": ("hfllm.convert:export_main", "export an hfllm checkpoint to a native transformers architecture"),
-    "data": ("hfllm.data:main", "prepare data: `data shakespeare --out DIR`, `data synth TASK --out DIR`"),
-    "pretrain": ("hfllm.run_pretrain:main", "pretrain from a YAML recipe"),
-    "sft": ("hfllm.run_sft:main", "supervised fine-tuning from a YAML recipe (TRL SFTTrainer)"),
-    "dpo": ("hfllm.run_dpo:main", "direct preference optimisation from a YAML recipe (TRL DPOTrainer)"),
-    "orpo": ("hfllm.run_align:orpo_main", "ORPO from a YAML recipe"),
-    "kto": ("hfllm.run_align:kto_main", "KTO from a YAML recipe"),
-    "grpo": ("hfllm.run_align:grpo_main", "GRPO from a YAML recipe"),
-    "merge": ("hfllm.adapters:merge_main", "merge a PEFT adapter into a full checkpoint"),
-    "eval": ("hfllm.evaluation:main", "evaluate models with lm-evaluation-harness"),
+    "convert": ("hfllm.models.convert:convert_main", "convert a transformers checkpoint folder or a .gguf file into an hfllm checkpoint"),
+    "export": ("hfllm.models.convert:export_main", "export an hfllm checkpoint to a native transformers architecture"),
+    # data
+    "data": ("hfllm.data:main", "prepare data: `data shakespeare --out DIR`, `data tokenizer ...`, `data synth TASK --out DIR`"),
+    # training
+    "pretrain": ("hfllm.training.pretrain:main", "pretrain from a YAML recipe"),
+    "sft": ("hfllm.training.align:sft_main", "supervised fine-tuning from a YAML recipe (TRL SFTTrainer)"),
+    "dpo": ("hfllm.training.align:dpo_main", "direct preference optimisation from a YAML recipe (TRL DPOTrainer)"),
+    "orpo": ("hfllm.training.align:orpo_main", "ORPO from a YAML recipe"),
+    "kto": ("hfllm.training.align:kto_main", "KTO from a YAML recipe"),
+    "grpo": ("hfllm.training.align:grpo_main", "GRPO from a YAML recipe"),
+    "merge": ("hfllm.training.adapters:merge_main", "merge a PEFT adapter into a full checkpoint"),
+    # evaluation
+    "eval": ("hfllm.evaluation.run:main", "evaluate models with lm-evaluation-harness (MODEL... --tasks ..., or a YAML recipe)"),
+    "score": ("hfllm.evaluation.exact_match:score_main", "chat exact match of a model on `hfllm data synth` test items"),
 }
 
 

@@ -1,6 +1,6 @@
 """Direct preference optimisation with TRL's DPOTrainer from a YAML recipe: `hfllm dpo RECIPE.yaml [--key value ...]`.
 
-The wiring is shared by every TRL method (see `hfllm/run_align.py`). Also runs as
+The wiring is shared by every TRL method (see `hfllm/training/align.py`). Also runs as
 `python hfllm/run_dpo.py RECIPE.yaml` and `accelerate launch hfllm/run_dpo.py RECIPE.yaml`.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a script: import hfllm from this checkout, not hfllm/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from hfllm.run_align import dpo_main as main  # noqa: E402
+from hfllm.training.align import dpo_main as main  # noqa: E402
 
 __all__ = ["main"]
 

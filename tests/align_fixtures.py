@@ -14,7 +14,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from hfllm.synth import synthesize
+    from hfllm.data.synth import synthesize
 
     texts = []
     for task in ("arithmetic", "reverse", "units"):
@@ -60,7 +60,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
-    from hfllm.synth import synth_main
+    from hfllm.data.synth import synth_main
 
     folder = tmp_path_factory.mktemp("synth")
     synth_main(["arithmetic", "--out", str(folder), "--n-train", "32", "--n-test", "8"], prog="hfllm data synth")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from align_fixtures import synth_dir, tiny_model_dir  # noqa: F401
 
-from hfllm.run_align import TRAINERS, run
+from hfllm.training.align import TRAINERS, run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.relative_to(ROOT) for method in TRAINERS for p in (ROOT / "recipes" / method).glob("*.yaml"))

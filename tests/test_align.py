@@ -9,7 +9,7 @@ import yaml
 from align_fixtures import synth_dir, tiny_model_dir  # noqa: F401
 
 from hfllm.errors import HfllmError
-from hfllm.run_align import TRAINERS, grpo_main, kto_main, orpo_main
+from hfllm.training.align import TRAINERS, grpo_main, kto_main, orpo_main
 
 
 def recipe(tmp_path, tiny_model_dir, data_file, **overrides):
@@ -41,8 +41,8 @@ def test_grpo_with_exact_match_reward(tmp_path, tiny_model_dir, synth_dir):
 
 
 def test_grpo_unknown_reward_function(tmp_path, tiny_model_dir, synth_dir):
-    path = recipe(tmp_path, tiny_model_dir, synth_dir / "prompts.jsonl", reward_funcs=["hfllm.synth:nope"], num_generations=4)
-    with pytest.raises(HfllmError, match="reward function 'hfllm.synth:nope' not found; give it as module:function"):
+    path = recipe(tmp_path, tiny_model_dir, synth_dir / "prompts.jsonl", reward_funcs=["hfllm.evaluation.exact_match:nope"], num_generations=4)
+    with pytest.raises(HfllmError, match="reward function 'hfllm.evaluation.exact_match:nope' not found; give it as module:function"):
         grpo_main([path])
 
 
@@ -53,11 +53,15 @@ def test_kto_needs_label_column(tmp_path, tiny_model_dir, synth_dir):
 
 @pytest.mark.parametrize("path", sorted(str(p) for method in TRAINERS for p in Path("recipes", method).glob("*.yaml")))
 def test_shipped_recipes_parse(path):
-    from hfllm.recipes import GRPOArguments, parse_recipe
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
+
+    from hfllm.recipe import load_recipe
+    from hfllm.training.align import GRPOArguments, HfllmArguments
 
     method = path.split("/")[-2]
     module, config_name, _ = TRAINERS[method]
     config = getattr(importlib.import_module(module), config_name)
     extra = (GRPOArguments,) if method == "grpo" else ()
-    args = parse_recipe([path, "--bf16", "false"], config, f"hfllm {method}", extra)  # bf16 needs a GPU here
+    types = (ScriptArguments, config, ModelConfig, DatasetMixtureConfig, HfllmArguments, *extra)
+    args = load_recipe([path, "--bf16", "false"], types, f"hfllm {method}").args  # bf16 needs a GPU here
     assert args[2].model_name_or_path and args[1].output_dir.startswith("runs/") and args[3].datasets

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from hfllm import HfllmForCausalLM, get_preset
-from hfllm.convert import native_config_from, to_hfllm, to_native
+from hfllm.models.convert import native_config_from, to_hfllm, to_native
 from hfllm.errors import HfllmError
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -135,7 +135,7 @@ def test_cli_convert_export_round_trip(tmp_path):
 
 def test_convert_refuses_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
-    from hfllm.convert import convert
+    from hfllm.models.convert import convert
 
     with pytest.raises(HfllmError, match="cannot convert architecture 'GPT2LMHeadModel'.*supported: LlamaForCausalLM"):
         convert(tmp_path, tmp_path / "out")

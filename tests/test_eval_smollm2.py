@@ -10,7 +10,8 @@ import json
 import pytest
 from eval_helpers import single_thread, smollm2_dir, smollm2_hfllm_dir  # noqa: F401
 
-from hfllm.evaluation import evaluate_model, load_model, main, scores, strided_perplexity
+from hfllm.evaluation import evaluate_model, load_model, scores, strided_perplexity
+from hfllm.evaluation.run import main
 from hfllm.evaluation.tasks import shakespeare_passages
 
 # one thread: on a CPU shared with other work, two-thread matmuls of this size ran ~2x slower

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from hfllm import HfllmConfig, HfllmForCausalLM, get_preset
-from hfllm.convert import to_hfllm
+from hfllm.models.convert import to_hfllm
 from hfllm.errors import HfllmError
 from hfllm.models import HfllmConfigError
 from hfllm.models.modeling_hfllm import load_balancing_loss, router_z_loss

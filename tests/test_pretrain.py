@@ -19,8 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hfllm.errors import HfllmError
 from hfllm.models import get_preset
 from hfllm.run_pretrain import main
-from hfllm.training.args import apply_global_batch, parse_recipe
-from hfllm.training.mfu import flops_per_token, parameter_counts
+from hfllm.models import parameter_counts
+from hfllm.training.arguments import gradient_accumulation, parse_recipe
+from hfllm.training.mfu import flops_per_token
 from hfllm.training.optim import MuonWithAdamW, build_muon, muon_parameter_names
 from hfllm.training.run_info import tokenizer_hash
 
@@ -74,7 +75,7 @@ def test_trains_and_writes_a_loadable_model(recipe, tmp_path):
     assert generated.shape[1] == ids.shape[1] + 10
     # the resolved recipe re-parses to the same values
     again = parse_recipe([str(out / "recipe.yaml")], "test")
-    assert again.resolved["learning_rate"] == 3e-3 and again.model_overrides["hidden_size"] == 32
+    assert again.resolved["learning_rate"] == 3e-3 and again.free["hidden_size"] == 32
 
 
 def test_resume_continues_exactly(recipe, tmp_path):
@@ -132,18 +133,16 @@ def test_global_batch_gives_the_same_optimisation_with_accumulation(recipe, tmp_
 def test_accumulation_from_global_batch(global_batch, per_device, world, accumulation):
     args = SimpleNamespace(global_batch_size=global_batch, global_batch_tokens=None,
                            per_device_train_batch_size=per_device, world_size=world, gradient_accumulation_steps=1)
-    apply_global_batch(args, block_size=128)
-    assert args.gradient_accumulation_steps == accumulation
+    assert gradient_accumulation(args, block_size=128) == accumulation
     args.global_batch_size, args.global_batch_tokens = None, global_batch * 128  # same batch given in tokens
-    apply_global_batch(args, block_size=128)
-    assert args.gradient_accumulation_steps == accumulation
+    assert gradient_accumulation(args, block_size=128) == accumulation
 
 
 def test_global_batch_not_divisible():
     args = SimpleNamespace(global_batch_size=30, global_batch_tokens=None, per_device_train_batch_size=8, world_size=1)
     with pytest.raises(HfllmError, match=r"^global batch of 30 sequences is not a multiple of per_device_train_batch_size "
                                          r"\(8\) x 1 device\(s\); use 24 or 32, or change per_device_train_batch_size$"):
-        apply_global_batch(args, block_size=128)
+        gradient_accumulation(args, block_size=128)
 
 
 def test_warmup_stable_decay_schedule(recipe, tmp_path):
@@ -216,6 +215,7 @@ def test_flops_per_token_and_parameter_counts():
     moe_counts = parameter_counts(moe)
     experts = 4 * 8 * 3 * 128 * 96  # 4 layers x 8 experts x (gate, up, down) x hidden x expert width
     assert moe_counts["active_matmul"] == moe_counts["total"] - experts + experts * 2 // 8
+    assert moe_counts["active"] == moe_counts["active_matmul"]  # tied: the table counts once, as the head
 
 
 # ---- recipe parsing: unknown keys and wrong types stop before any work
@@ -224,7 +224,7 @@ def test_flops_per_token_and_parameter_counts():
 @pytest.mark.parametrize(
     "recipe_text, cli, message",
     [
-        ("learning_rat: 0.1\n", [], "unknown key 'learning_rat' in {recipe} (did you mean 'learning_rate'?)"),
+        ("learning_rat: 0.1\n", [], "unknown key 'learning_rat' in recipe '{recipe}' (did you mean 'learning_rate'?)"),
         ("", ["--num_hiden_layers", "2"], "unknown key 'num_hiden_layers' in the command line (did you mean 'num_hidden_layers'?)"),
         ("max_steps: ten\n", [], "key 'max_steps': invalid int value: 'ten'"),
         ("", ["--max_steps", "ten"], "key 'max_steps': invalid int value: 'ten'"),
@@ -249,10 +249,10 @@ def test_cli_overrides_yaml_and_dict_keys(tmp_path):
     path.write_text("max_steps: 5\nlr_scheduler_kwargs: {min_lr_rate: 0.1}\nnum_hidden_layers: 3\nsample_prompts: [\"A:\\n\"]\n")
     recipe = parse_recipe([str(path), "--max_steps", "7", "--layer_types", "[full_attention, full_attention]",
                            "--num_hidden_layers", "2", "--learning_rate=1e-3"], "test")
-    assert recipe.training.max_steps == 7 and recipe.training.learning_rate == 1e-3
-    assert recipe.training.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
-    assert recipe.model_overrides == {"num_hidden_layers": 2, "layer_types": ["full_attention", "full_attention"]}
-    assert recipe.training.sample_prompts == ["A:\n"] and recipe.data.dataset == "shakespeare"
+    assert recipe.args[2].max_steps == 7 and recipe.args[2].learning_rate == 1e-3
+    assert recipe.args[2].lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert recipe.free == {"num_hidden_layers": 2, "layer_types": ["full_attention", "full_attention"]}
+    assert recipe.args[2].sample_prompts == ["A:\n"] and recipe.args[1].dataset == "shakespeare"
 
 
 # ---- bad input: one line naming the problem and the fix, nothing written
@@ -322,7 +322,7 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
                             cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"hfllm pretrain: error: unknown key 'max_step' in {path} (did you mean 'max_steps'?)"
+        f"hfllm pretrain: error: unknown key 'max_step' in recipe '{path}' (did you mean 'max_steps'?)"
     )
     assert "Traceback" not in result.stderr
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 from align_fixtures import SMOLLM2_ORIGINAL_TEMPLATE, synth_dir, tiny_hfllm_dir, tiny_model_dir, tiny_tokenizer  # noqa: F401
 
-from hfllm.chat import PROBE, check_roles, check_template, load_template
+from hfllm.data.chat_template import PROBE, check_roles, check_template, load_template
 from hfllm.errors import HfllmError
 from hfllm.run_sft import main as sft_main
 
@@ -39,30 +39,32 @@ def losses(out: Path) -> list[float]:
 
 
 def test_recipe_yaml_cli_override_and_machine_defaults(tmp_path, tiny_model_dir, synth_dir):
-    from trl import SFTConfig
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
 
-    from hfllm.recipes import parse_recipe
+    from hfllm.recipe import load_recipe
+    from hfllm.training.align import HfllmArguments
 
     recipe = sft_recipe(tmp_path, tiny_model_dir, synth_dir)
-    script, training, model, mixture, extra = parse_recipe([str(recipe), "--learning_rate", "0.25"], SFTConfig, "hfllm sft")
+    types = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, HfllmArguments)
+    script, training, model, mixture, extra = load_recipe([str(recipe), "--learning_rate", "0.25"], types, "hfllm sft").args
     assert training.learning_rate == 0.25 and training.max_steps == 6  # CLI over YAML, YAML over defaults
     assert model.use_peft and model.lora_r == 8 and extra.chat_template == "smollm2"
     assert mixture.datasets[0].path.endswith("sft.jsonl")
     if not torch.cuda.is_available():
-        assert training.bf16 is False and training.gradient_checkpointing is False
+        assert training.bf16 is False and training.activation_checkpointing is False
 
 
 def test_unknown_recipe_key_fails_with_one_line_through_the_cli(tmp_path, tiny_model_dir, synth_dir):
     recipe = sft_recipe(tmp_path, tiny_model_dir, synth_dir, lora_rank=8)
     result = subprocess.run([sys.executable, "-m", "hfllm", "sft", str(recipe)], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"hfllm sft: error: unknown key(s) in {recipe}: lora_rank; check the spelling against `hfllm sft --help`"
+    assert result.stderr.strip() == f"hfllm sft: error: unknown key 'lora_rank' in recipe '{recipe}' (did you mean 'lora_r'?)"
     assert not (tmp_path / "out").exists()
 
 
 def test_unknown_cli_flag_fails_with_one_line(tmp_path, tiny_model_dir, synth_dir):
     recipe = sft_recipe(tmp_path, tiny_model_dir, synth_dir)
-    with pytest.raises(HfllmError, match=r"--no_such_flag"):
+    with pytest.raises(HfllmError, match=r"^unknown key 'no_such_flag' in the command line$"):
         sft_main([str(recipe), "--no_such_flag", "1"])
 
 
@@ -112,8 +114,8 @@ def test_sft_lora_assistant_only_loss_saves_adapter_and_template(tmp_path, tiny_
     assert (out / "chat_template.jinja").read_text() == load_template("smollm2")  # stored with the model
     series = losses(out)
     assert len(series) == 6 and series[-1] < series[0]
-    result = json.loads((out / "exact_match.json").read_text())
-    assert result["n"] == 8 and 0.0 <= result["exact_match"] <= 1.0 and "preference_accuracy" in result
+    result = json.loads((out / "chat_exact_match.json").read_text())
+    assert result["n"] == 8 and 0.0 <= result["chat_exact_match"] <= 1.0 and "preference_accuracy" in result
 
 
 def test_sft_lora_trains_hfllm_models(tmp_path, tiny_hfllm_dir, synth_dir):
@@ -131,14 +133,14 @@ def test_sft_lora_trains_hfllm_models(tmp_path, tiny_hfllm_dir, synth_dir):
      ("prompt", {}, "PROMPT_TUNING"), ("p_tuning", {}, "P_TUNING")],
 )
 def test_peft_methods_train_save_and_reload(tmp_path, tiny_model_dir, synth_dir, peft_type, extra, expected):
-    from hfllm.adapters import load_for_inference
+    from hfllm.checkpoint import load
 
     recipe = sft_recipe(tmp_path, tiny_model_dir, synth_dir, peft_type=peft_type, max_steps=2, save_strategy="no",
                         num_virtual_tokens=4, assistant_only_loss=peft_type == "lora", **extra)
     assert sft_main([str(recipe)]) == 0
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == expected and config.get("use_dora", False) == bool(extra)
-    model, tokenizer = load_for_inference(tmp_path / "out")
+    model, tokenizer = load(tmp_path / "out")
     assert type(model).__name__ == "PeftModelForCausalLM" and tokenizer.chat_template == load_template("smollm2")
 
 
@@ -177,7 +179,7 @@ def test_merge_gives_a_checkpoint_that_loads_without_peft(tmp_path, tiny_model_d
     assert (tmp_path / "merged" / "chat_template.jinja").exists()
     again = subprocess.run([sys.executable, "-m", "hfllm", "merge", str(tmp_path / "out"), str(tmp_path / "merged")],
                            capture_output=True, text=True)
-    assert again.returncode == 2 and "already exists and is not empty" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 2 and "is not empty; choose a new folder" in again.stderr and "Traceback" not in again.stderr
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -225,7 +227,7 @@ def test_load_in_4bit_without_bitsandbytes_fails(tmp_path, tiny_model_dir, synth
 
 
 def test_merge_refuses_prompt_learning_adapters(tmp_path, tiny_model_dir, synth_dir):
-    from hfllm.adapters import merge_main
+    from hfllm.training.adapters import merge_main
 
     recipe = sft_recipe(tmp_path, tiny_model_dir, synth_dir, peft_type="prefix", num_virtual_tokens=4, max_steps=1,
                         save_strategy="no", assistant_only_loss=False)

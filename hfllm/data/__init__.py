@@ -3,7 +3,7 @@
 `hfllm data ACTION ...`:
   shakespeare --out DIR            write DIR/train.txt and DIR/val.txt (documents separated by `<|endofdoc|>` lines)
   tokenizer --kind bpe|char ...    train a tokenizer on a corpus, save it to a folder and print its vocab report
-  synth TASK --out DIR             synthetic task data (hfllm.synth)
+  synth TASK --out DIR             synthetic task data (hfllm/data/synth.py)
 """
 
 import argparse
@@ -11,6 +11,7 @@ import importlib
 import json
 from pathlib import Path
 
+from ..checkpoint import atomic_output, check_output_dir
 from ..errors import HfllmError
 from .corpus import (
     DOCUMENT_SEPARATOR,
@@ -66,7 +67,9 @@ def tokenizer_main(argv: list[str], prog: str) -> int:
     data = load_text_datasets(dataset, args.train_files, text_column=args.text_column)
     tokenizer = train_tokenizer(args.kind, data["train"]["text"], args.vocab_size)
     report = tokenizer_report(tokenizer, data["validation"]["text"])  # raises before anything is written
-    tokenizer.save_pretrained(out)
+    check_output_dir(out)
+    with atomic_output(out) as tmp:
+        tokenizer.save_pretrained(tmp)
     print(json.dumps({"out": str(out), **{k: round(v, 4) for k, v in report.items()}}))
     return 0
 
@@ -74,7 +77,7 @@ def tokenizer_main(argv: list[str], prog: str) -> int:
 ACTIONS = {
     "shakespeare": "hfllm.data:shakespeare_main",
     "tokenizer": "hfllm.data:tokenizer_main",
-    "synth": "hfllm.synth:synth_main",
+    "synth": "hfllm.data.synth:synth_main",
 }
 
 

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 from ..assets import shakespeare_plays_dir
+from ..checkpoint import atomic_output
 from ..errors import HfllmError
 
 VALIDATION_PLAYS = ("julius-caesar", "macbeth", "richard-ii", "the-tempest", "twelfth-night")
@@ -73,7 +74,8 @@ def write_documents(documents: list[str], path: Path) -> None:
     for document in documents:
         if DOCUMENT_SEPARATOR in document:
             raise HfllmError(f"a document contains the separator {DOCUMENT_SEPARATOR!r}; remove it from the text")
-    path.write_text("".join(document.rstrip("\n") + f"\n{DOCUMENT_SEPARATOR}\n" for document in documents), "utf-8")
+    with atomic_output(path, folder=False) as tmp:
+        tmp.write_text("".join(document.rstrip("\n") + f"\n{DOCUMENT_SEPARATOR}\n" for document in documents), "utf-8")
 
 
 def split_documents(text: str) -> list[str]:

@@ -9,7 +9,7 @@
 Special tokens (ids 0..4, in this order): `<|pad|>`, `<|bos|>`, `<|endoftext|>` (eos), `<|im_start|>`,
 `<|im_end|>`; char tokenizers add `<|unk|>` as id 5. Encoding with `add_special_tokens=True` (the default) prepends
 `<|bos|>`, like Llama; eos is appended by packing, not by the tokenizer. Chat turns end with `<|im_end|>`.
-The ChatML template comes from `hfllm/templates/chatml.jinja`.
+The ChatML template comes from `hfllm/data/templates/chatml.jinja`.
 """
 
 from collections import Counter
@@ -27,7 +27,7 @@ ROUND_TRIP_PROBE = "First line\n\n\tindented — «Ça va?»  two  spaces\r\n東
 
 
 def chatml_template() -> str:
-    return resources.files("hfllm").joinpath("templates/chatml.jinja").read_text(encoding="utf-8")
+    return resources.files("hfllm").joinpath("data/templates/chatml.jinja").read_text(encoding="utf-8")
 
 
 def _train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:

@@ -10,6 +10,5 @@ Trainer machinery is slow and loads bitsandbytes, which prints a warning on CPU 
 
 from .harness import evaluate_model, load_model, load_tasks, scores
 from .perplexity import strided_perplexity, validation_perplexity
-from .run import main
 
-__all__ = ["evaluate_model", "load_model", "load_tasks", "main", "scores", "strided_perplexity", "validation_perplexity"]
+__all__ = ["evaluate_model", "load_model", "load_tasks", "scores", "strided_perplexity", "validation_perplexity"]

@@ -5,63 +5,23 @@ same call scores a checkpoint from disk (`hfllm eval`) and a model in the middle
 """
 
 import difflib
-import logging
-import re
 from pathlib import Path
 
 import jinja2
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
+from ..checkpoint import eval_mode, load
 from ..errors import HfllmError
 from .tasks import TASKS_DIR
-
-logger = logging.getLogger(__name__)
-
-HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 # ---------------------------------------------------------------- models
 
 
 def load_model(spec: str, dtype: str = "auto") -> tuple[PreTrainedModel, object]:
-    """MODEL -> (model in eval mode, tokenizer). MODEL is a checkpoint folder, a PEFT adapter folder (merged into its
-    base for evaluation), a .gguf file, or a Hub id."""
-    path = Path(spec)
-    if path.is_file() and path.suffix == ".gguf":
-        kwargs, source = {"gguf_file": path.name}, str(path.parent)
-    elif path.is_dir() and (path / "adapter_config.json").is_file():
-        return _load_adapter(path, dtype)
-    elif path.is_dir() and (path / "config.json").is_file():
-        kwargs, source = {}, spec
-    elif path.exists():
-        raise HfllmError(
-            f"'{spec}' is not a model checkpoint (no config.json or adapter_config.json); give a folder written by "
-            f"save_pretrained, a PEFT adapter folder, a .gguf file or a Hub id"
-        )
-    elif HUB_ID.match(spec) and not spec.startswith("."):
-        kwargs, source = {}, spec
-    else:
-        raise HfllmError(f"model folder '{spec}' does not exist; check the path")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except OSError as error:
-        raise HfllmError(f"could not load model '{spec}': {str(error).splitlines()[0]}") from None
-    return model.eval(), tokenizer
-
-
-def _load_adapter(path: Path, dtype: str) -> tuple[PreTrainedModel, object]:
-    from peft import AutoPeftModelForCausalLM, PeftConfig
-
-    base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-    try:
-        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype).merge_and_unload()
-    except OSError as error:
-        raise HfllmError(f"could not load the base model '{base}' of adapter '{path}': {str(error).splitlines()[0]}") from None
-    has_tokenizer = (path / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(path) if has_tokenizer else base)
-    return model.eval(), tokenizer
+    """MODEL -> (model in eval mode, tokenizer): `hfllm.checkpoint.load` with a PEFT adapter merged into its base."""
+    return load(spec, dtype=dtype, merge_adapter=True)
 
 
 # ---------------------------------------------------------------- tasks
@@ -144,27 +104,21 @@ def evaluate_model(
 
     if isinstance(tasks[0], str):
         tasks = load_tasks(tasks)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model), torch.no_grad():
         device = str(next(model.parameters()).device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length,
                   backend="causal")  # lm-eval guesses from model_type and does not know "hfllm"
-        with torch.no_grad():
-            results = simple_evaluate(
-                model=lm,
-                tasks=tasks,
-                limit=limit,
-                log_samples=log_samples,
-                apply_chat_template=apply_chat_template,
-                gen_kwargs=gen_kwargs,
-                task_manager=task_manager([]),  # the tasks are loaded; without it lm-eval indexes ~15k tasks (~15 s)
-                bootstrap_iters=0,
-                verbosity="WARNING",
-            )
-    finally:
-        model.train(was_training)
-    return results
+        return simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            limit=limit,
+            log_samples=log_samples,
+            apply_chat_template=apply_chat_template,
+            gen_kwargs=gen_kwargs,
+            task_manager=task_manager([]),  # the tasks are loaded; without it lm-eval indexes ~15k tasks (~15 s)
+            bootstrap_iters=0,
+            verbosity="WARNING",
+        )
 
 
 def scores(results: dict) -> dict[str, dict[str, float]]:

@@ -75,7 +75,7 @@ def write_report(runs: list[dict], config: dict, output_path: str | Path) -> lis
     return written
 
 
-def write_samples(samples: dict[str, list[dict]], name: str, output_path: str | Path) -> list[Path]:
+def write_sample_logs(samples: dict[str, list[dict]], name: str, output_path: str | Path) -> list[Path]:
     """lm-eval's per-sample logs (`log_samples`) as samples_<model>_<task>.jsonl."""
     from lm_eval.utils import handle_non_serializable
 

@@ -1,36 +1,66 @@
-"""`hfllm eval MODEL [MODEL ...] --tasks T1,T2 ...`: evaluate checkpoints with lm-eval in process and report.
+"""`hfllm eval`: evaluate checkpoints with lm-eval in process and report.
 
-Flags follow lm-eval's names. Everything is checked (models exist, tasks resolve and render, --limit) before any
-model runs and before anything is written.
+    hfllm eval MODEL [MODEL ...] --tasks T1,T2 [--limit N --batch_size B --apply_chat_template --output_path DIR ...]
+    hfllm eval recipes/eval/offline_suite.yaml [--limit 5 ...]        the same keys as a YAML recipe
+
+Flags follow lm-eval's names; both forms go through `hfllm.recipe` (the one recipe loader). Everything is checked
+(models exist, tasks resolve and render, --limit) before any model runs and before anything is written.
 """
 
-import argparse
+import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import spec_kind
 from ..errors import HfllmError
+from ..recipe import Recipe, load_recipe
 from .harness import evaluate_model, load_model, load_tasks, scores
-from .report import markdown_table, write_report, write_samples
+from .report import markdown_table, write_report, write_sample_logs
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Evaluate causal LMs with lm-evaluation-harness.")
-    parser.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint folder, adapter folder, .gguf file or Hub id")
-    parser.add_argument("--tasks", required=True, help="comma-separated task names, e.g. hfllm_offline or hfllm_synth,arc_easy")
-    parser.add_argument("--limit", type=float, help="documents per task (a number below 1 is a fraction)")
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--apply_chat_template", action="store_true", help="wrap prompts in the model's chat template")
-    parser.add_argument("--output_path", help="folder for results.json, results.md, results.png and samples")
-    parser.add_argument("--log_samples", action="store_true", help="also write per-sample logs (needs --output_path)")
-    parser.add_argument("--include_path", action="append", help="extra folder of task YAMLs (repeatable)")
-    parser.add_argument("--synth_data", help="JSONL (or folder with test.jsonl) for hfllm_synth; default: built-in arithmetic")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser
+@dataclass
+class EvalArguments:
+    models: list[str] = field(
+        default_factory=list, metadata={"help": "checkpoint folders, adapter folders, .gguf files or Hub ids"}
+    )
+    tasks: list[str] = field(
+        default_factory=list, metadata={"help": "task names, comma-separated, e.g. hfllm_offline or hfllm_synth,arc_easy"}
+    )
+    limit: float | None = field(default=None, metadata={"help": "documents per task (a number below 1 is a fraction)"})
+    batch_size: int = field(default=1, metadata={"help": "documents per forward pass"})
+    apply_chat_template: bool = field(default=False, metadata={"help": "wrap prompts in the model's chat template"})
+    output_path: str | None = field(default=None, metadata={"help": "folder for results.json/.md/.png and samples"})
+    log_samples: bool = field(default=False, metadata={"help": "also write per-sample logs (needs output_path)"})
+    include_path: list[str] | None = field(default=None, metadata={"help": "extra folders of task YAMLs"})
+    synth_data: str | None = field(
+        default=None, metadata={"help": "JSONL (or folder with test.jsonl) for hfllm_synth; default: built-in arithmetic"}
+    )
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu, cuda, ..."})
 
 
-def check_args(args: argparse.Namespace) -> None:
+def parse_args(argv: list[str], prog: str) -> tuple[EvalArguments, Recipe]:
+    """`RECIPE.yaml [--key value ...]` or `MODEL [MODEL ...] --key value ...`, checked."""
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        recipe = load_recipe(argv, (EvalArguments,), prog)
+    else:
+        models = [arg for arg in argv[: next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))]]
+        recipe = load_recipe(argv[len(models):], (EvalArguments,), prog, values={"models": models} if models else {})
+    (args,) = recipe.args
+    args.models = [os.path.expanduser(model) for model in args.models]
+    args.tasks = [name.strip() for entry in args.tasks for name in entry.split(",") if name.strip()]
+    args.output_path = os.path.expanduser(args.output_path) if args.output_path else None
+    check_args(args)
+    return args, recipe
+
+
+def check_args(args: EvalArguments) -> None:
+    if not args.models:
+        raise HfllmError("give at least one model: hfllm eval MODEL [MODEL ...] --tasks ..., or a recipe with models:")
+    if not args.tasks:
+        raise HfllmError("give the tasks: --tasks hfllm_offline (or tasks: in the recipe)")
     if args.limit is not None and args.limit <= 0:
         raise HfllmError(f"--limit must be positive (got {args.limit:g}); leave it out to evaluate every document")
     if args.limit is not None and args.limit >= 1:
@@ -43,14 +73,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise HfllmError("--log_samples needs --output_path to write the samples to")
     if args.output_path and Path(args.output_path).is_file():
         raise HfllmError(f"--output_path '{args.output_path}' is a file; give a folder")
-    args.tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
-    if not args.tasks:
-        raise HfllmError("--tasks is empty; give task names such as hfllm_offline")
     for spec in args.models:  # cheap checks first: a missing folder fails before any task or model loads
-        path = Path(spec)
-        if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
-            raise HfllmError(f"'{spec}' is not a model checkpoint (no config.json or adapter_config.json); give a "
-                             f"folder written by save_pretrained, a PEFT adapter folder, a .gguf file or a Hub id")
+        spec_kind(spec)
 
 
 def run_names(models: list[str]) -> list[str]:
@@ -60,8 +84,7 @@ def run_names(models: list[str]) -> list[str]:
 
 
 def main(argv: list[str], prog: str = "hfllm eval") -> int:
-    args = build_parser(prog).parse_args(argv)
-    check_args(args)
+    args, recipe = parse_args(argv, prog)
     metadata = {"synth_data": args.synth_data} if args.synth_data else None
     tasks = load_tasks(args.tasks, args.include_path, metadata)
 
@@ -87,8 +110,8 @@ def main(argv: list[str], prog: str = "hfllm eval") -> int:
     print(markdown_table(runs))
     if args.output_path:
         config = {key: value for key, value in vars(args).items() if key != "models"}
-        for path in write_report(runs, config, args.output_path):
+        for path in [*write_report(runs, config, args.output_path), recipe.save(args.output_path)]:
             print(f"wrote {path}")
         for name in samples if args.log_samples else []:
-            write_samples(samples[name], name, args.output_path)
+            write_sample_logs(samples[name], name, args.output_path)
     return 0

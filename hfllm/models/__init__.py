@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_hfllm import HfllmConfig, HfllmConfigError
 from .modeling_hfllm import HfllmForCausalLM, HfllmModel, HfllmPreTrainedModel
-from .presets import PRESETS, count_parameters, get_preset
+from .presets import PRESETS, get_preset, parameter_counts, preset_parameter_counts
 
 AutoConfig.register("hfllm", HfllmConfig, exist_ok=True)
 AutoModel.register(HfllmConfig, HfllmModel, exist_ok=True)
@@ -24,6 +24,7 @@ __all__ = [
     "HfllmModel",
     "HfllmPreTrainedModel",
     "PRESETS",
-    "count_parameters",
     "get_preset",
+    "parameter_counts",
+    "preset_parameter_counts",
 ]

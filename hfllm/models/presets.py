@@ -62,19 +62,35 @@ def get_preset(name: str, **overrides) -> HfllmConfig:
         raise HfllmError(f"model '{name}': {error}") from None
 
 
-def count_parameters(config: HfllmConfig) -> tuple[int, int]:
-    """(total, active per token) parameter counts, built on the meta device (no memory used)."""
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """The parameter counts hfllm reports, each defined once:
+      total          unique parameters (a tied head counted once)
+      embedding      the input embedding table
+      non_embedding  total - embedding
+      active         parameters a token uses: MoE fused experts (E, ., .) count for the top-k of E only
+      active_matmul  weights that multiply activations per token (FLOPs): active - embedding + a tied head
+    """
+    embedding_weight = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    experts = getattr(model.config, "num_experts", 0) or 0
+    top_k = getattr(model.config, "num_experts_per_tok", 0) or 0
+    total = sum(p.numel() for p in model.parameters())
+    active = 0
+    for p in model.parameters():
+        is_experts = experts and p.ndim == 3 and p.shape[0] == experts
+        active += p.numel() * top_k // experts if is_experts else p.numel()
+    tied_head = head is not None and head.weight is embedding_weight
+    active_matmul = active - embedding_weight.numel() + (head.weight.numel() if tied_head else 0)
+    return {"total": total, "embedding": embedding_weight.numel(), "non_embedding": total - embedding_weight.numel(),
+            "active": active, "active_matmul": active_matmul}
+
+
+def preset_parameter_counts(config: HfllmConfig) -> dict[str, int]:
+    """`parameter_counts` of a config's model, built on the meta device (no memory used)."""
     from .modeling_hfllm import HfllmForCausalLM
 
     with torch.device("meta"):
-        model = HfllmForCausalLM(config)
-    total = sum(p.numel() for p in model.parameters())  # tied embeddings are counted once
-    active = total
-    if config.num_experts > 0:
-        per_expert = 3 * config.hidden_size * config.moe_intermediate_size
-        moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
-        active -= moe_layers * per_expert * (config.num_experts - config.num_experts_per_tok)
-    return total, active
+        return parameter_counts(HfllmForCausalLM(config))
 
 
 def main(argv: list[str], prog: str = "hfllm presets") -> None:
@@ -83,7 +99,8 @@ def main(argv: list[str], prog: str = "hfllm presets") -> None:
     print(f"{'preset':<14}{'params':>10}{'active':>10}  layers  hidden  heads/kv  experts  window")
     for name in PRESETS:
         config = get_preset(name)
-        total, active = count_parameters(config)
+        counts = preset_parameter_counts(config)
+        total, active = counts["total"], counts["active"]
         experts = f"{config.num_experts_per_tok}/{config.num_experts}" if config.num_experts else "-"
         print(
             f"{name:<14}{total / 1e6:>9.1f}M{active / 1e6:>9.1f}M  {config.num_hidden_layers:>6}  "

@@ -6,6 +6,8 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from ..checkpoint import eval_mode
+
 
 class RouterLoadCallback(TrainerCallback):
     """MoE models: after every optimizer step, sum the routers' token counts over devices and call
@@ -51,7 +53,7 @@ class SamplesCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
             samples = generate_samples(model, self.tokenizer, args)
-            write_samples(samples, Path(self.output_dir) / "samples.txt", f"step {state.global_step}")
+            append_samples(samples, Path(self.output_dir) / "samples.txt", f"step {state.global_step}")
 
 
 @torch.no_grad()
@@ -60,10 +62,8 @@ def generate_samples(model, tokenizer, args) -> list[str]:
     in `args.sample_prompts` (cycled; none means starting from the bos token). Uses its own RNG stream, so sampling
     never changes the training run."""
     prompts = args.sample_prompts or [""]
-    was_training = model.training
-    model.eval()
     samples = []
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), eval_mode(model):
         torch.manual_seed(args.seed)
         for i in range(args.num_samples):
             prompt = prompts[i % len(prompts)]
@@ -80,11 +80,11 @@ def generate_samples(model, tokenizer, args) -> list[str]:
                 pad_token_id=tokenizer.pad_token_id,
             )  # (1, T + new)
             samples.append(tokenizer.decode(output[0], skip_special_tokens=True))
-    model.train(was_training)
     return samples
 
 
-def write_samples(samples: list[str], path: Path, title: str) -> None:
+def append_samples(samples: list[str], path: Path, title: str) -> None:
+    """Print generated texts and append them to `path` under a title."""
     text = "".join(f"----- sample {i + 1} ({title}) -----\n{sample}\n" for i, sample in enumerate(samples))
     print(text, flush=True)
     with open(path, "a", encoding="utf-8") as file:

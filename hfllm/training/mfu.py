@@ -1,9 +1,9 @@
-"""FLOPs per token, parameter counts and the peak FLOP/s used for model FLOPs utilisation (MFU).
+"""FLOPs per token and the peak FLOP/s used for model FLOPs utilisation (MFU).
 
 FLOPs per trained token (forward + backward, PaLM appendix B / nanoGPT):
     6 * N_matmul + 12 * n_layer * n_head * head_dim * T_attn
-N_matmul counts the weights that multiply activations per token: every parameter except the input embedding table
-(the tied head does count), with MoE experts counted for the top-k only. T_attn is the context each query sees:
+N_matmul is `parameter_counts(model)["active_matmul"]` (hfllm.models): the weights that multiply activations per
+token, MoE experts counted for the top-k only. T_attn is the context each query sees:
 the block size, or the sliding window when smaller.
 
 Peak FLOP/s: the dense bf16 tensor-core figure of known GPUs (times the number of GPUs). On a CPU there is no
@@ -15,6 +15,8 @@ import time
 
 import torch
 from torch import nn
+
+from ..models import parameter_counts
 
 # dense bf16 peak per device (FLOP/s), matched against torch.cuda.get_device_name()
 GPU_PEAK_FLOPS = {
@@ -33,27 +35,6 @@ GPU_PEAK_FLOPS = {
     "V100": 125e12,
     "T4": 65e12,
 }
-
-
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """total (unique) parameters, embedding parameters, and active matmul parameters per token."""
-    total = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight.numel()
-    head = model.get_output_embeddings()
-    tied_head = head is not None and head.weight is model.get_input_embeddings().weight
-    config = model.config
-    experts, top_k = getattr(config, "num_experts", 0) or 0, getattr(config, "num_experts_per_tok", 0) or 0
-    active = 0
-    for name, p in model.named_parameters():
-        if p is model.get_input_embeddings().weight:
-            continue
-        if experts and p.ndim == 3 and p.shape[0] == experts:  # fused expert weights (E, ., .)
-            active += p.numel() * top_k // experts
-        else:
-            active += p.numel()
-    if tied_head:
-        active += head.weight.numel()
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "active_matmul": active}
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:

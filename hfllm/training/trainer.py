@@ -15,8 +15,11 @@ from .optim import build_muon
 
 
 class PretrainTrainer(Trainer):
-    def __init__(self, *args, flops_per_token: float, peak_flops: float, tokens_per_step: int, **kwargs):
+    def __init__(self, *args, flops_per_token: float, peak_flops: float, tokens_per_step: int,
+                 router_load: RouterLoadCallback | None = None, **kwargs):
+        """`router_load`: the MoE callback (also in `callbacks`) whose router load goes into the training logs."""
         super().__init__(*args, **kwargs)
+        self.router_load = router_load
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops  # per device
         self.tokens_per_step = tokens_per_step  # over all devices
@@ -47,9 +50,8 @@ class PretrainTrainer(Trainer):
                 logs["tokens_per_second"] = round(tokens_per_second, 1)
                 logs["mfu"] = round(tokens_per_second * self.flops_per_token / (self.peak_flops * self.args.world_size), 4)
             self._last_log = (now, step)
-            for callback in self.callback_handler.callbacks:
-                if isinstance(callback, RouterLoadCallback):
-                    logs.update(callback.pop_metrics())
+            if self.router_load is not None:
+                logs.update(self.router_load.pop_metrics())
         if "eval_loss" in logs:
             logs["eval_perplexity"] = round(math.exp(min(logs["eval_loss"], 50.0)), 4)
         if "loss" in logs or "eval_loss" in logs:

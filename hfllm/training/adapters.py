@@ -1,4 +1,4 @@
-"""Loading models for adaptation (full, 4-bit for QLoRA), PEFT configs from a recipe, and merging adapters.
+"""PEFT adapters: configs from a recipe, and merging an adapter into its base (`hfllm merge`).
 
 PEFT methods (recipe key `peft_type`, used when `use_peft: true`): `lora` (DoRA with `use_dora: true`, QLoRA with
 `load_in_4bit: true`), `prefix` (prefix tuning), `prompt` (prompt tuning), `p_tuning` and `ia3`.
@@ -6,23 +6,17 @@ PEFT methods (recipe key `peft_type`, used when `use_peft: true`): `lora` (DoRA 
 
 import argparse
 import importlib.util
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-
 from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hfllm.errors import HfllmError
+from ..checkpoint import atomic_output, check_output_dir, load
+from ..errors import HfllmError
 
 PEFT_TYPES = ("lora", "prefix", "prompt", "p_tuning", "ia3")
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query", "key", "value", "out_proj")
 MERGEABLE = ("LORA", "IA3")  # prompt-learning adapters add virtual tokens and have no weights to merge
-
-
-# ----------------------------------------------------------------------------- loading
 
 
 def check_bitsandbytes() -> None:
@@ -31,55 +25,6 @@ def check_bitsandbytes() -> None:
             "load_in_4bit/load_in_8bit need bitsandbytes, which is not installed; "
             "run `pip install 'hfllm[qlora]'` or set load_in_4bit: false"
         )
-
-
-def load_model(model_args, trust_remote_code: bool = False):
-    """The recipe's causal LM (TRL ModelConfig keys), 4-bit nf4 / 8-bit through bitsandbytes when asked."""
-    from trl import get_quantization_config
-
-    kwargs = dict(
-        revision=model_args.model_revision,
-        dtype=model_args.dtype,
-        attn_implementation=model_args.attn_implementation,
-        trust_remote_code=trust_remote_code,
-    )
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        check_bitsandbytes()
-        kwargs["quantization_config"] = get_quantization_config(model_args)  # compute dtype = `dtype`
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    try:
-        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
-    except OSError as error:
-        raise HfllmError(
-            f"could not load model '{model_args.model_name_or_path}' ({str(error).splitlines()[0]}); "
-            "give a local model folder or a hub id that is in the local cache"
-        ) from None
-
-
-def load_tokenizer(path: str):
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as error:
-        raise HfllmError(f"could not load a tokenizer from '{path}' ({str(error).splitlines()[0]}); save one with the model") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_for_inference(path: str | Path):
-    """(model, tokenizer) from a full checkpoint or a PEFT adapter folder (the base model is loaded under it)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise HfllmError(f"no model folder at {path}; give a folder written by `hfllm sft`/`dpo` or a checkpoint")
-    if (path / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(path)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path)
-    has_tokenizer = (path / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(path) if has_tokenizer else model.peft_config["default"].base_model_name_or_path)
-    return model, tokenizer
 
 
 # ----------------------------------------------------------------------------- PEFT configs
@@ -137,8 +82,7 @@ def merge_main(argv: list[str], prog: str) -> int:
     adapter, out = Path(args.adapter), Path(args.out)
     if not (adapter / "adapter_config.json").is_file():
         raise HfllmError(f"{adapter} has no adapter_config.json; give the output folder of a run with use_peft: true")
-    if out.exists() and any(out.iterdir()):
-        raise HfllmError(f"{out} already exists and is not empty; choose a new output folder")
+    check_output_dir(out)
     config = PeftConfig.from_pretrained(adapter)
     peft_type = getattr(config.peft_type, "value", config.peft_type)  # "LORA", "IA3", "PREFIX_TUNING", ...
     if peft_type not in MERGEABLE:
@@ -146,21 +90,9 @@ def merge_main(argv: list[str], prog: str) -> int:
             f"{adapter} is a {peft_type} adapter, which adds virtual tokens and cannot be merged into weights; "
             "load it with peft (AutoPeftModelForCausalLM) instead"
         )
-    base = args.base or config.base_model_name_or_path
-    if not base or not Path(base).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise HfllmError(f"the adapter's base model '{base}' is not a local folder; pass --base BASE_MODEL_DIR")
-
-    from peft import PeftModel
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, args.dtype))
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else base)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))  # write aside, then move into place
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    print(f"merged {peft_type} adapter {adapter} into {base} -> {out}")
+    merged, tokenizer = load(adapter, base=args.base, merge_adapter=True, dtype=getattr(torch, args.dtype))
+    with atomic_output(out) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    print(f"merged {peft_type} adapter {adapter} into {args.base or config.base_model_name_or_path} -> {out}")
     return 0

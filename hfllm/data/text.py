@@ -1,6 +1,6 @@
 """The text and the tokenizer of a recipe, the same on every process.
 
-Under `accelerate launch` the main process goes first (`args.main_process_first` in `run_pretrain.py`): it trains
+Under `accelerate launch` the main process goes first (`args.main_process_first` in `hfllm/training/pretrain.py`): it trains
 the tokenizer, tokenizes and packs (file-backed data lands in datasets' cache) and saves the tokenizer to
 `output_dir/tokenizer`. The other processes wait, then load that saved tokenizer, so every rank uses the identical
 one, and their packing of file-backed data is a cache hit. A resumed run loads `output_dir/tokenizer` too.
@@ -11,15 +11,16 @@ from pathlib import Path
 
 from datasets import Dataset, IterableDataset
 
-from .. import data
 from ..errors import HfllmError
+from .loading import load_text_datasets
+from .tokenizer import load_or_train_tokenizer
 
 TOKENIZER_DIR = "tokenizer"
 
 
 def load_text(data_args, seed: int):
     """The recipe's train/validation text (`IterableDataset`s with `streaming: true`)."""
-    return data.load_text_datasets(
+    return load_text_datasets(
         dataset=data_args.dataset, dataset_config=data_args.dataset_config, train_files=data_args.train_files,
         validation_files=data_args.validation_files, text_column=data_args.text_column,
         validation_split_percentage=data_args.validation_split_percentage, seed=seed,
@@ -49,9 +50,9 @@ def resolve_tokenizer(data_args, train: Dataset | IterableDataset, output_dir: s
     if trained and (not is_main or (resuming and saved.is_dir())):
         if not saved.is_dir():
             raise HfllmError(f"the main process saved no tokenizer in {saved}; see its error above")
-        return data.load_or_train_tokenizer(str(saved), [], data_args.vocab_size)
+        return load_or_train_tokenizer(str(saved), [], data_args.vocab_size)
     texts = tokenizer_texts(train, data_args.tokenizer_train_documents) if trained else []
-    return data.load_or_train_tokenizer(data_args.tokenizer, texts, data_args.vocab_size)
+    return load_or_train_tokenizer(data_args.tokenizer, texts, data_args.vocab_size)
 
 
 def save_tokenizer(tokenizer, output_dir: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from trl.chat_template_utils import has_generation_markers
 
-from hfllm.errors import HfllmError
+from ..errors import HfllmError
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 

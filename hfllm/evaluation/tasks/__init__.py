@@ -1,6 +1,6 @@
 """Data for hfllm's offline lm-eval tasks, built at run time (never committed) into `cache_dir()/eval_tasks`.
 
-The task YAMLs in `hfllm/eval_tasks/` load their data through `custom_dataset: !function task_data.<name>`, which
+The task YAMLs in this folder load their data through `custom_dataset: !function task_data.<name>`, which
 calls the builders here. Every builder is deterministic (fixed split, fixed seed), writes a JSONL file once and
 returns it as a `DatasetDict` with a "test" split:
 
@@ -19,12 +19,13 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
 
-from ..assets import cache_dir
-from ..data.corpus import shakespeare_corpus
-from ..errors import HfllmError
-from ..synth import parse_answer, synthesize  # noqa: F401  (parse_answer: the scoring rule task YAMLs use)
+from ...assets import cache_dir
+from ...checkpoint import atomic_output
+from ...data.corpus import shakespeare_corpus
+from ...data.synth import synthesize
+from ...errors import HfllmError
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "eval_tasks"  # the YAMLs shipped in the package
+TASKS_DIR = Path(__file__).resolve().parent  # the task YAMLs sit next to this file
 PASSAGE_CHARS = 2000
 NEXT_LINE_ITEMS = 500
 ARITHMETIC_ITEMS = 200
@@ -36,11 +37,9 @@ def data_dir() -> Path:
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> Path:
-    """Write rows atomically (tmp + rename), so an interrupted run never leaves half a file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    tmp.rename(path)
+    """Write rows atomically, so an interrupted run never leaves half a file behind."""
+    with atomic_output(path, folder=False, keep_existing=True) as tmp:
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path
 
 

@@ -1,7 +1,7 @@
 """Text metrics as local `evaluate` modules that load offline: bleu, chrf (sacrebleu), rouge (rouge_score),
 exact_match. `evaluate.load("bleu")` needs the Hub; `evaluate.load(<folder here>)` does not.
 
-    from hfllm.metrics import load_metric
+    from hfllm.evaluation.metrics import load_metric
     load_metric("bleu").compute(predictions=["the cat sat"], references=[["the cat sat"]])  # {"bleu": 100.0, ...}
 """
 
@@ -14,7 +14,7 @@ METRICS = ("bleu", "chrf", "rouge", "exact_match")
 
 def metric_path(name: str) -> str:
     """The folder `evaluate.load` takes for one of `METRICS`."""
-    from ..errors import HfllmError
+    from ...errors import HfllmError
 
     if name not in METRICS:
         raise HfllmError(f"unknown metric '{name}'; choose from: {', '.join(METRICS)}")

@@ -17,7 +17,6 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     LlamaConfig,
     MistralConfig,
@@ -29,8 +28,10 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-from .errors import HfllmError
-from .models import HfllmConfig, HfllmConfigError, HfllmForCausalLM
+from ..checkpoint import atomic_output, check_output_dir, load
+from ..errors import HfllmError
+from .configuration_hfllm import HfllmConfig, HfllmConfigError
+from .modeling_hfllm import HfllmForCausalLM
 
 SUPPORTED_SOURCES = (
     "LlamaForCausalLM",
@@ -201,54 +202,33 @@ def copy_weights(src: PreTrainedModel, dst: PreTrainedModel, allowed_missing: tu
 
 def load_native(src: Path, dtype) -> tuple[PreTrainedModel, object]:
     """Load a transformers folder or a .gguf file (dequantized) as its native model, plus its tokenizer; the
-    architecture must be one `convert` supports."""
+    architecture must be one `convert` supports (checked before any weights are loaded)."""
     if not src.exists():
         raise HfllmError(f"source '{src}' does not exist; give a transformers checkpoint folder or a .gguf file")
     if src.is_file():
         if src.suffix != ".gguf":
             raise HfllmError(f"source file '{src}' is not a .gguf file; give a .gguf file or a checkpoint folder")
-        kwargs = dict(gguf_file=src.name)
-        folder = src.parent
-        config = AutoConfig.from_pretrained(folder, **kwargs)
+        config = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
     else:
         if not (src / "config.json").exists():
             raise HfllmError(f"'{src}' has no config.json; it is not a transformers checkpoint folder")
-        kwargs, folder = {}, src
         architecture = (json.loads((src / "config.json").read_text()).get("architectures") or ["?"])[0]
         if architecture not in SUPPORTED_SOURCES:
             raise HfllmError(
                 f"cannot convert architecture '{architecture}' in {src}; supported: {', '.join(SUPPORTED_SOURCES)}"
             )
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(src)
     hfllm_config_from(config)  # fail on unsupported configs before loading any weights
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    if getattr(model, "hf_quantizer", None) is not None:  # GGUF weights arrive dequantized; forget the quantizer
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    return model, tokenizer
-
-
-def _check_output(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        raise HfllmError(f"output folder '{out}' is not empty; choose a new folder or remove it first")
+    return load(src, dtype=dtype)
 
 
 def _save(model: PreTrainedModel, tokenizer, generation_config: GenerationConfig | None, out: Path) -> None:
-    """Write into a temporary sibling folder, then rename: an error never leaves a half-written checkpoint."""
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if generation_config is not None:
-        generation_config.save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    """Model, tokenizer and generation config, written aside and renamed into place when complete."""
+    with atomic_output(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
 
 
 def to_hfllm(model: PreTrainedModel) -> HfllmForCausalLM:
@@ -285,7 +265,7 @@ def to_native(model: HfllmForCausalLM) -> PreTrainedModel:
 def convert(src: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     """Convert a transformers checkpoint folder or .gguf file at `src` into an hfllm checkpoint at `out`."""
     src, out = Path(src), Path(out)
-    _check_output(out)
+    check_output_dir(out)
     model, tokenizer = load_native(src, DTYPES[dtype])
     hfllm_model = to_hfllm(model)
     _save(hfllm_model, tokenizer, model.generation_config, out)
@@ -301,10 +281,9 @@ def export(src: str | Path, out: str | Path, to: str = "transformers") -> Path:
         raise HfllmError(f"'{src}' has no config.json; it is not an hfllm checkpoint folder")
     if json.loads((src / "config.json").read_text()).get("model_type") != "hfllm":
         raise HfllmError(f"'{src}' is not an hfllm checkpoint (model_type is not 'hfllm'); nothing to export")
-    _check_output(out)
-    model = HfllmForCausalLM.from_pretrained(src, dtype="auto")
+    check_output_dir(out)
+    model, tokenizer = load(src, dtype="auto")
     native = to_native(model)
-    tokenizer = AutoTokenizer.from_pretrained(src)
     _save(native, tokenizer, model.generation_config, out)
     return out
 

@@ -1,0 +1,253 @@
+"""Checkpoints in and out: the one model loader, folders written atomically, the output-folder check, eval mode.
+
+    model, tokenizer = load("runs/sft")          # hfllm or transformers folder, PEFT adapter folder, .gguf, Hub id
+    with atomic_output("runs/merged") as tmp:    # written aside; appears under its name only when complete
+        model.save_pretrained(tmp)
+    resume = check_output_dir("runs/tiny", run=recipe, resume=None, overwrite=False)
+    with eval_mode(model):                        # and back to training mode afterwards if it was training
+        model.generate(...)
+"""
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .errors import HfllmError
+
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+SPEC_HELP = "give an hfllm or transformers checkpoint folder, a PEFT adapter folder, a .gguf file or a Hub id"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load(
+    spec: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    merge_adapter: bool = False,
+    base: str | None = None,
+    config=None,
+    attn_implementation: str | None = None,
+    quantization_config=None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    with_tokenizer: bool = True,
+) -> tuple[PreTrainedModel, Any]:
+    """MODEL -> (model in eval mode, tokenizer or None).
+
+    MODEL is an hfllm or transformers checkpoint folder, a PEFT adapter folder (its base model loaded under it, or
+    `base`; merged into the weights with `merge_adapter`), a `.gguf` file (dequantized) or a Hub id. `config`
+    replaces the checkpoint's config (e.g. with overrides); `quantization_config` (bitsandbytes 4/8-bit) places the
+    model on the GPU, or the CPU without one. The tokenizer comes from the same place, else from the adapter's base.
+    """
+    path = Path(spec)
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if config is not None:
+        kwargs["config"] = config
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    tokenizer_kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+
+    kind = spec_kind(spec)
+    if kind == "adapter":
+        return _load_adapter(path, base, merge_adapter, kwargs, tokenizer_kwargs, with_tokenizer)
+    source = str(spec)
+    if kind == "gguf":
+        source = path.parent
+        kwargs["gguf_file"] = tokenizer_kwargs["gguf_file"] = path.name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = _load_tokenizer(source, tokenizer_kwargs) if with_tokenizer else None
+    except (OSError, ValueError) as error:
+        raise HfllmError(f"could not load model '{spec}': {_first_line(error)}") from None
+    if getattr(model, "hf_quantizer", None) is not None and "gguf_file" in kwargs:
+        model.hf_quantizer = None  # GGUF weights arrive dequantized: a plain model that save_pretrained accepts
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model.eval(), tokenizer
+
+
+def spec_kind(spec: str | Path) -> str:
+    """What a model spec names: "adapter", "gguf", "folder" or "hub"; one line when it names nothing loadable.
+    Cheap (no file is read), so commands check every spec before loading any."""
+    path = Path(spec)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return "adapter"
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "folder"
+    if path.exists():
+        raise HfllmError(f"'{spec}' is not a model checkpoint (no config.json or adapter_config.json); {SPEC_HELP}")
+    if HUB_ID.match(str(spec)) and not str(spec).startswith("."):
+        return "hub"
+    raise HfllmError(f"model '{spec}' does not exist; {SPEC_HELP}")
+
+
+def _load_adapter(path: Path, base: str | None, merge: bool, kwargs: dict, tokenizer_kwargs: dict, with_tokenizer: bool):
+    from peft import PeftConfig, PeftModel
+
+    base = base or PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+    if not base:
+        raise HfllmError(f"adapter '{path}' names no base model; pass the base model folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except (OSError, ValueError) as error:
+        raise HfllmError(f"could not load the base model '{base}' of adapter '{path}': {_first_line(error)}; pass "
+                         "the base model folder") from None
+    model = PeftModel.from_pretrained(model, str(path))
+    if merge:
+        model = model.merge_and_unload()
+    tokenizer = None
+    if with_tokenizer:
+        source = path if (path / "tokenizer_config.json").is_file() else base
+        tokenizer = _load_tokenizer(source, tokenizer_kwargs)
+    return model.eval(), tokenizer
+
+
+def _load_tokenizer(source, kwargs: dict):
+    return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
+def load_tokenizer(spec: str | Path):
+    """The tokenizer saved with a model folder, for training: the EOS token pads when it has no padding token."""
+    try:
+        tokenizer = _load_tokenizer(spec, {})
+    except (OSError, ValueError) as error:
+        raise HfllmError(f"could not load a tokenizer from '{spec}' ({_first_line(error)}); save one with the model") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_output(target: str | Path, *, folder: bool = True, keep_existing: bool = False) -> Iterator[Path]:
+    """Write `target` (a folder, or a file with `folder=False`) so that it appears only when complete.
+
+    Yields a temporary sibling path (an empty folder, or a file path); when the block ends without error it is
+    renamed to `target`, which may be absent or an empty folder. On error it is deleted and `target` is untouched.
+    With `keep_existing`, a `target` another process completed meanwhile is kept and this copy dropped.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    written = tmp if folder else tmp / target.name
+    try:
+        yield written
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        try:
+            os.replace(written, target)
+        except OSError:
+            if not (keep_existing and target.exists()):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_dir(
+    output_dir: str | Path,
+    *,
+    run: Any = None,
+    resume: str | bool | None = None,
+    overwrite: bool = False,
+    session_keys: frozenset[str] = frozenset(),
+) -> str | None:
+    """Check an output folder before any work; returns the checkpoint to resume from, or None.
+
+    A new or empty folder is always fine; a file is refused. Without `run` (convert, export, merge) any content is
+    refused. With `run` (a `Recipe` of a training command): a folder holding another command's files is refused; a
+    folder holding a run of a different recipe (keys outside `session_keys` differ) is refused unless `overwrite`;
+    the same run is refused unless resuming (`resume`: true/"last" for the newest checkpoint-*, or a path).
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .recipe import RECIPE_FILE
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise HfllmError(f"output folder '{out}' is a file; give a folder path")
+    if resume not in (None, False, "false", "False"):
+        if str(resume).lower() in ("true", "last"):
+            checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+            if checkpoint is None:
+                raise HfllmError(f"no checkpoint-* folder in {out} to resume from; train first or give a checkpoint path")
+        else:
+            checkpoint = str(resume)
+            if not Path(checkpoint).is_dir():
+                raise HfllmError(f"checkpoint '{checkpoint}' does not exist; give a checkpoint-* folder or 'true' for the last one")
+        if run is not None and (out / RECIPE_FILE).is_file():
+            _refuse_different_run(out, run, session_keys)
+        return checkpoint
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    if run is None:
+        raise HfllmError(f"output folder '{out}' is not empty; choose a new folder or remove it first")
+    if not (out / RECIPE_FILE).is_file():
+        raise HfllmError(f"output_dir {out} is not empty and holds no hfllm run; choose a new or empty folder")
+    if overwrite:
+        return None
+    _refuse_different_run(out, run, session_keys)
+    raise HfllmError(
+        f"output_dir {out} already holds this run; continue it with --resume_from_checkpoint true, "
+        "or start over with --overwrite_output_dir true"
+    )
+
+
+def _refuse_different_run(out: Path, run, session_keys: frozenset[str]) -> None:
+    import yaml
+
+    from .recipe import RECIPE_FILE
+
+    previous = yaml.safe_load((out / RECIPE_FILE).read_text(encoding="utf-8")) or {}
+    for key in sorted(set(previous) | set(run.resolved)):
+        if key in session_keys:
+            continue
+        before, now = previous.get(key, run.defaults.get(key)), run.value(key)
+        if before != now:
+            raise HfllmError(
+                f"output_dir {out} holds a different run ({key} was {before!r}, now {now!r}); "
+                "choose another output_dir, or set overwrite_output_dir: true to replace it"
+            )
+
+
+def clear_output_dir(output_dir: str | Path) -> None:
+    """Delete an earlier hfllm run in output_dir (after `check_output_dir` allowed overwriting it)."""
+    from .recipe import RECIPE_FILE
+
+    out = Path(output_dir)
+    if (out / RECIPE_FILE).is_file():
+        shutil.rmtree(out)
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode (no dropout, no router counting) inside the block; the previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
