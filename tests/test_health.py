@@ -7,15 +7,19 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from align_fixtures import synth_dir, tiny_model_dir  # noqa: F401
 from pretrain_utils import TINY, data_args, log_history, losses, single_thread
 from safetensors.torch import load_file
 
 from hfllm.errors import HfllmError, TrainingHalted
 from hfllm.run_pretrain import main
+from hfllm.run_sft import main as sft_main
 from hfllm.training import pretrain
 from hfllm.training.callbacks import StopAtStepCallback
 from hfllm.training.health import resume_command
@@ -181,3 +185,127 @@ def test_bad_health_keys_are_one_line(recipe, tmp_path, key, value, message):
         main([recipe, *TINY, "--output_dir", str(tmp_path / "out"), "--max_steps", "2", f"--{key}", value])
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+def interrupt(command: list[str], cwd: Path, after_logs: int = 3, sig=signal.SIGTERM) -> tuple[int, str, str]:
+    """Run `command`, send `sig` once `after_logs` training logs are out; (exit code, stdout, stderr)."""
+    with open(cwd / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd, env=ENV)
+        lines, seen = [], 0
+        for line in process.stdout:
+            lines.append(line)
+            seen += line.startswith("{") and "'loss'" in line
+            if seen == after_logs:
+                process.send_signal(sig)
+        lines.append(process.stdout.read())
+        code = process.wait(timeout=120)
+    return code, "".join(lines), (cwd / "stderr.txt").read_text()
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(recipe, tmp_path):
+    common = ["--max_steps", "30", "--save_steps", "1000", "--save_total_limit", "null"]
+    straight = run(recipe, tmp_path, *common, out="straight")
+    argv = [recipe, *TINY, *data_args(tmp_path), "--output_dir", str(tmp_path / "out"), *common]
+    code, stdout, stderr = interrupt([sys.executable, "-c", SLOW_CLI, "pretrain", *argv], tmp_path)
+    assert code == 143, stderr[-2000:]
+    assert "hfllm: SIGTERM received: finishing the current optimizer step, then saving a checkpoint" in stderr
+    step = int(re.search(r"^interrupted at step (\d+) of 30; checkpoint saved; resume with:$", stdout, re.M).group(1))
+    assert 3 <= step < 30
+    command = stdout.strip().splitlines()[-1]
+    assert command == resume_command("hfllm pretrain", argv)
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == [f"checkpoint-{step}"]
+    assert shlex.split(command)[:2] == ["hfllm", "pretrain"]
+    assert main(shlex.split(command)[2:]) == 0
+    same_losses(straight, tmp_path / "out")
+
+
+def test_second_signal_exits_at_once(recipe, tmp_path):
+    slow = SLOW_CLI.replace("time.sleep(0.1)", "time.sleep(3)")
+    argv = [recipe, *TINY, *data_args(tmp_path), "--output_dir", str(tmp_path / "out"), "--max_steps", "30"]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", slow, "pretrain", *argv], stdout=subprocess.PIPE,
+                                   stderr=stderr, text=True, cwd=tmp_path, env=ENV)
+        for line in process.stdout:
+            if line.startswith("{") and "'loss'" in line:  # step 1 is logged; step 2 sleeps 3 s
+                break
+        try:
+            process.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 2
+            while "SIGINT received" not in (tmp_path / "stderr.txt").read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)  # Python coalesces signals not yet handled: send the second after the first
+            process.send_signal(signal.SIGINT)
+            code = process.wait(timeout=2)  # before step 2 could end
+        finally:
+            process.kill()
+    assert code == 130
+    assert "hfllm: second SIGINT: exiting now, without a checkpoint" in (tmp_path / "stderr.txt").read_text()
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_sigterm_during_sft_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, synth_dir):
+    """The same for a TRL method: LoRA SFT on a tiny Llama, interrupted, resumed, equal to an uninterrupted run."""
+    keys = dict(
+        model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=8, chat_template="smollm2",
+        assistant_only_loss=True, datasets=[{"path": str(synth_dir / "sft.jsonl")}], max_steps=20,
+        per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, report_to="none", disable_tqdm=True,
+        save_strategy="steps", save_steps=20, max_length=128, seed=0, dataloader_num_workers=0,
+    )
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(yaml.safe_dump(keys))
+    assert sft_main([str(recipe), "--output_dir", str(tmp_path / "straight")]) == 0
+    argv = [str(recipe), "--output_dir", str(tmp_path / "out")]
+    code, stdout, stderr = interrupt([sys.executable, "-c", SLOW_CLI, "sft", *argv], tmp_path)
+    assert code == 143, stderr[-2000:]
+    step = int(re.search(r"^interrupted at step (\d+) of 20; checkpoint saved; resume with:$", stdout, re.M).group(1))
+    assert stdout.strip().splitlines()[-1] == resume_command("hfllm sft", argv)
+    assert (tmp_path / "out" / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
+    assert sft_main([*argv, "--resume_from_checkpoint", "true"]) == 0
+    same_losses(tmp_path / "straight" / "checkpoint-20", tmp_path / "out" / "checkpoint-20")
+
+
+# ----------------------------------------------------------------------------- checkpoints complete or absent
+
+
+@pytest.mark.parametrize("damage", ["truncate weights", "delete trainer_state.json"])
+def test_resume_skips_a_corrupt_newest_checkpoint(recipe, tmp_path, capsys, damage):
+    common = ["--max_steps", "8", "--save_steps", "2", "--save_total_limit", "null"]
+    straight = run(recipe, tmp_path, *common, out="straight")
+    out = run(recipe, tmp_path, *common, "--stop_at_step", "6")
+    newest = out / "checkpoint-6"
+    if damage == "truncate weights":
+        weights = newest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        (newest / "trainer_state.json").unlink()
+    with pytest.raises(HfllmError, match=r"^checkpoint '.*checkpoint-6' is incomplete or corrupt \("):
+        run(recipe, tmp_path, *common, "--resume_from_checkpoint", str(newest))
+    capsys.readouterr()
+    run(recipe, tmp_path, *common, "--resume_from_checkpoint", "true")
+    assert f"warning: skipping {newest}: incomplete or corrupt (" in capsys.readouterr().err
+    same_losses(straight, out)  # resumed from checkpoint-4: steps 5-8 as in one uninterrupted run
+    assert (newest / "trainer_state.json").is_file() and all_finite(newest / "model.safetensors")  # rewritten whole
+
+
+def test_a_checkpoint_that_fails_midway_never_appears(recipe, tmp_path, monkeypatch):
+    """A crash while writing checkpoint-4 leaves checkpoint-2 (save_total_limit 1 keeps it) and no checkpoint-4."""
+    from transformers import Trainer
+
+    save_rng = Trainer._save_rng_state
+
+    def crash_at_4(self, output_dir):
+        if output_dir.endswith("checkpoint-4"):
+            raise OSError("disk full")
+        return save_rng(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", crash_at_4)
+    with pytest.raises(OSError, match="disk full"):
+        run(recipe, tmp_path, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "1")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    monkeypatch.setattr(Trainer, "_save_rng_state", save_rng)
+    run(recipe, tmp_path, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "1",
+        "--resume_from_checkpoint", "true")
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-6"]
