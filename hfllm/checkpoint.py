@@ -4,15 +4,19 @@
     with atomic_output("runs/merged") as tmp:    # written aside; appears under its name only when complete
         model.save_pretrained(tmp)
     resume = check_output_dir("runs/tiny", run=recipe, resume=None, overwrite=False)
+    find_checkpoint("runs/tiny")                  # newest complete checkpoint-N; corrupt ones skipped with a warning
     with eval_mode(model):                        # and back to training mode afterwards if it was training
         model.generate(...)
 """
 
 import contextlib
+import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -177,10 +181,9 @@ def check_output_dir(
     A new or empty folder is always fine; a file is refused. Without `run` (convert, export, merge) any content is
     refused. With `run` (a `Recipe` of a training command): a folder holding another command's files is refused; a
     folder holding a run of a different recipe (keys outside `session_keys` differ) is refused unless `overwrite`;
-    the same run is refused unless resuming (`resume`: true/"last" for the newest checkpoint-*, or a path).
+    the same run is refused unless resuming (`resume`: true/"last" for the newest complete checkpoint-*, see
+    `find_checkpoint`, or the path of a complete checkpoint).
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     from .recipe import RECIPE_FILE
 
     out = Path(output_dir)
@@ -188,13 +191,18 @@ def check_output_dir(
         raise HfllmError(f"output folder '{out}' is a file; give a folder path")
     if resume not in (None, False, "false", "False"):
         if str(resume).lower() in ("true", "last"):
-            checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+            checkpoint = find_checkpoint(out) if out.is_dir() else None
             if checkpoint is None:
-                raise HfllmError(f"no checkpoint-* folder in {out} to resume from; train first or give a checkpoint path")
+                raise HfllmError(f"no complete checkpoint-* folder in {out} to resume from; train first or give a "
+                                 "checkpoint path")
         else:
             checkpoint = str(resume)
             if not Path(checkpoint).is_dir():
                 raise HfllmError(f"checkpoint '{checkpoint}' does not exist; give a checkpoint-* folder or 'true' for the last one")
+            problem = checkpoint_problem(checkpoint)
+            if problem is not None:
+                raise HfllmError(f"checkpoint '{checkpoint}' is incomplete or corrupt ({problem}); give another "
+                                 "checkpoint, or 'true' for the newest complete one")
         if run is not None and (out / RECIPE_FILE).is_file():
             _refuse_different_run(out, run, session_keys)
         return checkpoint
@@ -211,6 +219,66 @@ def check_output_dir(
         f"output_dir {out} already holds this run; continue it with --resume_from_checkpoint true, "
         "or start over with --overwrite_output_dir true"
     )
+
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR + "-" + step
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from (a few words), or None when it is complete: its
+    trainer_state.json parses, it holds model weights, every safetensors header reads (a truncated file fails) and
+    every torch-saved file (optimizer, scheduler, RNG state) has its zip directory, which torch writes last."""
+    folder = Path(folder)
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return "trainer_state.json does not parse"
+    files = [path for path in folder.iterdir() if path.is_file()]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, OSError):
+            return f"{index.name} does not parse"
+        missing = sorted(name for name in shards if not (folder / name).is_file())
+        if missing:
+            return f"shard {missing[0]} is missing"
+    weights = [path for path in files if path.suffix == ".safetensors" or path.name in ("pytorch_model.bin", "adapter_model.bin")]
+    if not weights and not any(path.is_dir() for path in folder.glob("global_step*")):  # DeepSpeed keeps its own
+        return "no model weights"
+    from safetensors import safe_open
+
+    for path in sorted(files):
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    handle.keys()
+            except Exception as error:  # safetensors raises its own error type (and OSError for unreadable files)
+                return f"{path.name} is unreadable: {_first_line(error)}"
+        elif path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
+            return f"{path.name} is truncated or not a torch file"
+    return None
+
+
+def find_checkpoint(output_dir: str | Path, *, warn: bool = True) -> str | None:
+    """The newest complete checkpoint-N folder in `output_dir` (see `checkpoint_problem`), or None. Incomplete or
+    corrupt ones are skipped, each with a warning on stderr naming it."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    found = [(int(match.group(1)), path) for path in out.iterdir()
+             if path.is_dir() and (match := CHECKPOINT_NAME.match(path.name))]
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        if warn:
+            print(f"warning: skipping {path}: incomplete or corrupt ({problem}); trying an older checkpoint",
+                  file=sys.stderr, flush=True)
+    return None
 
 
 def _refuse_different_run(out: Path, run, session_keys: frozenset[str]) -> None:

@@ -1,7 +1,8 @@
 """`hfllm` command line: each subcommand is a function `fn(argv: list[str], prog: str) -> int | None` in its module.
 
 Bad input raises `HfllmError` (or `HfllmConfigError` from a model config); here it becomes one line on stderr and
-exit code 2, never a traceback.
+exit code 2, never a traceback. Exit codes (docs/reliability.md): 0 done, 2 bad input, 3 training halted by its health
+checks, 130 / 143 training interrupted by SIGINT / SIGTERM after saving a checkpoint.
 """
 
 import importlib
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         result = function(rest, prog=f"hfllm {command}")
     except (HfllmError, HfllmConfigError) as error:
         print(f"hfllm {command}: error: {error}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", 2)
     return int(result or 0)
 
 

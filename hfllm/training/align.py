@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HfllmError
+from .health import (HEALTH_KEYS, HealthArguments, HealthCallback, PreemptionCallback, check_health_arguments,
+                     resume_command, with_health)
 
 # method -> (module, config class, trainer class)
 TRAINERS = {
@@ -25,12 +27,12 @@ TRAINERS = {
 # keys that may change between a run and its resumption
 SESSION_KEYS = frozenset({"resume_from_checkpoint", "overwrite_output_dir", "report_to", "logging_steps",
                           "disable_tqdm", "dataloader_num_workers", "eval_steps", "save_steps", "save_total_limit",
-                          "run_name", "exact_match_limit"})
+                          "run_name", "exact_match_limit", *HEALTH_KEYS})
 
 
 @dataclass
-class HfllmArguments:
-    """Recipe keys hfllm adds to TRL's."""
+class HfllmArguments(HealthArguments):
+    """Recipe keys hfllm adds to TRL's, with the training-health keys (`HealthArguments`, docs/reliability.md)."""
 
     chat_template: str | None = field(
         default=None, metadata={"help": "shipped template name (smollm2, chatml) or .jinja path; saved with the model"}
@@ -76,12 +78,13 @@ def run(method: str, argv: list[str], prog: str) -> int:
 
     module_name, config_name, trainer_name = TRAINERS[method]
     module = importlib.import_module(module_name)
-    Config, Trainer = getattr(module, config_name), getattr(module, trainer_name)
+    Config, Trainer = getattr(module, config_name), with_health(getattr(module, trainer_name))
 
     # ---- recipe and output folder
     extra = (GRPOArguments,) if method == "grpo" else ()
     recipe = load_recipe(argv, (ScriptArguments, Config, ModelConfig, DatasetMixtureConfig, HfllmArguments, *extra), prog)
     script_args, training_args, model_args, mixture_args, hfllm_args, *grpo_args = recipe.args
+    check_health_arguments(hfllm_args)
     overwrite = hfllm_args.overwrite_output_dir
     resume = check_output_dir(training_args.output_dir, run=recipe, resume=training_args.resume_from_checkpoint,
                               overwrite=overwrite, session_keys=SESSION_KEYS)
@@ -118,7 +121,9 @@ def run(method: str, argv: list[str], prog: str) -> int:
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
         recipe.save(training_args.output_dir, leave_out=("resume_from_checkpoint", "overwrite_output_dir"))
 
-    # ---- train, save (the tokenizer, with its chat template, goes with the model), evaluate
+    # ---- train, save (the tokenizer, with its chat template, goes with the model), evaluate. Health checks and
+    # preemption (SIGTERM / SIGINT: checkpoint, resume command, exit 143 / 130): hfllm/training/health.py
+    preemption = PreemptionCallback()
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -126,9 +131,14 @@ def run(method: str, argv: list[str], prog: str) -> int:
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=[HealthCallback(hfllm_args), preemption],
         **trainer_kwargs,
     )
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume)  # TrainingHalted (exit code 3) when the health checks stop it
+    if preemption.received and trainer.state.global_step < trainer.state.max_steps:
+        trainer.accelerator.print(f"interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}; "
+                                  f"checkpoint saved; resume with:\n{resume_command(prog, argv)}")
+        return preemption.exit_code
     trainer.save_model(training_args.output_dir)
     if not (Path(training_args.output_dir) / "tokenizer_config.json").exists():  # not every trainer saves it
         tokenizer.save_pretrained(training_args.output_dir)

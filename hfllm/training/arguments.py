@@ -16,6 +16,7 @@ from transformers import TrainingArguments
 from ..errors import HfllmError
 from ..models import HfllmConfig
 from ..recipe import Recipe, load_recipe
+from .health import HEALTH_KEYS, HealthArguments
 
 # HfllmConfig fields a recipe may set at top level; vocab_size comes from the tokenizer, special ids too
 MODEL_CONFIG_KEYS = {
@@ -46,7 +47,7 @@ SESSION_KEYS = frozenset({
     "resume_from_checkpoint", "overwrite_output_dir", "stop_at_step", "report_to", "logging_steps",
     "logging_first_step", "disable_tqdm", "dataloader_num_workers", "preprocessing_num_workers", "num_samples",
     "sample_max_new_tokens", "samples_at_eval", "eval_steps", "save_steps", "save_total_limit", "run_name",
-    "torch_num_threads",
+    "torch_num_threads", *HEALTH_KEYS,
 })
 
 
@@ -105,8 +106,8 @@ class DataArguments:
 
 
 @dataclass
-class PretrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus pretraining keys. `optim: muon` trains the hidden matrices with Muon: Trainer only
+class PretrainingArguments(TrainingArguments, HealthArguments):
+    """`TrainingArguments` plus pretraining keys and the training-health keys (`HealthArguments`). `optim: muon` trains the hidden matrices with Muon: Trainer only
     knows its own optimizer names, so it is given `adamw_torch` and `use_muon` records the choice for
     `PretrainTrainer.create_optimizer`."""
 

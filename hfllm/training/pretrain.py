@@ -17,6 +17,7 @@ from ..errors import HfllmError
 from ..models import get_preset, parameter_counts
 from .arguments import SESSION_KEYS, gradient_accumulation, lr_scheduler_kwargs, parse_recipe
 from .callbacks import RouterLoadCallback, SamplesCallback, StopAtStepCallback, append_samples, generate_samples, plot_loss_curve
+from .health import HealthCallback, PreemptionCallback, check_health_arguments, resume_command
 from .mfu import flops_per_token, peak_flops
 from .run_info import data_hash, tokenizer_hash, write_run_info
 from .trainer import PretrainTrainer
@@ -28,6 +29,7 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
     model_args, data_args, args = recipe.args
     if args.max_steps <= 0:
         raise HfllmError("set max_steps to a positive number of optimizer steps; pretraining is planned in steps")
+    check_health_arguments(args)
     args.gradient_accumulation_steps = gradient_accumulation(args, data_args.block_size)
     args.lr_scheduler_kwargs = lr_scheduler_kwargs(args)
     config = resolve_config(model_args.model, recipe.free, data_args.block_size)
@@ -79,7 +81,8 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
 
     # ---- train
     router_load = RouterLoadCallback() if getattr(model.config, "num_experts", 0) else None  # MoE balancing + logs
-    callbacks = [StopAtStepCallback(), *([router_load] if router_load else [])]
+    preemption = PreemptionCallback()  # SIGTERM / SIGINT: checkpoint, resume command, exit 143 / 130
+    callbacks = [StopAtStepCallback(), HealthCallback(args), preemption, *([router_load] if router_load else [])]
     if args.samples_at_eval:
         callbacks.append(SamplesCallback(tokenizer, args.output_dir))
     trainer = PretrainTrainer(
@@ -89,7 +92,13 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
     )
     if args.should_save:
         write_run_info(args.output_dir, plan)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume)  # TrainingHalted (exit code 3) when the health checks stop it
+    if preemption.received and trainer.state.global_step < args.max_steps:
+        trainer.save_state()
+        if args.should_save:
+            print(f"interrupted at step {trainer.state.global_step} of {args.max_steps}; checkpoint saved; resume "
+                  f"with:\n{resume_command(prog, argv)}", flush=True)
+        return preemption.exit_code
     if trainer.state.global_step < args.max_steps:
         trainer.save_state()
         print(f"stopped at step {trainer.state.global_step} of {args.max_steps}; continue with "

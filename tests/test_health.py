@@ -1,0 +1,311 @@
+"""Runs that survive (hfllm/training/health.py, docs/reliability.md): non-finite losses and spikes are caught, nothing
+non-finite is saved, SIGTERM leaves a checkpoint that resumes exactly, and half-written checkpoints are never used."""
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from align_fixtures import synth_dir, tiny_model_dir  # noqa: F401
+from pretrain_utils import TINY, data_args, log_history, losses, single_thread
+from safetensors.torch import load_file
+
+from hfllm.errors import HfllmError, TrainingHalted
+from hfllm.run_pretrain import main
+from hfllm.run_sft import main as sft_main
+from hfllm.training import pretrain
+from hfllm.training.callbacks import StopAtStepCallback
+from hfllm.training.health import resume_command
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+# the CLI with every micro-batch slowed down, so a signal sent after a few steps lands mid-run
+SLOW_CLI = ("import sys, time, torch, transformers\ntorch.set_num_threads(1)\nstep = transformers.Trainer.training_step\n"
+            "transformers.Trainer.training_step = lambda self, *a, **k: (time.sleep(0.1), step(self, *a, **k))[1]\n"
+            "from hfllm.cli import main\nsys.exit(main(sys.argv[1:]))")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = single_thread()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def recipe(tmp_path) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: llama-tiny\nlearning_rate: 3e-3\nwarmup_steps: 2\nlogging_steps: 1\nseed: 7\n"
+                    "eval_steps: 100\nnum_samples: 0\n")
+    return str(path)
+
+
+def run(recipe: str, tmp_path: Path, *extra: str, out: str = "out") -> Path:
+    output_dir = tmp_path / out
+    assert main([recipe, *TINY, *data_args(tmp_path), "--output_dir", str(output_dir), *extra]) == 0
+    return output_dir
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.safetensors"))
+
+
+def all_finite(path: Path) -> bool:
+    return all(torch.isfinite(tensor).all() for tensor in load_file(path).values())
+
+
+class Fault(StopAtStepCallback):
+    """Test-only fault at optimizer step `step`: `nan` makes the loss NaN, `lr` multiplies the learning rate by 1000
+    for that step, `poison` writes a NaN into a weight after the step (past every check but the save)."""
+
+    def __init__(self, step: int, kind: str):
+        self.step, self.kind, self.hook = step, kind, None
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step + 1 == self.step and self.kind == "nan":
+            self.hook = model.lm_head.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+        if state.global_step + 1 == self.step and self.kind == "lr":
+            for group in optimizer.param_groups:
+                group["lr"] *= 1000
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+        if state.global_step == self.step and self.kind == "poison":
+            with torch.no_grad():
+                model.model.norm.weight[0] = float("nan")
+
+
+def inject(monkeypatch, step: int, kind: str) -> None:
+    monkeypatch.setattr(pretrain, "StopAtStepCallback", lambda: Fault(step, kind))
+
+
+def same_losses(a: Path, b: Path) -> None:
+    x = [e for e in log_history(a) if "loss" in e]
+    y = [e for e in log_history(b) if "loss" in e]
+    assert [e["step"] for e in x] == [e["step"] for e in y]
+    for first, second in zip(x, y):
+        assert abs(first["loss"] - second["loss"]) < 1e-6 and abs(first["grad_norm"] - second["grad_norm"]) < 1e-5
+
+
+# ----------------------------------------------------------------------------- numerical health
+
+
+def test_divergence_stops_with_a_report_and_exit_code_3(recipe, tmp_path):
+    """learning_rate 1e4 without clipping: stopped at the first non-finite step, nothing non-finite on disk."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "hfllm", "pretrain", recipe, *TINY, *data_args(tmp_path), "--output_dir", str(out),
+         "--learning_rate", "1e4", "--max_grad_norm", "0", "--max_steps", "30", "--save_steps", "2"],
+        capture_output=True, text=True, cwd=ROOT, env=ENV,
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    step = int(re.search(r"^hfllm: training stopped at step (\d+) of 30: non-finite ", result.stderr, re.M).group(1))
+    good = max(s for s in range(2, step, 2))
+    assert f"last good checkpoint: {out}/checkpoint-{good} (resume with --resume_from_checkpoint {out}/checkpoint-{good})" in result.stderr
+    assert "learning rate too high" in result.stderr and "max_grad_norm 0 (no clipping)" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"hfllm pretrain: error: training stopped at step {step}: ")
+    assert "Traceback" not in result.stderr
+    assert not (out / "model.safetensors").exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted(f"checkpoint-{s}" for s in range(2, step, 2))
+    assert weight_files(out) and all(all_finite(path) for path in weight_files(out))
+
+
+def test_nan_step_is_skipped_and_health_metrics_are_logged(recipe, tmp_path, monkeypatch, capsys):
+    inject(monkeypatch, 5, "nan")
+    out = run(recipe, tmp_path, "--nan_action", "skip", "--max_steps", "8", "--save_steps", "4",
+              "--health_log_steps", "2", "--tie_word_embeddings", "false")
+    assert "warning: step 5: non-finite loss (nan)" in capsys.readouterr().err
+    assert (out / "model.safetensors").is_file()
+    assert all(all_finite(path) for path in weight_files(out)) and len(weight_files(out)) == 3
+    logs = {e["step"]: e for e in log_history(out) if "loss" in e}
+    assert [logs[s].get("skipped_steps") for s in range(1, 9)] == [None] * 4 + [1] * 4
+    for step in (1, 2, 4, 6, 8):  # logging_first_step, then every health_log_steps
+        groups = {k.split("/")[1] for k in logs[step] if k.startswith("grad_norm/")}
+        assert groups == {"embeddings", "attention", "mlp", "norms", "head"}, step
+        assert logs[step]["activation_rms/mean"] > 0 and logs[step]["activation_rms/max"] >= logs[step]["activation_rms/mean"]
+        assert "update_ratio/attention" in logs[step]
+    assert all(logs[s]["update_ratio"] > 0 for s in (2, 4, 6, 8)) and "grad_norm/mlp" not in logs[3]
+
+
+def test_nan_stops_and_the_reported_checkpoint_resumes_exactly(recipe, tmp_path, monkeypatch, capsys):
+    common = ["--max_steps", "10", "--save_steps", "4"]
+    straight = run(recipe, tmp_path, *common, out="straight")
+    inject(monkeypatch, 7, "nan")
+    with pytest.raises(TrainingHalted) as error:
+        run(recipe, tmp_path, *common)
+    out = tmp_path / "out"
+    assert str(error.value).startswith(f"training stopped at step 7: non-finite loss (nan) and gradient norm (nan); "
+                                       f"last good checkpoint: {out}/checkpoint-4; likely causes: ")
+    assert "\n" not in str(error.value)
+    assert f"--resume_from_checkpoint {out}/checkpoint-4" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"] and not (out / "model.safetensors").exists()
+    monkeypatch.setattr(pretrain, "StopAtStepCallback", StopAtStepCallback)  # the bad data is gone
+    run(recipe, tmp_path, *common, "--resume_from_checkpoint", str(out / "checkpoint-4"))
+    same_losses(straight, out)
+
+
+def test_learning_rate_jump_is_reported_as_a_spike(recipe, tmp_path, monkeypatch, capsys):
+    inject(monkeypatch, 12, "lr")
+    with pytest.raises(TrainingHalted, match=r"^training stopped at step 13: loss spike \("):
+        run(recipe, tmp_path, "--max_steps", "20", "--save_steps", "5", "--spike_action", "stop",
+            "--lr_scheduler_type", "constant")
+    assert "last good checkpoint: " + str(tmp_path / "out" / "checkpoint-10") in capsys.readouterr().err
+    inject(monkeypatch, 12, "lr")  # warn (the default): reported, logged, training goes on
+    out = run(recipe, tmp_path, "--max_steps", "14", "--save_steps", "100", "--lr_scheduler_type", "constant", out="warn")
+    assert re.search(r"warning: step 13: loss spike \([\d.]+, z-score [\d.]+ over the last 12 steps", capsys.readouterr().err)
+    assert [e.get("loss_spikes") for e in log_history(out) if "loss" in e][11:] == [None, 1, 1]
+
+
+def test_non_finite_weights_are_never_saved(recipe, tmp_path, monkeypatch):
+    inject(monkeypatch, 6, "poison")
+    with pytest.raises(TrainingHalted, match=r"^refusing to save .*checkpoint-6: model.norm.weight holds non-finite "
+                                             r"values \(nothing was written\); last good checkpoint: .*checkpoint-3;"):
+        run(recipe, tmp_path, "--max_steps", "8", "--save_steps", "3")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("nan_action", "maybe", "key 'nan_action': invalid choice: 'maybe'"),
+    ("spike_window", "1", "spike_window must be at least 2 steps, got 1"),
+    ("spike_zscore", "0", "spike_zscore must be positive, got 0.0"),
+])
+def test_bad_health_keys_are_one_line(recipe, tmp_path, key, value, message):
+    with pytest.raises(HfllmError) as error:
+        main([recipe, *TINY, "--output_dir", str(tmp_path / "out"), "--max_steps", "2", f"--{key}", value])
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+def interrupt(command: list[str], cwd: Path, after_logs: int = 3, sig=signal.SIGTERM) -> tuple[int, str, str]:
+    """Run `command`, send `sig` once `after_logs` training logs are out; (exit code, stdout, stderr)."""
+    with open(cwd / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd, env=ENV)
+        lines, seen = [], 0
+        for line in process.stdout:
+            lines.append(line)
+            seen += line.startswith("{") and "'loss'" in line
+            if seen == after_logs:
+                process.send_signal(sig)
+        lines.append(process.stdout.read())
+        code = process.wait(timeout=120)
+    return code, "".join(lines), (cwd / "stderr.txt").read_text()
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(recipe, tmp_path):
+    common = ["--max_steps", "30", "--save_steps", "1000", "--save_total_limit", "null"]
+    straight = run(recipe, tmp_path, *common, out="straight")
+    argv = [recipe, *TINY, *data_args(tmp_path), "--output_dir", str(tmp_path / "out"), *common]
+    code, stdout, stderr = interrupt([sys.executable, "-c", SLOW_CLI, "pretrain", *argv], tmp_path)
+    assert code == 143, stderr[-2000:]
+    assert "hfllm: SIGTERM received: finishing the current optimizer step, then saving a checkpoint" in stderr
+    step = int(re.search(r"^interrupted at step (\d+) of 30; checkpoint saved; resume with:$", stdout, re.M).group(1))
+    assert 3 <= step < 30
+    command = stdout.strip().splitlines()[-1]
+    assert command == resume_command("hfllm pretrain", argv)
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == [f"checkpoint-{step}"]
+    assert shlex.split(command)[:2] == ["hfllm", "pretrain"]
+    assert main(shlex.split(command)[2:]) == 0
+    same_losses(straight, tmp_path / "out")
+
+
+def test_second_signal_exits_at_once(recipe, tmp_path):
+    slow = SLOW_CLI.replace("time.sleep(0.1)", "time.sleep(3)")
+    argv = [recipe, *TINY, *data_args(tmp_path), "--output_dir", str(tmp_path / "out"), "--max_steps", "30"]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", slow, "pretrain", *argv], stdout=subprocess.PIPE,
+                                   stderr=stderr, text=True, cwd=tmp_path, env=ENV)
+        for line in process.stdout:
+            if line.startswith("{") and "'loss'" in line:  # step 1 is logged; step 2 sleeps 3 s
+                break
+        try:
+            process.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 2
+            while "SIGINT received" not in (tmp_path / "stderr.txt").read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)  # Python coalesces signals not yet handled: send the second after the first
+            process.send_signal(signal.SIGINT)
+            code = process.wait(timeout=2)  # before step 2 could end
+        finally:
+            process.kill()
+    assert code == 130
+    assert "hfllm: second SIGINT: exiting now, without a checkpoint" in (tmp_path / "stderr.txt").read_text()
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_sigterm_during_sft_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, synth_dir):
+    """The same for a TRL method: LoRA SFT on a tiny Llama, interrupted, resumed, equal to an uninterrupted run."""
+    keys = dict(
+        model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=8, chat_template="smollm2",
+        assistant_only_loss=True, datasets=[{"path": str(synth_dir / "sft.jsonl")}], max_steps=20,
+        per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, report_to="none", disable_tqdm=True,
+        save_strategy="steps", save_steps=20, max_length=128, seed=0, dataloader_num_workers=0,
+    )
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(yaml.safe_dump(keys))
+    assert sft_main([str(recipe), "--output_dir", str(tmp_path / "straight")]) == 0
+    argv = [str(recipe), "--output_dir", str(tmp_path / "out")]
+    code, stdout, stderr = interrupt([sys.executable, "-c", SLOW_CLI, "sft", *argv], tmp_path)
+    assert code == 143, stderr[-2000:]
+    step = int(re.search(r"^interrupted at step (\d+) of 20; checkpoint saved; resume with:$", stdout, re.M).group(1))
+    assert stdout.strip().splitlines()[-1] == resume_command("hfllm sft", argv)
+    assert (tmp_path / "out" / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
+    assert sft_main([*argv, "--resume_from_checkpoint", "true"]) == 0
+    same_losses(tmp_path / "straight" / "checkpoint-20", tmp_path / "out" / "checkpoint-20")
+
+
+# ----------------------------------------------------------------------------- checkpoints complete or absent
+
+
+@pytest.mark.parametrize("damage", ["truncate weights", "delete trainer_state.json"])
+def test_resume_skips_a_corrupt_newest_checkpoint(recipe, tmp_path, capsys, damage):
+    common = ["--max_steps", "8", "--save_steps", "2", "--save_total_limit", "null"]
+    straight = run(recipe, tmp_path, *common, out="straight")
+    out = run(recipe, tmp_path, *common, "--stop_at_step", "6")
+    newest = out / "checkpoint-6"
+    if damage == "truncate weights":
+        weights = newest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        (newest / "trainer_state.json").unlink()
+    with pytest.raises(HfllmError, match=r"^checkpoint '.*checkpoint-6' is incomplete or corrupt \("):
+        run(recipe, tmp_path, *common, "--resume_from_checkpoint", str(newest))
+    capsys.readouterr()
+    run(recipe, tmp_path, *common, "--resume_from_checkpoint", "true")
+    assert f"warning: skipping {newest}: incomplete or corrupt (" in capsys.readouterr().err
+    same_losses(straight, out)  # resumed from checkpoint-4: steps 5-8 as in one uninterrupted run
+    assert (newest / "trainer_state.json").is_file() and all_finite(newest / "model.safetensors")  # rewritten whole
+
+
+def test_a_checkpoint_that_fails_midway_never_appears(recipe, tmp_path, monkeypatch):
+    """A crash while writing checkpoint-4 leaves checkpoint-2 (save_total_limit 1 keeps it) and no checkpoint-4."""
+    from transformers import Trainer
+
+    save_rng = Trainer._save_rng_state
+
+    def crash_at_4(self, output_dir):
+        if output_dir.endswith("checkpoint-4"):
+            raise OSError("disk full")
+        return save_rng(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", crash_at_4)
+    with pytest.raises(OSError, match="disk full"):
+        run(recipe, tmp_path, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "1")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    monkeypatch.setattr(Trainer, "_save_rng_state", save_rng)
+    run(recipe, tmp_path, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "1",
+        "--resume_from_checkpoint", "true")
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-6"]
