@@ -5,50 +5,42 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
-from align_fixtures import synth_dir, tiny_model_dir  # noqa: F401
+from helpers import adaptation_recipe
 
 from hfllm.errors import HfllmError
 from hfllm.training.align import TRAINERS, grpo_main, kto_main, orpo_main
 
 
-def recipe(tmp_path, tiny_model_dir, data_file, **overrides):
-    keys = dict(
-        model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=8, chat_template="smollm2",
-        datasets=[{"path": str(data_file)}], output_dir=str(tmp_path / "out"), max_steps=2,
-        per_device_train_batch_size=4, learning_rate=5e-3, report_to="none", save_strategy="no", seed=0,
-    )
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(keys | overrides))
-    return str(path)
+def recipe(tmp_path, model_dir, data_file, **overrides) -> str:
+    return str(adaptation_recipe(tmp_path, model_dir, data_file, **({"max_steps": 2} | overrides)))
 
 
-def test_orpo(tmp_path, tiny_model_dir, synth_dir):
-    assert orpo_main([recipe(tmp_path, tiny_model_dir, synth_dir / "preference.jsonl", max_length=128)]) == 0
+def test_orpo(tmp_path, tiny_llama_chat_dir, synth_dir):
+    assert orpo_main([recipe(tmp_path, tiny_llama_chat_dir, synth_dir / "preference.jsonl", max_length=128)]) == 0
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
-def test_kto(tmp_path, tiny_model_dir, synth_dir):
-    assert kto_main([recipe(tmp_path, tiny_model_dir, synth_dir / "kto.jsonl", max_length=128)]) == 0
+def test_kto(tmp_path, tiny_llama_chat_dir, synth_dir):
+    assert kto_main([recipe(tmp_path, tiny_llama_chat_dir, synth_dir / "kto.jsonl", max_length=128)]) == 0
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
-def test_grpo_with_exact_match_reward(tmp_path, tiny_model_dir, synth_dir):
-    path = recipe(tmp_path, tiny_model_dir, synth_dir / "prompts.jsonl", num_generations=4, max_completion_length=4,
+def test_grpo_with_exact_match_reward(tmp_path, tiny_llama_chat_dir, synth_dir):
+    path = recipe(tmp_path, tiny_llama_chat_dir, synth_dir / "prompts.jsonl", num_generations=4, max_completion_length=4,
                   logging_steps=1)
     assert grpo_main([path]) == 0
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
-def test_grpo_unknown_reward_function(tmp_path, tiny_model_dir, synth_dir):
-    path = recipe(tmp_path, tiny_model_dir, synth_dir / "prompts.jsonl", reward_funcs=["hfllm.evaluation.exact_match:nope"], num_generations=4)
+def test_grpo_unknown_reward_function(tmp_path, tiny_llama_chat_dir, synth_dir):
+    path = recipe(tmp_path, tiny_llama_chat_dir, synth_dir / "prompts.jsonl", reward_funcs=["hfllm.evaluation.exact_match:nope"], num_generations=4)
     with pytest.raises(HfllmError, match="reward function 'hfllm.evaluation.exact_match:nope' not found; give it as module:function"):
         grpo_main([path])
 
 
-def test_kto_needs_label_column(tmp_path, tiny_model_dir, synth_dir):
+def test_kto_needs_label_column(tmp_path, tiny_llama_chat_dir, synth_dir):
     with pytest.raises(HfllmError, match=r"kto needs prompt\+completion\+label"):
-        kto_main([recipe(tmp_path, tiny_model_dir, synth_dir / "preference.jsonl")])
+        kto_main([recipe(tmp_path, tiny_llama_chat_dir, synth_dir / "preference.jsonl")])
 
 
 @pytest.mark.parametrize("path", sorted(str(p) for method in TRAINERS for p in Path("recipes", method).glob("*.yaml")))
