@@ -43,17 +43,25 @@ def test_kto_needs_label_column(tmp_path, tiny_llama_chat_dir, synth_dir):
         kto_main([recipe(tmp_path, tiny_llama_chat_dir, synth_dir / "preference.jsonl")])
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for method in TRAINERS for p in Path("recipes", method).glob("*.yaml")))
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p for method in TRAINERS for p in (ROOT / "recipes" / method).glob("*.yaml"))
+
+
+def test_shipped_recipes_are_found_from_any_directory():
+    assert len(SHIPPED) >= 5 and {p.parent.name for p in SHIPPED} == set(TRAINERS)  # a recipe for every method
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_recipes_parse(path):
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
     from hfllm.recipe import load_recipe
     from hfllm.training.align import GRPOArguments, HfllmArguments
 
-    method = path.split("/")[-2]
+    method = path.parent.name
     module, config_name, _ = TRAINERS[method]
     config = getattr(importlib.import_module(module), config_name)
     extra = (GRPOArguments,) if method == "grpo" else ()
     types = (ScriptArguments, config, ModelConfig, DatasetMixtureConfig, HfllmArguments, *extra)
-    args = load_recipe([path, "--bf16", "false"], types, f"hfllm {method}").args  # bf16 needs a GPU here
+    args = load_recipe([str(path), "--bf16", "false"], types, f"hfllm {method}").args  # bf16 needs a GPU here
     assert args[2].model_name_or_path and args[1].output_dir.startswith("runs/") and args[3].datasets
