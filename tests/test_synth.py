@@ -42,6 +42,31 @@ def test_parse_answer_and_reward():
     assert exact_match_reward(completions, answer=["122", "122"]) == [1.0, 0.0]
 
 
+@pytest.mark.usefixtures("single_thread")
+def test_chat_exact_match_counts_the_models_own_greedy_answers(tiny_llama_chat_dir):
+    """Items answered with what the model greedy-generates (computed here, one prompt at a time, without padding)
+    score 1 and items answered otherwise 0, so the scorer's batched, left-padded generation must agree exactly."""
+    import torch
+
+    from hfllm.checkpoint import load
+    from hfllm.evaluation.exact_match import chat_exact_match
+
+    model, tokenizer = load(str(tiny_llama_chat_dir))
+    prompts = ["What is 2 + 2?", "Reverse 'stone'.", "What is 17 + 25?", "How many metres are in 3 km?"]
+    greedy = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]  # (1, T)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        greedy.append(parse_answer(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)))
+    assert all(greedy)  # the random model says something for each prompt
+    items = [{"prompt": prompt, "answer": answer if i % 2 == 0 else answer + " (not this)"}
+             for i, (prompt, answer) in enumerate(zip(prompts, greedy))]
+    assert chat_exact_match(model, tokenizer, items) == 0.5  # one left-padded batch of four
+    assert chat_exact_match(model, tokenizer, items[:1]) == 1.0 and chat_exact_match(model, tokenizer, items[1:2]) == 0.0
+
+
 def test_unknown_task_fails_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "hfllm", "data", "synth", "sorting", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
