@@ -40,6 +40,20 @@ def losses(output_dir: Path) -> list[float]:
     return series(output_dir, "loss")
 
 
+def checkpoint_series(output_dir: Path, key: str) -> list[float]:
+    """`series` from the one checkpoint-N folder in `output_dir` (adaptation runs keep trainer_state.json there)."""
+    [checkpoint] = Path(output_dir).glob("checkpoint-*")
+    return series(checkpoint, key)
+
+
+def first_rows(source: Path, n: int, target: Path) -> Path:
+    """The first `n` rows of a .jsonl file written to `target`: with a batch of `n`, every step sees the same rows,
+    so a method's metrics can be compared from step to step."""
+    lines = Path(source).read_text().splitlines(keepends=True)[:n]
+    Path(target).write_text("".join(lines))
+    return Path(target)
+
+
 # ----------------------------------------------------------------------------- pretraining
 
 CORPUS = (
