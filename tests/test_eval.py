@@ -102,6 +102,21 @@ def as_strings(value):
     return [as_strings(item) for item in value] if isinstance(value, (list, tuple)) else str(value)
 
 
+def next_line_accuracy(samples: list[dict]) -> float:
+    """Share of logged documents whose gold line has the highest log-likelihood of the four choices."""
+    best = [max(range(len(row["resps"])), key=lambda i: float(row["resps"][i][0][0])) for row in samples]
+    return sum(choice == int(row["target"]) for choice, row in zip(best, samples)) / len(samples)
+
+
+def test_next_line_accuracy_is_the_share_of_documents_whose_gold_line_scores_highest(tiny_llama_shakespeare_dir):
+    model, tokenizer = load_model(str(tiny_llama_shakespeare_dir))
+    results = evaluate_model(model, tokenizer, ["hfllm_shakespeare_next_line"], limit=10, log_samples=True)
+    samples = results["samples"]["hfllm_shakespeare_next_line"]
+    expected = next_line_accuracy(samples)
+    assert len(samples) == 10 and 0 < expected < 1  # some documents right, some wrong: the value says which
+    assert scores(results)["hfllm_shakespeare_next_line"]["acc"] == pytest.approx(expected)
+
+
 def test_strided_perplexity_matches_lm_eval_rolling(tiny_llama_shakespeare_dir):
     model, tokenizer = load_model(str(tiny_llama_shakespeare_dir))
     results = evaluate_model(model, tokenizer, ["hfllm_shakespeare_ppl"], limit=2)
@@ -130,7 +145,8 @@ def test_offline_suite_on_two_models_writes_json_markdown_chart_and_samples(tiny
     assert set(first["scores"]) == {"hfllm_shakespeare_ppl", "hfllm_shakespeare_next_line", "hfllm_synth"}
     ppl = first["scores"]["hfllm_shakespeare_ppl"]
     assert 1 < ppl["byte_perplexity"] and ppl["bits_per_byte"] == pytest.approx(math.log2(ppl["byte_perplexity"]))
-    assert 0 <= first["scores"]["hfllm_shakespeare_next_line"]["acc"] <= 1
+    next_line = [json.loads(row) for row in (out / f"samples_{tiny_llama_shakespeare_dir.name}-0_hfllm_shakespeare_next_line.jsonl").read_text().splitlines()]
+    assert first["scores"]["hfllm_shakespeare_next_line"]["acc"] == next_line_accuracy(next_line)
     assert first["scores"]["hfllm_synth"]["sample_len"] == 2
     table = (out / "results.md").read_text()
     assert table == capsys.readouterr().out.split("\n\nwrote")[0].rstrip() + "\n"
@@ -272,22 +288,35 @@ def test_task_file_with_a_broken_template(tiny_llama_shakespeare_dir, tmp_path):
 
 
 def test_callback_logs_task_scores_and_regression_prompts_with_the_loss(tiny_llama_shakespeare_dir, tmp_path):
+    """The regression patterns are the model's own greedy completions, computed here (learning rate 0: the model at
+    steps 2 and 4 is the one measured now): each prompt's pattern matches its own completion only."""
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
     from hfllm.evaluation.callback import EvalCallback
 
     model, tokenizer = load_model(str(tiny_llama_shakespeare_dir))
+    greedy = {}
+    for prompt in ("What is 2 + 2?", "Hello", "To be, or not"):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, T), with BOS like the callback
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        greedy[prompt] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert len(set(greedy.values())) == 3 and all(text.strip() for text in greedy.values())
+    exactly = {prompt: "^" + re.escape(text) + "$" for prompt, text in greedy.items()}
+    prompts = [{"prompt": "What is 2 + 2?", "pattern": exactly["What is 2 + 2?"]},  # passes
+               {"prompt": "Hello", "pattern": exactly["Hello"]},  # passes
+               {"prompt": "To be, or not", "pattern": exactly["Hello"]}]  # another prompt's completion: fails
     ids = tokenizer("To be, or not to be, that is the question.")["input_ids"]
     data = Dataset.from_list([{"input_ids": ids, "labels": ids}] * 8)
     args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=2, logging_steps=1,
-                             report_to=[], use_cpu=True, save_strategy="no", learning_rate=1e-3)
+                             report_to=[], use_cpu=True, save_strategy="no", learning_rate=0.0)
     trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    prompts = [{"prompt": "What is 2 + 2?", "pattern": r""}, {"prompt": "Hello", "pattern": r"^NEVER THIS$"}]
     trainer.add_callback(EvalCallback(trainer, ["hfllm_synth"], every_n_steps=2, limit=2, regression_prompts=prompts,
                                       max_new_tokens=4))
     trainer.train()
     evals = [entry for entry in trainer.state.log_history if "eval/regression/pass_rate" in entry]
     assert [entry["step"] for entry in evals] == [2, 4]
-    assert all(entry["eval/regression/pass_rate"] == 0.5 and entry["eval/hfllm_synth/exact_match"] == 0.0 for entry in evals)
+    assert all(entry["eval/regression/pass_rate"] == pytest.approx(2 / 3) for entry in evals), evals
+    assert all(entry["eval/hfllm_synth/exact_match"] == 0.0 for entry in evals)
     assert "loss" in trainer.state.log_history[0] and model.training  # back in training mode

@@ -47,7 +47,8 @@ def test_offline_suite_on_smollm2_hfllm_checkpoint_limit_20(smollm2_hfllm_dir, t
     # a real model is far better than chance (random: 4-way choice 0.25, ~6 bits per byte)
     assert result["hfllm_shakespeare_ppl"]["bits_per_byte"] < 2.0
     assert result["hfllm_shakespeare_next_line"]["acc"] > 0.3
-    assert 0.0 <= result["hfllm_synth"]["exact_match"] <= 1.0 and result["hfllm_synth"]["sample_len"] == 20
+    # measured 0.25 (docs/evaluation.md); a random model answers none
+    assert result["hfllm_synth"]["exact_match"] >= 0.15 and result["hfllm_synth"]["sample_len"] == 20
 
 
 @pytest.mark.slow
