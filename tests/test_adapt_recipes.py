@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from align_fixtures import synth_dir, tiny_model_dir  # noqa: F401
+from helpers import write_recipe
 
 from hfllm.training.align import TRAINERS, run
 
@@ -19,11 +19,11 @@ DATA = {"sft": "sft.jsonl", "dpo": "preference.jsonl", "orpo": "preference.jsonl
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=str)
-def test_recipe_trains_at_tiny_size(path, tmp_path, tiny_model_dir, synth_dir):
+def test_recipe_trains_at_tiny_size(path, tmp_path, tiny_llama_chat_dir, synth_dir):
     method = path.parent.name
     recipe = yaml.safe_load((ROOT / path).read_text())
     recipe.update(
-        model_name_or_path=str(tiny_model_dir), dtype="float32", datasets=[{"path": str(synth_dir / DATA[method])}],
+        model_name_or_path=str(tiny_llama_chat_dir), dtype="float32", datasets=[{"path": str(synth_dir / DATA[method])}],
         output_dir=str(tmp_path / "out"), max_steps=1, num_train_epochs=1, per_device_train_batch_size=2,
         gradient_accumulation_steps=1, bf16=False, eval_strategy="no", save_strategy="no", report_to="none",
         exact_match_file=None, logging_steps=1,
@@ -33,8 +33,7 @@ def test_recipe_trains_at_tiny_size(path, tmp_path, tiny_model_dir, synth_dir):
         recipe.update(num_generations=2, generation_batch_size=2, max_completion_length=4)
     else:
         recipe.update(max_length=96)
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    assert run(method, [str(tmp_path / "recipe.yaml")], f"hfllm {method}") == 0
+    assert run(method, [str(write_recipe(tmp_path / "recipe.yaml", recipe))], f"hfllm {method}") == 0
     out = tmp_path / "out"
     weights = "adapter_model.safetensors" if recipe.get("use_peft") else "model.safetensors"
     assert (out / weights).is_file()

@@ -9,8 +9,8 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from hfllm import HfllmForCausalLM, get_preset
 from hfllm.cli import main as cli_main
 from hfllm.data import (
     DOCUMENT_SEPARATOR,
@@ -317,17 +317,20 @@ def test_packing_errors_name_block_size_and_tokens(tokenizer):
     )
 
 
-def test_collated_blocks_keep_documents_apart_under_sdpa(tokenizer):
-    """No attention_mask + restarting position_ids: sdpa attends within each document only."""
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_collated_blocks_keep_documents_apart_in_hfllm_models(tokenizer, attn_implementation):
+    """No attention_mask + restarting position_ids: hfllm's model attends within each document only, at the
+    document's own positions, so a packed document's logits are those of the document alone."""
     packed = tokenize_and_pack(documents_dataset(DOCUMENTS, DOCUMENTS[:10]), tokenizer, 128, seed=0)
     batch = collate_blocks([packed["validation"][i] for i in range(2)])
     assert set(batch) == {"input_ids", "labels", "position_ids"} and torch.equal(batch["labels"], batch["input_ids"])
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, use_cache=False, attn_implementation="sdpa",
-    )  # fmt: skip
+    config = get_preset(
+        "llama-tiny", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, use_cache=False,
+    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = HfllmForCausalLM(config).eval()
+    model.set_attn_implementation(attn_implementation)
     row = batch["input_ids"][0]
     start = int((row == tokenizer.eos_token_id).nonzero()[0]) + 1  # second document starts here
     end = start + int((row[start:] == tokenizer.eos_token_id).nonzero()[0]) + 1

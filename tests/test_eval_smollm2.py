@@ -8,7 +8,6 @@ and strided-perplexity parity with lm-eval.
 import json
 
 import pytest
-from eval_helpers import single_thread, smollm2_dir, smollm2_hfllm_dir  # noqa: F401
 
 from hfllm.evaluation import evaluate_model, load_model, scores, strided_perplexity
 from hfllm.evaluation.run import main
@@ -23,8 +22,8 @@ def read_samples(folder, run: str, task: str) -> list:
     return [(row["doc_id"], row["resps"]) for row in sorted(rows, key=lambda row: row["doc_id"])]
 
 
-def test_offline_suite_on_smollm2_hfllm_checkpoint_equals_native_sample_by_sample(smollm2_dir, smollm2_hfllm_dir, tmp_path):
-    main([str(smollm2_hfllm_dir), str(smollm2_dir), "--tasks", "hfllm_offline", "--limit", "3", "--log_samples",
+def test_offline_suite_on_smollm2_hfllm_checkpoint_equals_native_sample_by_sample(smollm2_native_dir, smollm2_hfllm_dir, tmp_path):
+    main([str(smollm2_hfllm_dir), str(smollm2_native_dir), "--tasks", "hfllm_offline", "--limit", "3", "--log_samples",
           "--output_path", str(tmp_path)])
     ours, native = json.loads((tmp_path / "results.json").read_text())["models"]
     assert (ours["architecture"], native["architecture"]) == ("HfllmForCausalLM", "LlamaForCausalLM")
@@ -48,7 +47,8 @@ def test_offline_suite_on_smollm2_hfllm_checkpoint_limit_20(smollm2_hfllm_dir, t
     # a real model is far better than chance (random: 4-way choice 0.25, ~6 bits per byte)
     assert result["hfllm_shakespeare_ppl"]["bits_per_byte"] < 2.0
     assert result["hfllm_shakespeare_next_line"]["acc"] > 0.3
-    assert 0.0 <= result["hfllm_synth"]["exact_match"] <= 1.0 and result["hfllm_synth"]["sample_len"] == 20
+    # measured 0.25 (docs/evaluation.md); a random model answers none
+    assert result["hfllm_synth"]["exact_match"] >= 0.15 and result["hfllm_synth"]["sample_len"] == 20
 
 
 @pytest.mark.slow

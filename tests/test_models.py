@@ -14,7 +14,7 @@ from hfllm import HfllmConfig, HfllmForCausalLM, get_preset
 from hfllm.models.convert import to_hfllm
 from hfllm.errors import HfllmError
 from hfllm.models import HfllmConfigError
-from hfllm.models.modeling_hfllm import load_balancing_loss, router_z_loss
+from hfllm.models.modeling_hfllm import CACHE_NAME, load_balancing_loss, router_z_loss
 
 VOCAB = 101
 VARIANTS = {
@@ -81,6 +81,33 @@ def test_cached_generation_equals_uncached(variant):
     static = model.generate(ids, attention_mask=mask, cache_implementation="static", **kwargs)
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, static)
+
+
+@pytest.mark.parametrize("variant", ["sliding", "interleaved"])
+def test_sliding_layers_cache_only_the_window(variant):
+    """Decoding far past the window (12 prompt + 32 new tokens, window 6): the cache of each sliding layer holds at
+    most `sliding_window` positions, a full-attention layer's holds all 44, and the last cached step still gives the
+    logits of a full forward pass."""
+    model = tiny(variant)
+    window, kinds = model.config.sliding_window, model.config.layer_types
+    ids, _ = batch(length=12, pad=0)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        tokens = ids
+        for _ in range(32):
+            next_token = out.logits[:, -1:].argmax(-1)  # (B, 1)
+            tokens = torch.cat([tokens, next_token], dim=1)
+            out = model(next_token, use_cache=True, **{CACHE_NAME: getattr(out, CACHE_NAME)})
+        full = model(tokens).logits[:, -1]  # (B, V)
+    cache = getattr(out, CACHE_NAME)
+    assert tokens.shape[1] == 44 and len(cache.layers) == len(kinds) and "sliding_attention" in kinds
+    for kind, layer in zip(kinds, cache.layers):
+        assert layer.keys.shape[-2] == layer.values.shape[-2]
+        if kind == "sliding_attention":
+            assert layer.keys.shape[-2] <= window, (kind, layer.keys.shape)
+        else:
+            assert layer.keys.shape[-2] == 44, (kind, layer.keys.shape)
+    assert (out.logits[:, -1] - full).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("variant", ["dense", "sliding", "moe"])

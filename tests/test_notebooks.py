@@ -1,7 +1,6 @@
 """The notebooks run: every code cell but the set-up cell, in one namespace, in quick mode."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from pretrain_utils import TINY, data_args, log_history, losses, single_thread
+from helpers import TINY, data_args, log_history, losses, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfllm.errors import HfllmError
@@ -28,18 +27,13 @@ from hfllm.training.run_info import tokenizer_hash
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = single_thread()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
 def recipe(tmp_path) -> str:
-    path = tmp_path / "recipe.yaml"
-    path.write_text("model: llama-tiny\nlearning_rate: 3e-3\nwarmup_steps: 2\nlogging_steps: 1\nseed: 7\n")
-    return str(path)
+    keys = {"model": "llama-tiny", "learning_rate": 3e-3, "warmup_steps": 2, "logging_steps": 1, "seed": 7}
+    return str(write_recipe(tmp_path / "recipe.yaml", keys))
 
 
 def run(recipe: str, tmp_path: Path, *extra: str, out: str = "out") -> Path:
@@ -245,8 +239,8 @@ def test_recipe_errors(tmp_path, recipe_text, cli, message):
 
 
 def test_cli_overrides_yaml_and_dict_keys(tmp_path):
-    path = tmp_path / "r.yaml"
-    path.write_text("max_steps: 5\nlr_scheduler_kwargs: {min_lr_rate: 0.1}\nnum_hidden_layers: 3\nsample_prompts: [\"A:\\n\"]\n")
+    path = write_recipe(tmp_path / "r.yaml", {"max_steps": 5, "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+                                              "num_hidden_layers": 3, "sample_prompts": ["A:\n"]})
     recipe = parse_recipe([str(path), "--max_steps", "7", "--layer_types", "[full_attention, full_attention]",
                            "--num_hidden_layers", "2", "--learning_rate=1e-3"], "test")
     assert recipe.args[2].max_steps == 7 and recipe.args[2].learning_rate == 1e-3
@@ -316,8 +310,7 @@ def test_output_dir_holding_another_run(recipe, tmp_path):
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
-    path = tmp_path / "r.yaml"
-    path.write_text("max_step: 3\n")
+    path = write_recipe(tmp_path / "r.yaml", {"max_step": 3})
     result = subprocess.run([sys.executable, "-m", "hfllm", "pretrain", str(path)], capture_output=True, text=True,
                             cwd=ROOT)
     assert result.returncode == 2
@@ -329,7 +322,7 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 
 def test_script_runs_directly_with_python(tmp_path):
     """`python hfllm/run_pretrain.py RECIPE` (the form `accelerate launch` runs) works from any directory."""
-    (tmp_path / "r.yaml").write_text("model: llama-tiny\nmax_steps: 1\n")
+    write_recipe(tmp_path / "r.yaml", {"model": "llama-tiny", "max_steps": 1})
     result = subprocess.run(
         [sys.executable, str(ROOT / "hfllm" / "run_pretrain.py"), "r.yaml", *TINY, *data_args(tmp_path),
          "--output_dir", "out", "--eval_steps", "100", "--num_samples", "0"],
@@ -343,7 +336,7 @@ def test_script_runs_directly_with_python(tmp_path):
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): the global batch is split over devices, not repeated."""
-    (tmp_path / "r.yaml").write_text("model: llama-tiny\nmax_steps: 3\nglobal_batch_size: 8\nlogging_steps: 1\n")
+    write_recipe(tmp_path / "r.yaml", {"model": "llama-tiny", "max_steps": 3, "global_batch_size": 8, "logging_steps": 1})
     tiny = [arg for arg in TINY]
     tiny[tiny.index("--global_batch_size") + 1] = "8"
     result = subprocess.run(

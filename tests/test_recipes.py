@@ -5,9 +5,8 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from pretrain_utils import TINY, data_args, log_history, single_thread
+from helpers import TINY, data_args, log_history
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfllm.run_pretrain import main
@@ -17,11 +16,7 @@ SHRINK = [*TINY, "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "1"
           "--moe_intermediate_size", "null", "--max_position_embeddings", "64", "--sliding_window", "null"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = single_thread()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_recipes_exist():

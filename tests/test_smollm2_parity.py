@@ -8,7 +8,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfllm import HfllmForCausalLM
-from hfllm.assets import smollm2_dir, smollm2_hfllm_dir
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -20,9 +19,9 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(smollm2_native_dir, smollm2_hfllm_dir):
     torch.manual_seed(0)
-    native_dir, hfllm_dir = smollm2_dir(), smollm2_hfllm_dir()
+    native_dir, hfllm_dir = smollm2_native_dir, smollm2_hfllm_dir
     native = AutoModelForCausalLM.from_pretrained(native_dir, dtype=torch.float32).eval()
     ours = AutoModelForCausalLM.from_pretrained(hfllm_dir, dtype=torch.float32).eval()
     native_tok = AutoTokenizer.from_pretrained(native_dir, padding_side="left")

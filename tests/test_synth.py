@@ -3,13 +3,15 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-
-from align_fixtures import smollm2_dir  # noqa: F401
+from helpers import write_recipe
 
 from hfllm.data.synth import read_jsonl, synth_main, synthesize
 from hfllm.evaluation.exact_match import exact_match_reward, parse_answer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("task", ["arithmetic", "reverse", "units"])
@@ -40,6 +42,31 @@ def test_parse_answer_and_reward():
     assert exact_match_reward(completions, answer=["122", "122"]) == [1.0, 0.0]
 
 
+@pytest.mark.usefixtures("single_thread")
+def test_chat_exact_match_counts_the_models_own_greedy_answers(tiny_llama_chat_dir):
+    """Items answered with what the model greedy-generates (computed here, one prompt at a time, without padding)
+    score 1 and items answered otherwise 0, so the scorer's batched, left-padded generation must agree exactly."""
+    import torch
+
+    from hfllm.checkpoint import load
+    from hfllm.evaluation.exact_match import chat_exact_match
+
+    model, tokenizer = load(str(tiny_llama_chat_dir))
+    prompts = ["What is 2 + 2?", "Reverse 'stone'.", "What is 17 + 25?", "How many metres are in 3 km?"]
+    greedy = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]  # (1, T)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        greedy.append(parse_answer(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)))
+    assert all(greedy)  # the random model says something for each prompt
+    items = [{"prompt": prompt, "answer": answer if i % 2 == 0 else answer + " (not this)"}
+             for i, (prompt, answer) in enumerate(zip(prompts, greedy))]
+    assert chat_exact_match(model, tokenizer, items) == 0.5  # one left-padded batch of four
+    assert chat_exact_match(model, tokenizer, items[:1]) == 1.0 and chat_exact_match(model, tokenizer, items[1:2]) == 0.0
+
+
 def test_unknown_task_fails_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "hfllm", "data", "synth", "sorting", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -48,7 +75,7 @@ def test_unknown_task_fails_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_sft_then_dpo_shortened(tmp_path, smollm2_dir):
+def test_smollm2_sft_then_dpo_shortened(tmp_path, smollm2_hfllm_dir):
     """The demo in small, on held-out items: SFT raises exact match clearly; DPO keeps it and the preference accuracy
     and widens the log-likelihood margin of the answer over the corrupted one."""
     import yaml
@@ -60,15 +87,15 @@ def test_smollm2_sft_then_dpo_shortened(tmp_path, smollm2_dir):
 
     data = tmp_path / "data"
     synth_main(["arithmetic", "--out", str(data), "--n-train", "400", "--n-test", "60"], prog="hfllm data synth")
-    before = score_file(*load(str(smollm2_dir)), str(data / "test.jsonl"), None)
+    before = score_file(*load(str(smollm2_hfllm_dir)), str(data / "test.jsonl"), None)
     for name in ("sft", "dpo"):  # the recipes' data paths point at runs/smollm2_demo: use copies pointing at this test's data
-        recipe = yaml.safe_load(open(f"recipes/{name}/smollm2_synth_lora.yaml"))
+        recipe = yaml.safe_load((ROOT / "recipes" / name / "smollm2_synth_lora.yaml").read_text())
         recipe["datasets"][0]["path"] = str(data / ("sft.jsonl" if name == "sft" else "preference.jsonl"))
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+        write_recipe(tmp_path / f"{name}.yaml", recipe)
     common = ["--exact_match_file", str(data / "test.jsonl"), "--report_to", "none", "--save_strategy", "no"]
-    assert sft_main([str(tmp_path / "sft.yaml"), "--model_name_or_path", str(smollm2_dir), "--max_steps", "40",
+    assert sft_main([str(tmp_path / "sft.yaml"), "--model_name_or_path", str(smollm2_hfllm_dir), "--max_steps", "40",
                      "--output_dir", str(tmp_path / "sft"), *common]) == 0
-    subprocess.run([sys.executable, "-m", "hfllm", "merge", str(tmp_path / "sft"), str(tmp_path / "merged"), "--base", str(smollm2_dir)], check=True)
+    subprocess.run([sys.executable, "-m", "hfllm", "merge", str(tmp_path / "sft"), str(tmp_path / "merged"), "--base", str(smollm2_hfllm_dir)], check=True)
     assert dpo_main([str(tmp_path / "dpo.yaml"), "--model_name_or_path", str(tmp_path / "merged"), "--max_steps", "25",
                      "--eval_strategy", "no", "--output_dir", str(tmp_path / "dpo"), *common]) == 0
     after_sft = json.loads((tmp_path / "sft" / "chat_exact_match.json").read_text())

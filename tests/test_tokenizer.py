@@ -120,7 +120,9 @@ def test_report_measures_vocab_usage_and_tokens_per_char(bpe, char, texts):
     assert report["used_fraction"] == pytest.approx(used / len(char))
     report = tokenizer_report(bpe, [texts[1][:5000]])
     assert 0.1 < report["tokens_per_char"] < 0.8  # merges compress English text
-    assert 0 < report["used_fraction"] <= 1
+    ids = bpe(texts[1][:5000], add_special_tokens=False)["input_ids"]
+    assert report["used_fraction"] == pytest.approx(len(set(ids)) / len(bpe)) and report["used_fraction"] < 1
+    assert report["tokens_per_char"] == pytest.approx(len(ids) / 5000)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,123 @@
+"""Plain helpers shared by the test modules (the fixtures are in conftest.py): writing recipes, reading a run's log
+history, a small corpus and overrides that make any pretraining recipe run in seconds, the tiny ChatML BPE."""
+
+import json
+from pathlib import Path
+
+import yaml
+
+# ----------------------------------------------------------------------------- recipes and run outputs
+
+
+def write_recipe(path: Path, keys: dict) -> Path:
+    """Write a recipe (a YAML mapping) to `path`; every test writes its recipes through this."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(keys))
+    return path
+
+
+def adaptation_recipe(tmp_path: Path, model_dir, data_file, **overrides) -> Path:
+    """An `hfllm sft/dpo/orpo/kto/grpo` recipe at tiny size: LoRA r=8, SmolLM2's template, output in tmp_path/out."""
+    keys = dict(
+        model_name_or_path=str(model_dir), use_peft=True, lora_r=8, chat_template="smollm2",
+        datasets=[{"path": str(data_file)}], output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+        learning_rate=5e-3, report_to="none", save_strategy="no", seed=0,
+    )
+    return write_recipe(tmp_path / "recipe.yaml", keys | overrides)
+
+
+def log_history(output_dir: Path) -> list[dict]:
+    """`log_history` of the trainer_state.json in `output_dir` (a run folder or one of its checkpoint-N folders)."""
+    return json.loads((Path(output_dir) / "trainer_state.json").read_text())["log_history"]
+
+
+def series(output_dir: Path, key: str) -> list[float]:
+    """One logged value (e.g. "loss", "reward", "rewards/margins") at each logging step, in order."""
+    return [entry[key] for entry in log_history(output_dir) if key in entry]
+
+
+def losses(output_dir: Path) -> list[float]:
+    return series(output_dir, "loss")
+
+
+def checkpoint_series(output_dir: Path, key: str) -> list[float]:
+    """`series` from the one checkpoint-N folder in `output_dir` (adaptation runs keep trainer_state.json there)."""
+    [checkpoint] = Path(output_dir).glob("checkpoint-*")
+    return series(checkpoint, key)
+
+
+def first_rows(source: Path, n: int, target: Path) -> Path:
+    """The first `n` rows of a .jsonl file written to `target`: with a batch of `n`, every step sees the same rows,
+    so a method's metrics can be compared from step to step."""
+    lines = Path(source).read_text().splitlines(keepends=True)[:n]
+    Path(target).write_text("".join(lines))
+    return Path(target)
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+CORPUS = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\n"
+)
+
+# a 1-layer, 32-wide model, char tokenizer, 16-token blocks, local data: any recipe trains in seconds
+TINY = [
+    "--hidden_size", "32", "--intermediate_size", "64", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+    "--num_key_value_heads", "1", "--tokenizer", "char", "--block_size", "16", "--per_device_train_batch_size", "2",
+    "--per_device_eval_batch_size", "4", "--global_batch_size", "null", "--global_batch_tokens", "null",
+    "--max_eval_samples", "4", "--report_to", "none", "--disable_tqdm", "true", "--num_samples", "1",
+    "--sample_max_new_tokens", "8", "--dataloader_num_workers", "0", "--torch_compile", "false",
+    "--attn_implementation", "sdpa", "--preprocessing_num_workers", "null",
+]
+
+
+def write_corpus(folder: Path, copies: int = 40) -> tuple[str, str]:
+    """(train file, validation file) of repeated dialogue."""
+    train, validation = folder / "train.txt", folder / "validation.txt"
+    train.write_text(CORPUS * copies, encoding="utf-8")
+    validation.write_text(CORPUS * 4, encoding="utf-8")
+    return str(train), str(validation)
+
+
+def data_args(folder: Path) -> list[str]:
+    train, validation = write_corpus(folder)
+    return ["--dataset", "null", "--train_files", train, "--validation_files", validation]
+
+
+# ----------------------------------------------------------------------------- a tiny chat tokenizer
+
+# SmolLM2-135M-Instruct's own template (no generation markers), as shipped in its GGUF
+SMOLLM2_ORIGINAL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' "
+    "+ message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def chat_bpe_tokenizer():
+    """A 400-token byte-level BPE with ChatML specials and SmolLM2's original template, trained on synthetic chats
+    in a fraction of a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hfllm.data.synth import synthesize
+
+    texts = []
+    for task in ("arithmetic", "reverse", "units"):
+        for row in synthesize(task, 200, 10, seed=1)["sft"]:
+            texts += [m["role"] + "\n" + m["content"] for m in row["messages"]]
+    texts.append("system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>",
+        chat_template=SMOLLM2_ORIGINAL_TEMPLATE,
+    )
