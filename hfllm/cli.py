@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("hfllm.evaluation.exact_match:score_main", "chat exact match of a model on `hfllm data synth` test items"),
     # inference
     "generate": ("hfllm.inference.generate:main", "complete prompts with a model (batched, streamed, chat template, --json)"),
+    "chat": ("hfllm.inference.chat:main", "chat with a model in the terminal (chat template, history, streamed answers)"),
 }
 
 

@@ -1,5 +1,5 @@
-"""`hfllm generate`: equal to transformers' generate() token for token, streamed text equal to the finished text,
-chat template applied, stop strings, --json counts, one-line errors.
+"""`hfllm generate` and `hfllm chat`: equal to transformers' generate() token for token, streamed text equal to the
+finished text, chat template and history applied, stop strings, --json counts, one-line errors.
 
 Most tests run on a tiny random hfllm model with a ChatML template (milliseconds per token); a few on SmolLM2-135M.
 """
@@ -17,6 +17,7 @@ from align_fixtures import tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfllm.cli import main as cli
+from hfllm.inference.chat import ChatSession
 from hfllm.inference.options import Decoding
 from hfllm.inference.stream import StopFilter, cut_at_stop
 
@@ -330,6 +331,86 @@ def test_bad_input_in_a_real_process(no_template_dir):
     assert result.returncode == 2
     assert result.stderr.startswith("hfllm generate: error:") and result.stderr.count("\n") == 1, result.stderr
     assert "Traceback" not in result.stderr
+    chat = hfllm_process("chat", "/no/such/model")
+    assert chat.returncode == 2 and chat.stderr.startswith("hfllm chat: error:") and chat.stderr.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+def prompts_shown(err: str) -> list[str]:
+    """The rendered prompts `hfllm chat --show_prompt` printed on stderr."""
+    return [block.split("\n--- end of prompt ---")[0] for block in err.split("--- prompt ---\n")[1:]]
+
+
+def test_chat_history_reset_system_and_save(capsys, monkeypatch, tmp_path, tiny_chat_dir, reference):
+    tokenizer = reference[1]
+    saved = tmp_path / "conversation.json"
+    lines = ["first question", "second question", f"/save {saved}", "/reset", "third question",
+             "/system You are terse.", "fourth question", "/exit", "never read"]
+    code, out, err = run(capsys, "chat", tiny_chat_dir, "--max_new_tokens", 8, "--show_prompt",
+                         stdin="\n".join(lines) + "\n", monkeypatch=monkeypatch)
+    assert code == 0
+    answers = out.split("\n")[:-1]
+    assert len(answers) == 4  # one line per answer (random tokens hold no newline here)
+    first, second, third, fourth = prompts_shown(err)
+    user, assistant = [{"role": "user", "content": "first question"}], {"role": "assistant", "content": answers[0]}
+    assert first == tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    history = [*user, assistant, {"role": "user", "content": "second question"}]
+    assert second == tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    assert "first question" in second and answers[0] in second  # the first turn is in the second prompt
+    assert json.loads(saved.read_text()) == [*history, {"role": "assistant", "content": answers[1]}]
+    assert "first question" not in third and "second question" not in third  # /reset
+    assert third == tokenizer.apply_chat_template([{"role": "user", "content": "third question"}], tokenize=False,
+                                                  add_generation_prompt=True)
+    assert fourth.startswith("<|im_start|>system\nYou are terse.<|im_end|>\n")  # /system
+    assert "third question" in fourth
+
+
+def test_chat_answer_equals_generate_with_chat(capsys, monkeypatch, tiny_chat_dir):
+    _, out, _ = run(capsys, "chat", tiny_chat_dir, "--max_new_tokens", 10, stdin="hello\n", monkeypatch=monkeypatch)
+    _, generated, _ = run(capsys, "generate", tiny_chat_dir, "--chat", "--prompt", "hello", "--max_new_tokens", 10)
+    assert out == generated
+
+
+def test_chat_warns_and_trims_when_the_history_outgrows_the_context(capsys, monkeypatch, tiny_chat_dir, reference):
+    long = " ".join(["reverse the word cat please"] * 4)  # 138 tokens rendered alone, with the default system turn
+    stdin = "\n".join([long, long, "/trim", "short"]) + "\n"
+    _, _, err = run(capsys, "chat", tiny_chat_dir, "--max_new_tokens", 50, "--show_prompt", stdin=stdin,
+                    monkeypatch=monkeypatch)
+    assert "outgrows the context window of 256 tokens" in err
+    assert "/trim drops the oldest turns" in err
+    shown = prompts_shown(err)
+    assert "dropped 2 messages" in err and shown[-1].count(long) < shown[-2].count(long)
+    tokenizer = reference[1]
+    assert len(tokenizer(shown[-1], add_special_tokens=False).input_ids) + 50 <= 256  # fits after /trim
+    _, _, err = run(capsys, "chat", tiny_chat_dir, "--max_new_tokens", 50, "--trim", "--show_prompt",
+                    stdin="\n".join([long] * 3) + "\n", monkeypatch=monkeypatch)
+    assert "outgrows" not in err and "dropped the 2 oldest messages" in err  # --trim keeps it inside the window
+    assert all(len(tokenizer(p, add_special_tokens=False).input_ids) + 50 <= 256 for p in prompts_shown(err))
+
+
+def test_chat_session_trim_keeps_the_last_user_turn(reference):
+    model, tokenizer = reference
+    session = ChatSession(model, tokenizer, Decoding(max_new_tokens=120))
+    session.turns = [{"role": r, "content": "word " * 20} for r in ("user", "assistant") * 3]
+    session.turns.append({"role": "user", "content": "last"})
+    assert not session.fits()
+    dropped = session.trim()
+    assert dropped % 2 == 0 and dropped > 0
+    assert session.turns[-1]["content"] == "last" and session.turns[0]["role"] == "user"
+    assert session.fits()
+
+
+def test_chat_in_a_real_process(tmp_path, tiny_chat_dir):
+    saved = tmp_path / "chat.json"
+    result = hfllm_process("chat", tiny_chat_dir, "--max_new_tokens", 6, stdin=f"hi\nhow are you\n/save {saved}\n")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+    messages = json.loads(saved.read_text())
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in messages[1::2]] == result.stdout.splitlines()
+    assert "Traceback" not in result.stderr
 
 
 # ----------------------------------------------------------------------------- SmolLM2 (real weights)
@@ -371,3 +452,13 @@ def test_smollm2_greedy_batch_and_stream_equal_model_generate(capsys, tmp_path, 
     _, streamed, _ = run(capsys, "generate", smollm2, "--chat", "--prompt", questions[1], "--max_new_tokens", 24,
                          "--stream")
     assert streamed == got[1]["text"] + "\n"
+
+
+@pytest.mark.slow
+def test_smollm2_chat_remembers_the_first_turn(smollm2):
+    result = hfllm_process("chat", smollm2, "--max_new_tokens", 16, "--show_prompt",
+                           stdin="My name is Ana.\nWhat is my name?\n")
+    assert result.returncode == 0, result.stderr
+    second = prompts_shown(result.stderr)[1]
+    assert "My name is Ana." in second
+    assert "Ana" in result.stdout.splitlines()[1]

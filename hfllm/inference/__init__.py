@@ -1,4 +1,4 @@
-"""Inference with transformers' own generate() and streamers: `hfllm generate`.
+"""Inference with transformers' own generate() and streamers: `hfllm generate` and `hfllm chat`.
 
     from hfllm.inference import Decoding, complete
     from hfllm.inference.options import load_for_inference
@@ -6,7 +6,7 @@
     [answer] = complete(model, tokenizer, ["What is 2+3?"], Decoding(max_new_tokens=32), chat=True)
 
 Modules: `options.py` (flags, checks, GenerationConfig), `stream.py` (streamed text, stop strings, first-token
-clock), `generate.py` (`hfllm generate`).
+clock), `generate.py` (`hfllm generate`), `chat.py` (`hfllm chat`).
 """
 
 from .generate import Completion, complete, stream
