@@ -135,13 +135,15 @@ def test_prompt_from_stdin(capsys, monkeypatch, tiny_chat_dir):
 # ----------------------------------------------------------------------------- streaming
 
 
-@pytest.mark.parametrize("extra", [[], ["--chat"], ["--stop", "STOP-FROM-TEXT"]])
+@pytest.mark.parametrize("extra", [[], ["--chat"], ["--stop", "FROM-TEXT"], ["--stop", "HELD-AT-END"]])
 def test_streamed_text_equals_non_streamed(capsys, tiny_chat_dir, extra):
     base = ["generate", tiny_chat_dir, "--prompt", PROMPTS[2], "--max_new_tokens", 30]
-    if extra[-1:] == ["STOP-FROM-TEXT"]:  # a stop string from the middle of the greedy text
+    if extra[-1:] in (["FROM-TEXT"], ["HELD-AT-END"]):
         _, out, _ = run(capsys, *base, "--json")
         text = records(out)[0]["text"]
-        extra = ["--stop", text[len(text) // 2: len(text) // 2 + 3]]
+        middle = text[len(text) // 2: len(text) // 2 + 3]  # stops there
+        never = text[-2:] + "~~~~"  # the text ends with its start: held back while streaming, then flushed
+        extra = ["--stop", middle if extra[-1] == "FROM-TEXT" else never]
     code, plain, _ = run(capsys, *base, *extra)
     code_stream, streamed, _ = run(capsys, *base, *extra, "--stream")
     assert code == code_stream == 0
@@ -346,7 +348,8 @@ def prompts_shown(err: str) -> list[str]:
 def test_chat_history_reset_system_and_save(capsys, monkeypatch, tmp_path, tiny_chat_dir, reference):
     tokenizer = reference[1]
     saved = tmp_path / "conversation.json"
-    lines = ["first question", "second question", f"/save {saved}", "/reset", "third question",
+    lines = ["first question", "second question", f"/save {saved}", f"/save {tmp_path}/no/such/folder/x.json",
+             "/reset", "third question",
              "/system You are terse.", "fourth question", "/exit", "never read"]
     code, out, err = run(capsys, "chat", tiny_chat_dir, "--max_new_tokens", 8, "--show_prompt",
                          stdin="\n".join(lines) + "\n", monkeypatch=monkeypatch)
@@ -360,6 +363,7 @@ def test_chat_history_reset_system_and_save(capsys, monkeypatch, tmp_path, tiny_
     assert second == tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
     assert "first question" in second and answers[0] in second  # the first turn is in the second prompt
     assert json.loads(saved.read_text()) == [*history, {"role": "assistant", "content": answers[1]}]
+    assert "could not save to" in err and "Traceback" not in err  # a bad /save path is a note, the chat goes on
     assert "first question" not in third and "second question" not in third  # /reset
     assert third == tokenizer.apply_chat_template([{"role": "user", "content": "third question"}], tokenize=False,
                                                   add_generation_prompt=True)

@@ -91,14 +91,18 @@ def main(argv: list[str], prog: str) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {args.model}; {HELP}", file=sys.stderr)
-    while True:
-        if interactive:
-            print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() in ("/exit", "/quit"):
-            return 0
-        if line.strip():
-            _handle(session, line.strip(), args)
+    try:
+        while True:
+            if interactive:
+                print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line or line.strip() in ("/exit", "/quit"):
+                return 0
+            if line.strip():
+                _handle(session, line.strip(), args)
+    except KeyboardInterrupt:  # Ctrl-C leaves quietly
+        print(file=sys.stderr)
+        return 130
 
 
 def _handle(session: ChatSession, line: str, args) -> None:
@@ -114,7 +118,11 @@ def _handle(session: ChatSession, line: str, args) -> None:
         if not rest.strip():
             _note("give a file: /save FILE")
             return
-        session.save(rest.strip())
+        try:
+            session.save(rest.strip())
+        except OSError as error:
+            _note(f"could not save to {rest.strip()}: {error.strerror or error}")
+            return
         _note(f"saved {len(session.messages)} messages to {rest.strip()}")
     elif command == "/trim":
         _note(f"dropped {session.trim()} messages")
