@@ -30,6 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # evaluation
     "eval": ("hfllm.evaluation.run:main", "evaluate models with lm-evaluation-harness (MODEL... --tasks ..., or a YAML recipe)"),
     "score": ("hfllm.evaluation.exact_match:score_main", "chat exact match of a model on `hfllm data synth` test items"),
+    # inference
+    "generate": ("hfllm.inference.generate:main", "complete prompts with a model (batched, streamed, chat template, --json)"),
+    "chat": ("hfllm.inference.chat:main", "chat with a model in the terminal (chat template, history, streamed answers)"),
 }
 
 

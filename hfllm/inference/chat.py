@@ -1,0 +1,161 @@
+"""`hfllm chat MODEL`: a terminal chat through the model's chat template, answers streamed as they are generated.
+
+Each line read from standard input is a user turn; lines starting with `/` are commands:
+  /reset        forget the conversation (the system message stays)
+  /system TEXT  set the system message (`/system` alone removes it)
+  /save FILE    write the messages as JSON
+  /trim         drop the oldest turns until the conversation fits the context window
+  /exit         leave (end of input does too)
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from transformers import PreTrainedModel, set_seed
+
+from .options import Decoding, Parser, add_decoding_arguments, add_model_arguments, load_for_inference, require_chat_template
+from .stream import StreamedGeneration
+
+HELP = "commands: /reset, /system TEXT, /save FILE, /trim, /exit"
+
+
+class ChatSession:
+    """A conversation: the messages so far, rendered with the chat template, answered by streaming generate()."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: Any, decoding: Decoding, system: str | None = None):
+        self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
+        self.config = decoding.generation_config(model, tokenizer)
+        self.context = getattr(model.config, "max_position_embeddings", None)
+        self.system: str | None = system
+        self.turns: list[dict[str, str]] = []  # user and assistant messages, oldest first
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+
+    def render(self) -> str:
+        """The conversation as the model reads it, ready for the assistant's answer."""
+        return self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
+
+    def prompt_tokens(self) -> int:
+        return len(self.tokenizer(self.render(), add_special_tokens=False)["input_ids"])
+
+    def fits(self) -> bool:
+        """Whether the rendered conversation plus max_new_tokens fits the context window (always without one)."""
+        return self.context is None or self.prompt_tokens() + self.decoding.max_new_tokens <= self.context
+
+    def trim(self) -> int:
+        """Drop the oldest exchanges until the conversation fits; the newest user turn (and its answer) stay.
+        Returns the number of messages dropped."""
+        dropped = 0
+        newest_user = max((i for i, m in enumerate(self.turns) if m["role"] == "user"), default=0)
+        while newest_user > 0 and not self.fits():
+            exchange = next((i + 1 for i, m in enumerate(self.turns) if m["role"] == "assistant"), 1)
+            exchange = min(exchange, newest_user)  # a user turn and its answer
+            del self.turns[:exchange]
+            dropped, newest_user = dropped + exchange, newest_user - exchange
+        return dropped
+
+    def reply(self, text: str, out: TextIO) -> str:
+        """Add the user turn, then `answer`."""
+        self.turns.append({"role": "user", "content": text})
+        return self.answer(out)
+
+    def answer(self, out: TextIO) -> str:
+        """Stream the assistant's answer to the conversation to `out`; add it to the history and return it."""
+        inputs = self.tokenizer([self.render()], return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        answer = []
+        for piece in StreamedGeneration(self.model, self.tokenizer, dict(inputs), self.config, self.decoding.stop):
+            out.write(piece)
+            out.flush()
+            answer.append(piece)
+        out.write("\n")
+        self.turns.append({"role": "assistant", "content": "".join(answer)})
+        return self.turns[-1]["content"]
+
+    def save(self, path: str) -> None:
+        Path(path).write_text(json.dumps(self.messages, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str], prog: str) -> int:
+    """`hfllm chat MODEL [--system TEXT] [--trim] [decoding options]`: chat on standard input / output."""
+    args = _parser(prog).parse_args(argv)
+    decoding = Decoding.from_args(args)
+    model, tokenizer = load_for_inference(args.model, args.dtype)
+    require_chat_template(tokenizer, args.model)
+    if decoding.seed is not None:
+        set_seed(decoding.seed)
+    session = ChatSession(model, tokenizer, decoding, system=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {args.model}; {HELP}", file=sys.stderr)
+    try:
+        while True:
+            if interactive:
+                print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line or line.strip() in ("/exit", "/quit"):
+                return 0
+            if line.strip():
+                _handle(session, line.strip(), args)
+    except KeyboardInterrupt:  # Ctrl-C leaves quietly
+        print(file=sys.stderr)
+        return 130
+
+
+def _handle(session: ChatSession, line: str, args) -> None:
+    """One line of input: a command, or a user turn answered on stdout (notes and warnings go to stderr)."""
+    command, _, rest = line.partition(" ")
+    if command == "/reset":
+        session.turns.clear()
+        _note("conversation cleared")
+    elif command == "/system":
+        session.system = rest.strip() or None
+        _note(f"system message {'set' if session.system else 'removed'}")
+    elif command == "/save":
+        if not rest.strip():
+            _note("give a file: /save FILE")
+            return
+        try:
+            session.save(rest.strip())
+        except OSError as error:
+            _note(f"could not save to {rest.strip()}: {error.strerror or error}")
+            return
+        _note(f"saved {len(session.messages)} messages to {rest.strip()}")
+    elif command == "/trim":
+        _note(f"dropped {session.trim()} messages")
+    elif command.startswith("/") and command[1:].isalpha():
+        _note(f"unknown command {command}; {HELP}")
+    else:
+        _answer(session, line, args)
+
+
+def _answer(session: ChatSession, text: str, args) -> None:
+    session.turns.append({"role": "user", "content": text})
+    if args.trim and (dropped := session.trim()):
+        _note(f"dropped the {dropped} oldest messages to fit the context window of {session.context} tokens")
+    if not session.fits():
+        _note(f"warning: the conversation ({session.prompt_tokens()} tokens) plus --max_new_tokens "
+              f"{session.decoding.max_new_tokens} outgrows the context window of {session.context} tokens; "
+              "/trim drops the oldest turns (or start with --trim)")
+    if args.show_prompt:
+        _note(f"--- prompt ---\n{session.render()}\n--- end of prompt ---")
+    session.answer(sys.stdout)
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _parser(prog: str) -> Parser:
+    parser = Parser(prog=prog, description="Chat with a model in the terminal (its chat template, streamed answers). "
+                    + HELP)
+    add_model_arguments(parser)
+    parser.add_argument("--system", default=None, help="system message")
+    parser.add_argument("--trim", action="store_true",
+                        help="drop the oldest turns when the conversation outgrows the context window")
+    parser.add_argument("--show_prompt", action="store_true", help="print each rendered prompt on standard error")
+    add_decoding_arguments(parser, max_new_tokens=256)
+    return parser
