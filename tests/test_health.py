@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from align_fixtures import synth_dir, tiny_model_dir  # noqa: F401
-from pretrain_utils import TINY, data_args, log_history, losses, single_thread
+from helpers import TINY, data_args, log_history
 from safetensors.torch import load_file
 
 from hfllm.errors import HfllmError, TrainingHalted
@@ -33,10 +32,8 @@ SLOW_CLI = ("import sys, time, torch, transformers\ntorch.set_num_threads(1)\nst
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = single_thread()
+def _one_thread(single_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -245,10 +242,10 @@ def test_second_signal_exits_at_once(recipe, tmp_path):
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
-def test_sigterm_during_sft_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, synth_dir):
+def test_sigterm_during_sft_saves_a_checkpoint_that_resumes(tmp_path, tiny_llama_chat_dir, synth_dir):
     """The same for a TRL method: LoRA SFT on a tiny Llama, interrupted, resumed, equal to an uninterrupted run."""
     keys = dict(
-        model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=8, chat_template="smollm2",
+        model_name_or_path=str(tiny_llama_chat_dir), use_peft=True, lora_r=8, chat_template="smollm2",
         assistant_only_loss=True, datasets=[{"path": str(synth_dir / "sft.jsonl")}], max_steps=20,
         per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, report_to="none", disable_tqdm=True,
         save_strategy="steps", save_steps=20, max_length=128, seed=0, dataloader_num_workers=0,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from align_fixtures import tiny_tokenizer
+from helpers import chat_bpe_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfllm.cli import main as cli
@@ -32,7 +32,7 @@ def tiny_chat_dir(tmp_path_factory):
     answers are one line of varied, readable tokens."""
     from hfllm import HfllmForCausalLM, get_preset
 
-    tokenizer = tiny_tokenizer()
+    tokenizer = chat_bpe_tokenizer()
     torch.manual_seed(0)
     config = get_preset(
         "llama-tiny", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -420,16 +420,9 @@ def test_chat_in_a_real_process(tmp_path, tiny_chat_dir):
 # ----------------------------------------------------------------------------- SmolLM2 (real weights)
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from hfllm.assets import smollm2_hfllm_dir
-
-    return smollm2_hfllm_dir()
-
-
-def test_smollm2_answers_and_stops_at_a_stop_string(capsys, smollm2):
+def test_smollm2_answers_and_stops_at_a_stop_string(capsys, smollm2_hfllm_dir):
     """Quick: a real chat model, its template, a stop string inside the answer."""
-    base = ["generate", smollm2, "--chat", "--prompt", "What is the capital of France?", "--max_new_tokens", 12, "--json"]
+    base = ["generate", smollm2_hfllm_dir, "--chat", "--prompt", "What is the capital of France?", "--max_new_tokens", 12, "--json"]
     code, out, _ = run(capsys, *base, "--stop", "Paris")
     assert code == 0
     [record] = records(out)
@@ -439,28 +432,28 @@ def test_smollm2_answers_and_stops_at_a_stop_string(capsys, smollm2):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_batch_and_stream_equal_model_generate(capsys, tmp_path, smollm2):
-    model = AutoModelForCausalLM.from_pretrained(smollm2).eval()
-    tokenizer = AutoTokenizer.from_pretrained(smollm2, padding_side="left")
+def test_smollm2_greedy_batch_and_stream_equal_model_generate(capsys, tmp_path, smollm2_hfllm_dir):
+    model = AutoModelForCausalLM.from_pretrained(smollm2_hfllm_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_hfllm_dir, padding_side="left")
     questions = ["What is the capital of France?", "List three prime numbers.", "Write a line about rain."]
     rendered = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                               add_generation_prompt=True) for q in questions]
     prompt_file = tmp_path / "questions.txt"
     prompt_file.write_text("\n".join(questions), encoding="utf-8")
-    code, out, _ = run(capsys, "generate", smollm2, "--chat", "--prompt_file", prompt_file, "--max_new_tokens", 24,
+    code, out, _ = run(capsys, "generate", smollm2_hfllm_dir, "--chat", "--prompt_file", prompt_file, "--max_new_tokens", 24,
                        "--json")
     assert code == 0
     got = records(out)
     assert [r["completion_token_ids"] for r in got] == greedy_reference(model, tokenizer, rendered, 24, chat=True)
     assert "Paris" in got[0]["text"]
-    _, streamed, _ = run(capsys, "generate", smollm2, "--chat", "--prompt", questions[1], "--max_new_tokens", 24,
+    _, streamed, _ = run(capsys, "generate", smollm2_hfllm_dir, "--chat", "--prompt", questions[1], "--max_new_tokens", 24,
                          "--stream")
     assert streamed == got[1]["text"] + "\n"
 
 
 @pytest.mark.slow
-def test_smollm2_chat_remembers_the_first_turn(smollm2):
-    result = hfllm_process("chat", smollm2, "--max_new_tokens", 16, "--show_prompt",
+def test_smollm2_chat_remembers_the_first_turn(smollm2_hfllm_dir):
+    result = hfllm_process("chat", smollm2_hfllm_dir, "--max_new_tokens", 16, "--show_prompt",
                            stdin="My name is Ana.\nWhat is my name?\n")
     assert result.returncode == 0, result.stderr
     second = prompts_shown(result.stderr)[1]
