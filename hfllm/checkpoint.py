@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .errors import HfllmError
+from .errors import HfllmError, first_line
 
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 SPEC_HELP = "give an hfllm or transformers checkpoint folder, a PEFT adapter folder, a .gguf file or a Hub id"
@@ -69,13 +70,14 @@ def load(
         return _load_adapter(path, base, merge_adapter, kwargs, tokenizer_kwargs, with_tokenizer)
     source = str(spec)
     if kind == "gguf":
+        check_gguf(path)
         source = path.parent
         kwargs["gguf_file"] = tokenizer_kwargs["gguf_file"] = path.name
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = _load_tokenizer(source, tokenizer_kwargs) if with_tokenizer else None
-    except (OSError, ValueError) as error:
-        raise HfllmError(f"could not load model '{spec}': {_first_line(error)}") from None
+    except (OSError, ValueError, SafetensorError) as error:
+        raise HfllmError(f"could not load model '{spec}': {first_line(error)}; {SPEC_HELP}") from None
     if getattr(model, "hf_quantizer", None) is not None and "gguf_file" in kwargs:
         model.hf_quantizer = None  # GGUF weights arrive dequantized: a plain model that save_pretrained accepts
         if hasattr(model.config, "quantization_config"):
@@ -100,6 +102,33 @@ def spec_kind(spec: str | Path) -> str:
     raise HfllmError(f"model '{spec}' does not exist; {SPEC_HELP}")
 
 
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint folder's config.json as a mapping; a folder without one, or one that does not parse, is one
+    line."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise HfllmError(f"'{folder}' has no config.json; it is not a checkpoint folder ({SPEC_HELP})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise HfllmError(f"'{path}' is not valid JSON ({first_line(error)}); save the model again") from None
+    if not isinstance(config, dict):
+        raise HfllmError(f"'{path}' is not a JSON object; save the model again")
+    return config
+
+
+def check_gguf(path: str | Path) -> None:
+    """Read a .gguf file's header and tensor table (not its weights); a file of another format or a truncated one is
+    one line."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except (ValueError, OSError) as error:  # gguf raises ValueError for a bad magic, a short file, a bad table
+        problem = "is not a GGUF file" if "magic" in str(error) else f"is truncated or corrupt ({first_line(error)})"
+        raise HfllmError(f"'{path}' {problem}; give a complete .gguf file (e.g. from llama.cpp)") from None
+
+
 def _load_adapter(path: Path, base: str | None, merge: bool, kwargs: dict, tokenizer_kwargs: dict, with_tokenizer: bool):
     from peft import PeftConfig, PeftModel
 
@@ -108,8 +137,8 @@ def _load_adapter(path: Path, base: str | None, merge: bool, kwargs: dict, token
         raise HfllmError(f"adapter '{path}' names no base model; pass the base model folder")
     try:
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    except (OSError, ValueError) as error:
-        raise HfllmError(f"could not load the base model '{base}' of adapter '{path}': {_first_line(error)}; pass "
+    except (OSError, ValueError, SafetensorError) as error:
+        raise HfllmError(f"could not load the base model '{base}' of adapter '{path}': {first_line(error)}; pass "
                          "the base model folder") from None
     model = PeftModel.from_pretrained(model, str(path))
     if merge:
@@ -130,14 +159,10 @@ def load_tokenizer(spec: str | Path):
     try:
         tokenizer = _load_tokenizer(spec, {})
     except (OSError, ValueError) as error:
-        raise HfllmError(f"could not load a tokenizer from '{spec}' ({_first_line(error)}); save one with the model") from None
+        raise HfllmError(f"could not load a tokenizer from '{spec}' ({first_line(error)}); save one with the model") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -189,6 +214,11 @@ def check_output_dir(
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise HfllmError(f"output folder '{out}' is a file; give a folder path")
+    existing = next(parent for parent in out.absolute().parents if parent.exists())  # the root always exists
+    if not existing.is_dir():
+        raise HfllmError(f"output folder '{out}' cannot be created: '{existing}' is a file; give a folder path")
+    if not out.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise HfllmError(f"output folder '{out}' cannot be created: '{existing}' is not writable; choose another path")
     if resume not in (None, False, "false", "False"):
         if str(resume).lower() in ("true", "last"):
             checkpoint = find_checkpoint(out) if out.is_dir() else None
@@ -257,7 +287,7 @@ def checkpoint_problem(folder: str | Path) -> str | None:
                 with safe_open(str(path), framework="pt") as handle:
                     handle.keys()
             except Exception as error:  # safetensors raises its own error type (and OSError for unreadable files)
-                return f"{path.name} is unreadable: {_first_line(error)}"
+                return f"{path.name} is unreadable: {first_line(error)}"
         elif path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
             return f"{path.name} is truncated or not a torch file"
     return None

@@ -1,14 +1,16 @@
 """`hfllm` command line: each subcommand is a function `fn(argv: list[str], prog: str) -> int | None` in its module.
 
-Bad input raises `HfllmError` (or `HfllmConfigError` from a model config); here it becomes one line on stderr and
-exit code 2, never a traceback. Exit codes (docs/reliability.md): 0 done, 2 bad input, 3 training halted by its health
+Bad input raises `HfllmError` (or `HfllmConfigError` from a model config), and library errors that stem from user
+input (an unreachable Hub, an unreadable data file, a corrupt weights file, a path that cannot be written) are
+translated by `hfllm.errors.user_error`: here each becomes one line on stderr and exit code 2, never a traceback. Any
+other error is a bug and keeps its traceback; `HFLLM_DEBUG=1` shows the traceback always. Exit codes (docs/reliability.md): 0 done, 2 bad input, 3 training halted by its health
 checks, 130 / 143 training interrupted by SIGINT / SIGTERM after saving a checkpoint.
 """
 
 import importlib
 import sys
 
-from .errors import HfllmError
+from .errors import HfllmError, debug, library_errors, user_error
 from .models.configuration_hfllm import HfllmConfigError
 
 # subcommand -> ("module:function", one-line help); modules are imported only when their command runs
@@ -56,9 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     function = getattr(importlib.import_module(module_name), function_name)
     try:
         result = function(rest, prog=f"hfllm {command}")
-    except (HfllmError, HfllmConfigError) as error:
-        print(f"hfllm {command}: error: {error}", file=sys.stderr)
-        return getattr(error, "exit_code", 2)
+    except (HfllmError, HfllmConfigError, *library_errors()) as error:
+        known = error if isinstance(error, (HfllmError, HfllmConfigError)) else user_error(error)
+        if known is None or debug():
+            raise
+        message = " ".join(str(known).split())  # one line, whatever the message held
+        print(f"hfllm {command}: error: {message}", file=sys.stderr)
+        return getattr(known, "exit_code", 2)
     return int(result or 0)
 
 

@@ -12,6 +12,8 @@ The rules are the same for every command (pretrain, sft/dpo/orpo/kto/grpo, eval)
     type reads the same from both: "key 'max_steps': invalid int value: 'ten'"; mappings and lists of mappings
     (`datasets:`, `lr_scheduler_kwargs:`) are taken as YAML;
   - `null` in the YAML or `--key null` sets a key back to its default;
+  - values every command shares are checked against `VALUE_RULES` ("key 'learning_rate': got -0.001; allowed: a
+    number >= 0"), so that no library fails on them after the run started;
   - hardware: without a GPU, the defaults that assume one (bf16, activation checkpointing, pinned memory) are off; an
     explicit `bf16: true` trains on a CPU with bf16 instructions and otherwise falls back to float32 with a warning.
 Every mistake raises `HfllmError` before any work is done.
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import HfllmError
 
@@ -65,6 +68,38 @@ class _Parser(HfArgumentParser):
         raise HfllmError(re.sub(r"^argument --([\w]+)(/--[\w-]+)*: ", r"key '\1': ", message))
 
 
+ATTENTION_IMPLEMENTATIONS = ["eager", *sorted(ALL_ATTENTION_FUNCTIONS.valid_keys())]  # or a Hub kernel "org/name"
+# key -> (check, what is allowed): values of any command's recipe that the libraries would refuse only mid-run
+VALUE_RULES: dict[str, tuple[Any, str]] = {
+    "learning_rate": (lambda v: v >= 0, "a number >= 0"),
+    "muon_lr": (lambda v: v >= 0, "a number >= 0"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "max_grad_norm": (lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "adam_epsilon": (lambda v: v >= 0, "a number >= 0"),
+    "warmup_steps": (lambda v: v >= 0, "a number >= 0 (below 1: a share of the steps)"),
+    "per_device_train_batch_size": (lambda v: v >= 1, "a whole number >= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, "a whole number >= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "a whole number >= 1"),
+    "dataloader_num_workers": (lambda v: v >= 0, "a whole number >= 0"),
+    "seed": (lambda v: 0 <= v < 2**32, "a whole number in [0, 2**32)"),
+    "block_size": (lambda v: v >= 1, "a whole number >= 1"),
+    "lora_r": (lambda v: v >= 1, "a whole number >= 1"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "attn_implementation": (lambda v: v in ATTENTION_IMPLEMENTATIONS or "/" in v,
+                            f"one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, or a Hub kernel org/name"),
+}
+
+
+def check_values(values: dict[str, Any]) -> None:
+    """Check the keys of `VALUE_RULES` among `values` (None: the library's default, always fine)."""
+    for key, (allowed, description) in VALUE_RULES.items():
+        value = values.get(key)
+        if value is not None and not allowed(value):
+            raise HfllmError(f"key '{key}': got {value!r}; allowed: {description}")
+
+
 def read_yaml(path: str) -> dict[str, Any]:
     """A recipe file as a mapping; a missing file, invalid YAML or a non-mapping is one line."""
     recipe_path = Path(path)
@@ -72,6 +107,8 @@ def read_yaml(path: str) -> dict[str, Any]:
         raise HfllmError(f"recipe '{path}' does not exist; give a YAML file (examples under recipes/)")
     try:
         values = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise HfllmError(f"recipe '{path}' is not UTF-8 text; give a YAML file") from None
     except yaml.YAMLError as error:
         raise HfllmError(f"recipe '{path}' is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(values, dict):
@@ -158,6 +195,7 @@ def load_recipe(
     namespace, rest = parser.parse_known_args(_to_argv(merged), namespace=Namespace())
     if rest:
         raise HfllmError(f"could not parse {' '.join(rest)}; give flags as --key value")
+    check_values(vars(namespace))
     explicit = set(file_values) | set(flags)
     resolved = {key: _plain(copy.deepcopy(getattr(namespace, key))) for key in {**(defaults or {}), **file_values, **flags}
                 if key not in free_keys} | free  # copied before the dataclasses can change the values in place
@@ -218,7 +256,7 @@ def _to_argv(values: dict[str, Any]) -> list[str]:
         if isinstance(value, (list, tuple)):
             argv += [f"--{key}", *map(str, value)]
         else:
-            argv += [f"--{key}", str(value)]
+            argv.append(f"--{key}={value}")  # one token: a value such as "-1e-3" is not taken for a flag
     return argv
 
 

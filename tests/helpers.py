@@ -2,9 +2,24 @@
 history, a small corpus and overrides that make any pretraining recipe run in seconds, the tiny ChatML BPE."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_hfllm(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m hfllm ARGS` as a process, from the repository root (this checkout's hfllm), with `env` added to the
+    environment (an empty value removes the variable) and one torch thread."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    environment = {key: value for key, value in environment.items() if value != ""}
+    return subprocess.run([sys.executable, "-m", "hfllm", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=environment, timeout=600)
+
 
 # ----------------------------------------------------------------------------- recipes and run outputs
 

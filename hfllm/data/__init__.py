@@ -6,13 +6,12 @@
   synth TASK --out DIR             synthetic task data (hfllm/data/synth.py)
 """
 
-import argparse
 import importlib
 import json
 from pathlib import Path
 
 from ..checkpoint import atomic_output, check_output_dir
-from ..errors import HfllmError
+from ..errors import ArgumentParser, HfllmError
 from .corpus import (
     DOCUMENT_SEPARATOR,
     VALIDATION_PLAYS,
@@ -41,7 +40,7 @@ def _prepare_out(out: str) -> Path:
 
 
 def shakespeare_main(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Write the cleaned Shakespeare corpus as text files.")
+    parser = ArgumentParser(prog=prog, description="Write the cleaned Shakespeare corpus as text files.")
     parser.add_argument("--out", required=True, help="folder for train.txt and val.txt")
     args = parser.parse_args(argv)
     out = _prepare_out(args.out)
@@ -54,7 +53,7 @@ def shakespeare_main(argv: list[str], prog: str) -> int:
 
 
 def tokenizer_main(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Train a tokenizer on a corpus and save it.")
+    parser = ArgumentParser(prog=prog, description="Train a tokenizer on a corpus and save it.")
     parser.add_argument("--kind", choices=["bpe", "char"], default="bpe")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--dataset", default=None, help="'shakespeare' (default when no --train-files) or a Hub id")

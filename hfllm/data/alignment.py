@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..errors import HfllmError
 from .chat_template import check_roles
-from .loading import BUILDERS
+from .loading import BUILDERS, reading
 
 # the columns each method needs: one of these column sets must be present
 REQUIRED_COLUMNS: dict[str, list[tuple[str, ...]]] = {
@@ -30,12 +30,13 @@ def load_splits(method: str, script_args, mixture_args, eval_wanted: bool):
             if not Path(data_file).exists():
                 raise HfllmError(f"no such data file: {data_file}; fix `data_files` in the recipe's datasets")
     try:
-        if mixture_args.datasets:
-            splits = get_dataset(mixture_args)
-        elif script_args.dataset_name:
-            splits = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
-        else:
-            raise HfllmError("the recipe names no data; add `datasets: [{path: data/sft.jsonl}]` or `dataset_name: ...`")
+        with reading(_data_files(mixture_args.datasets)):  # a local file that does not parse: named with its line
+            if mixture_args.datasets:
+                splits = get_dataset(mixture_args)
+            elif script_args.dataset_name:
+                splits = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+            else:
+                raise HfllmError("the recipe names no data; add `datasets: [{path: data/sft.jsonl}]` or `dataset_name: ...`")
     except (FileNotFoundError, ValueError, ConnectionError) as exc:
         raise HfllmError(f"could not load the recipe's dataset ({' '.join(str(exc).split())[:200]}); check its path") from None
 
@@ -50,6 +51,16 @@ def load_splits(method: str, script_args, mixture_args, eval_wanted: bool):
             raise HfllmError(f"evaluation is on but the dataset has no '{test_name}' split; set test_split_size or eval_strategy: 'no'")
         evaluation = check_dataset(method, splits[test_name], "evaluation")
     return train, evaluation
+
+
+def _data_files(entries) -> list[str]:
+    """The local files named by the `data_files` of a recipe's `datasets:` (a path, a list, or split -> paths)."""
+    files = []
+    for entry in entries:
+        given = entry.data_files
+        for value in given.values() if isinstance(given, dict) else [given]:
+            files += [value] if isinstance(value, str) else list(value or [])
+    return files
 
 
 def check_dataset(method: str, dataset, name: str):

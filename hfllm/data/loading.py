@@ -6,15 +6,19 @@ Local files by extension: .txt (split into documents on `<|endofdoc|>` lines; a 
 `datasets.interleave_datasets`. Documents of the validation split that also occur in train are dropped from train.
 """
 
+import contextlib
 import glob
 import hashlib
+import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from datasets.exceptions import DatasetGenerationError
 
-from ..errors import HfllmError
+from ..errors import HfllmError, first_line
 from .corpus import DOCUMENT_SEPARATOR, shakespeare_corpus, split_documents
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,63 @@ def resolve_files(patterns: str | list[str]) -> list[str]:
     return files
 
 
+class _DropReadFailures(logging.Filter):
+    """datasets' builders log "Failed to read/load FILE ..." just before they raise; hfllm's one line replaces it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.getMessage().startswith("Failed to"))
+
+
+@contextlib.contextmanager
+def reading(files: list[str]) -> Iterator[None]:
+    """Load local data `files` with datasets inside the block: a file that does not parse raises one `HfllmError`
+    naming it (and its line), with no log lines of datasets' about it."""
+    loggers = [logging.getLogger(f"datasets.packaged_modules.{name}.{name}") for name in set(BUILDERS.values())]
+    quiet = _DropReadFailures()
+    for builder_logger in loggers:
+        builder_logger.addFilter(quiet)
+    try:
+        yield
+    except DatasetGenerationError as error:
+        raise unreadable_data(files, error) from None
+    finally:
+        for builder_logger in loggers:
+            builder_logger.removeFilter(quiet)
+
+
+def unreadable_data(files: list[str], error: Exception) -> HfllmError:
+    """The one-line error for data files the datasets builder could not read: the first file and line that is not
+    UTF-8 text (or not JSON, in JSON lines); else the builder's own reason."""
+    for path in map(Path, files):
+        problem = _first_bad_line(path) if path.suffix in (".txt", ".jsonl", ".json", ".csv") else None
+        if problem:
+            return HfllmError(f"data file '{path}' {problem}")
+    reason = first_line(error.__cause__ or error)
+    return HfllmError(f"could not read data file(s) {', '.join(files)} ({reason}); check their format")
+
+
+def _first_bad_line(path: Path) -> str | None:
+    json_lines = path.suffix == ".jsonl"
+    if path.suffix == ".json":  # one JSON document, else JSON lines
+        try:
+            json.loads(path.read_bytes())
+            return None
+        except ValueError:
+            json_lines = True
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"is not UTF-8 text (line {number}); give a UTF-8 text file"
+            if json_lines and text.strip():
+                try:
+                    json.loads(text)
+                except ValueError as bad:
+                    return f"line {number} is not valid JSON ({bad.msg}); give one JSON object per line"
+    return None
+
+
 def _split_txt_documents(batch: dict[str, list[str]]) -> dict[str, list[str]]:
     return {"text": [document for text in batch["text"] for document in split_documents(text)]}
 
@@ -66,10 +127,11 @@ def load_files(
     """One split from local files (see module docstring for the formats)."""
     files = resolve_files(patterns)
     builder = BUILDERS[Path(files[0]).suffix]
-    if builder == "text":  # whole files, then documents on separator lines
-        data = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", streaming=streaming)
-        return data.map(_split_txt_documents, batched=True, remove_columns=["text"])
-    data = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
+    with reading(files):
+        if builder == "text":  # whole files, then documents on separator lines
+            data = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", streaming=streaming)
+            return data.map(_split_txt_documents, batched=True, remove_columns=["text"])
+        data = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
     return _select_text(data, text_column, f"{', '.join(files)}")
 
 
@@ -137,7 +199,11 @@ def load_text_datasets(
         if streaming:
             data = IterableDatasetDict({split: part.to_iterable_dataset() for split, part in data.items()})
     elif dataset is not None:  # a Hub dataset (needs the network; not used offline)
-        hub = datasets.load_dataset(dataset, dataset_config, streaming=streaming)
+        try:
+            hub = datasets.load_dataset(dataset, dataset_config, streaming=streaming)
+        except (ConnectionError, FileNotFoundError) as error:  # offline, or no such dataset
+            raise HfllmError(f"dataset '{dataset}' is neither 'shakespeare' nor reachable on the Hugging Face Hub "
+                             f"({first_line(error)}); give train_files (local files) or dataset: shakespeare") from None
         if "train" not in hub:
             raise HfllmError(f"dataset '{dataset}' has no 'train' split; its splits are: {', '.join(hub)}")
         train = _select_text(hub["train"], text_column, dataset)

@@ -11,14 +11,13 @@ Held-out test prompts never appear in the training files. Scoring (exact match, 
 reward) is in `hfllm.evaluation.exact_match`.
 """
 
-import argparse
 import json
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 from ..checkpoint import atomic_output
-from ..errors import HfllmError
+from ..errors import ArgumentParser, HfllmError
 
 # ----------------------------------------------------------------------------- tasks
 # A task draws one item: (question, answer, corrupted answer), all strings.
@@ -104,11 +103,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise HfllmError(f"no such file: {path}; create it with `hfllm data synth TASK --out DIR`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except ValueError as error:  # not UTF-8, or a line that is not JSON: name the line
+        from .loading import unreadable_data
+
+        raise unreadable_data([str(path)], error) from None
 
 
 def synth_main(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Write a verifiable synthetic instruction task as JSONL files.")
+    parser = ArgumentParser(prog=prog, description="Write a verifiable synthetic instruction task as JSONL files.")
     parser.add_argument("task", help=f"one of: {', '.join(TASKS)}")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--n-train", type=int, default=1000)

@@ -19,7 +19,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from ..errors import HfllmError
+from ..errors import HfllmError, first_line
 
 PAD, BOS, EOS, IM_START, IM_END, UNK = "<|pad|>", "<|bos|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END]
@@ -92,7 +92,7 @@ def load_or_train_tokenizer(spec: str, texts: list[str], vocab_size: int) -> Pre
     try:
         return AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as error:
-        raise HfllmError(f"could not load a tokenizer from {spec}: {str(error).splitlines()[0]}") from error
+        raise HfllmError(f"could not load a tokenizer from {spec}: {first_line(error)}") from error
 
 
 def check_round_trip(tokenizer, texts: list[str]) -> None:

@@ -8,14 +8,13 @@ items through lm-eval's prompt format (`exact_match` in its results, chat templa
     hfllm score MODEL TEST.jsonl [--limit N] [--json OUT]
 """
 
-import argparse
 import copy
 import json
 from pathlib import Path
 
 from ..checkpoint import eval_mode
 from ..data.synth import read_jsonl
-from ..errors import HfllmError
+from ..errors import ArgumentParser, HfllmError
 
 
 def parse_answer(text: str) -> str:
@@ -79,12 +78,18 @@ def preference_accuracy(model, tokenizer, items: list[dict]) -> tuple[float, flo
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
 
 
+def read_test_items(test_file: str, limit: int | None) -> list[dict]:
+    """The first `limit` {prompt, answer} items of a synth test.jsonl; a file without them is one line."""
+    items = read_jsonl(test_file)[:limit]
+    if not items or not isinstance(items[0], dict) or not {"prompt", "answer"} <= set(items[0]):
+        raise HfllmError(f"{test_file} has no {{'prompt', 'answer'}} rows; use the test.jsonl from `hfllm data synth`")
+    return items
+
+
 def score_file(model, tokenizer, test_file: str, limit: int | None, out_dir: str | None = None) -> dict:
     """`chat_exact_match` (and preference accuracy where items have a corrupted answer) on a synth test.jsonl;
     written to OUT_DIR/chat_exact_match.json when out_dir is given."""
-    items = read_jsonl(test_file)[:limit]
-    if not items or not {"prompt", "answer"} <= set(items[0]):
-        raise HfllmError(f"{test_file} has no {{'prompt', 'answer'}} rows; use the test.jsonl from `hfllm data synth`")
+    items = read_test_items(test_file, limit)
     result = {"chat_exact_match": chat_exact_match(model, tokenizer, items), "n": len(items), "test_file": str(test_file)}
     if "rejected" in items[0]:
         result["preference_accuracy"], result["logp_margin"] = preference_accuracy(model, tokenizer, items)
@@ -97,12 +102,13 @@ def score_main(argv: list[str], prog: str) -> int:
     """`hfllm score MODEL TEST.jsonl`: chat exact match of a model (any spec `hfllm.checkpoint.load` takes)."""
     from ..checkpoint import load
 
-    parser = argparse.ArgumentParser(prog=prog, description="Exact-match accuracy on held-out synth items.")
+    parser = ArgumentParser(prog=prog, description="Exact-match accuracy on held-out synth items.")
     parser.add_argument("model", help="checkpoint folder, PEFT adapter folder, .gguf file or Hub id")
     parser.add_argument("test_file", help="test.jsonl written by `hfllm data synth`")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N items")
     parser.add_argument("--json", default=None, help="also write {'chat_exact_match': ..., 'n': ...} to this file")
     args = parser.parse_args(argv)
+    read_test_items(args.test_file, args.limit)  # a bad file fails before the model loads
     model, tokenizer = load(args.model)
     result = score_file(model, tokenizer, args.test_file, args.limit)
     print(f"{result} ({args.model})")

@@ -18,17 +18,10 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
-from ..errors import HfllmError
+from ..errors import ArgumentParser as Parser, HfllmError  # Parser: argparse whose usage errors are one line
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors raise `HfllmError` (one line from the CLI, exit 2) instead of exiting."""
-
-    def error(self, message: str):
-        raise HfllmError(message)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

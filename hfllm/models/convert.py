@@ -9,7 +9,6 @@ state-dict copy; hfllm's only extra tensor is the MoE routing bias (`mlp.gate.ex
 model). Every copy is checked: a missing or unexpected tensor is an error, never a silently random weight.
 """
 
-import argparse
 import json
 from pathlib import Path
 
@@ -28,8 +27,8 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-from ..checkpoint import atomic_output, check_output_dir, load
-from ..errors import HfllmError
+from ..checkpoint import atomic_output, check_gguf, check_output_dir, load, read_config
+from ..errors import ArgumentParser, HfllmError
 from .configuration_hfllm import HfllmConfig, HfllmConfigError
 from .modeling_hfllm import HfllmForCausalLM
 
@@ -208,11 +207,10 @@ def load_native(src: Path, dtype) -> tuple[PreTrainedModel, object]:
     if src.is_file():
         if src.suffix != ".gguf":
             raise HfllmError(f"source file '{src}' is not a .gguf file; give a .gguf file or a checkpoint folder")
+        check_gguf(src)
         config = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
     else:
-        if not (src / "config.json").exists():
-            raise HfllmError(f"'{src}' has no config.json; it is not a transformers checkpoint folder")
-        architecture = (json.loads((src / "config.json").read_text()).get("architectures") or ["?"])[0]
+        architecture = (read_config(src).get("architectures") or ["?"])[0]
         if architecture not in SUPPORTED_SOURCES:
             raise HfllmError(
                 f"cannot convert architecture '{architecture}' in {src}; supported: {', '.join(SUPPORTED_SOURCES)}"
@@ -277,9 +275,7 @@ def export(src: str | Path, out: str | Path, to: str = "transformers") -> Path:
     src, out = Path(src), Path(out)
     if to != "transformers":
         raise HfllmError(f"unknown export target '{to}'; supported: transformers")
-    if not (src / "config.json").exists():
-        raise HfllmError(f"'{src}' has no config.json; it is not an hfllm checkpoint folder")
-    if json.loads((src / "config.json").read_text()).get("model_type") != "hfllm":
+    if read_config(src).get("model_type") != "hfllm":
         raise HfllmError(f"'{src}' is not an hfllm checkpoint (model_type is not 'hfllm'); nothing to export")
     check_output_dir(out)
     model, tokenizer = load(src, dtype="auto")
@@ -289,7 +285,7 @@ def export(src: str | Path, out: str | Path, to: str = "transformers") -> Path:
 
 
 def convert_main(argv: list[str], prog: str = "hfllm convert") -> None:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("src", help="transformers checkpoint folder or .gguf file")
     parser.add_argument("out", help="new hfllm checkpoint folder")
     parser.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weights dtype (auto keeps the source's)")
@@ -299,7 +295,7 @@ def convert_main(argv: list[str], prog: str = "hfllm convert") -> None:
 
 
 def export_main(argv: list[str], prog: str = "hfllm export") -> None:
-    parser = argparse.ArgumentParser(prog=prog, description="Export an hfllm checkpoint to a native architecture.")
+    parser = ArgumentParser(prog=prog, description="Export an hfllm checkpoint to a native architecture.")
     parser.add_argument("src", help="hfllm checkpoint folder")
     parser.add_argument("out", help="new checkpoint folder")
     parser.add_argument("--to", default="transformers", help="target format (transformers)")

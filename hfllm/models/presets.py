@@ -5,12 +5,11 @@
 `vocab_size` from the tokenizer).
 """
 
-import argparse
 import difflib
 
 import torch
 
-from ..errors import HfllmError
+from ..errors import ArgumentParser, HfllmError
 from .configuration_hfllm import HfllmConfig, HfllmConfigError
 
 SIZES: dict[str, dict] = {
@@ -94,7 +93,7 @@ def preset_parameter_counts(config: HfllmConfig) -> dict[str, int]:
 
 
 def main(argv: list[str], prog: str = "hfllm presets") -> None:
-    parser = argparse.ArgumentParser(prog=prog, description="List the named model presets.")
+    parser = ArgumentParser(prog=prog, description="List the named model presets.")
     parser.parse_args(argv)
     print(f"{'preset':<14}{'params':>10}{'active':>10}  layers  hidden  heads/kv  experts  window")
     for name in PRESETS:

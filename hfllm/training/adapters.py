@@ -4,7 +4,6 @@ PEFT methods (recipe key `peft_type`, used when `use_peft: true`): `lora` (DoRA 
 `load_in_4bit: true`), `prefix` (prefix tuning), `prompt` (prompt tuning), `p_tuning` and `ia3`.
 """
 
-import argparse
 import importlib.util
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
 from ..checkpoint import atomic_output, check_output_dir, load
-from ..errors import HfllmError
+from ..errors import ArgumentParser, HfllmError
 
 PEFT_TYPES = ("lora", "prefix", "prompt", "p_tuning", "ia3")
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query", "key", "value", "out_proj")
@@ -72,7 +71,7 @@ def build_peft_config(model_args, peft_type: str, num_virtual_tokens: int, model
 
 def merge_main(argv: list[str], prog: str) -> int:
     """`hfllm merge ADAPTER OUT`: fold a LoRA/DoRA/IA3 adapter into its base model; OUT loads without peft."""
-    parser = argparse.ArgumentParser(prog=prog, description="Merge a PEFT adapter into a full checkpoint.")
+    parser = ArgumentParser(prog=prog, description="Merge a PEFT adapter into a full checkpoint.")
     parser.add_argument("adapter", help="adapter folder (adapter_config.json), e.g. the output_dir of `hfllm sft`")
     parser.add_argument("out", help="folder for the merged checkpoint (must not exist or be empty)")
     parser.add_argument("--base", default=None, help="base model folder (default: the one recorded in the adapter)")

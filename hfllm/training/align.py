@@ -70,7 +70,7 @@ def run(method: str, argv: list[str], prog: str) -> int:
     from transformers import set_seed
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, get_quantization_config
 
-    from ..checkpoint import check_output_dir, clear_output_dir, load, load_tokenizer
+    from ..checkpoint import check_output_dir, clear_output_dir, load, load_tokenizer, spec_kind
     from ..data.alignment import load_splits
     from ..data.chat_template import set_template
     from ..recipe import load_recipe
@@ -88,6 +88,7 @@ def run(method: str, argv: list[str], prog: str) -> int:
     overwrite = hfllm_args.overwrite_output_dir
     resume = check_output_dir(training_args.output_dir, run=recipe, resume=training_args.resume_from_checkpoint,
                               overwrite=overwrite, session_keys=SESSION_KEYS)
+    spec_kind(model_args.model_name_or_path)  # a missing or empty model folder fails before the data is read
     set_seed(training_args.seed)
     trainer_kwargs = {}
     if method == "grpo":

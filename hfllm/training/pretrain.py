@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, set
 from .. import data
 from ..checkpoint import check_output_dir, clear_output_dir, load
 from ..data.text import load_text, resolve_tokenizer, save_tokenizer, take
-from ..errors import HfllmError
+from ..errors import HfllmError, first_line
 from ..models import get_preset, parameter_counts
 from .arguments import SESSION_KEYS, gradient_accumulation, lr_scheduler_kwargs, parse_recipe
 from .callbacks import RouterLoadCallback, SamplesCallback, StopAtStepCallback, append_samples, generate_samples, plot_loss_curve
@@ -146,7 +146,7 @@ def resolve_config(model: str, overrides: dict[str, Any], block_size: int) -> Pr
         try:
             config = AutoConfig.from_pretrained(model, **overrides)
         except (OSError, ValueError) as error:
-            raise HfllmError(f"could not load a model config from {model}: {str(error).splitlines()[0]}") from None
+            raise HfllmError(f"could not load a model config from {model}: {first_line(error)}") from None
     else:
         config = get_preset(model, **overrides)
     max_positions = getattr(config, "max_position_embeddings", None)
