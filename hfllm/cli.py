@@ -3,8 +3,9 @@
 Bad input raises `HfllmError` (or `HfllmConfigError` from a model config), and library errors that stem from user
 input (an unreachable Hub, an unreadable data file, a corrupt weights file, a path that cannot be written) are
 translated by `hfllm.errors.user_error`: here each becomes one line on stderr and exit code 2, never a traceback. Any
-other error is a bug and keeps its traceback; `HFLLM_DEBUG=1` shows the traceback always. Exit codes (docs/reliability.md): 0 done, 2 bad input, 3 training halted by its health
-checks, 130 / 143 training interrupted by SIGINT / SIGTERM after saving a checkpoint.
+other error is a bug and keeps its traceback; `HFLLM_DEBUG=1` shows the traceback always. Exit codes
+(docs/reliability.md): 0 done, 2 bad input, 3 training halted by its health checks, 130 / 143 training interrupted by
+SIGINT / SIGTERM after saving a checkpoint.
 """
 
 import importlib

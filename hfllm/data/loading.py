@@ -85,6 +85,7 @@ def unreadable_data(files: list[str], error: Exception) -> HfllmError:
 
 
 def _first_bad_line(path: Path) -> str | None:
+    """What is wrong with a text data file, naming its first bad line, or None when every line reads."""
     json_lines = path.suffix == ".jsonl"
     if path.suffix == ".json":  # one JSON document, else JSON lines
         try:
