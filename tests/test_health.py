@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import TINY, data_args, log_history
+from helpers import TINY, adaptation_recipe, data_args, log_history
 from safetensors.torch import load_file
 
 from hfllm.errors import HfllmError, TrainingHalted
 from hfllm.run_pretrain import main
+from hfllm.run_dpo import main as dpo_main
 from hfllm.run_sft import main as sft_main
-from hfllm.training import pretrain
+from hfllm.training import align, pretrain
 from hfllm.training.callbacks import StopAtStepCallback
-from hfllm.training.health import resume_command
+from hfllm.training.health import PreemptionCallback, resume_command
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
@@ -263,6 +264,53 @@ def test_sigterm_during_sft_saves_a_checkpoint_that_resumes(tmp_path, tiny_llama
     same_losses(tmp_path / "straight" / "checkpoint-20", tmp_path / "out" / "checkpoint-20")
 
 
+# ----------------------------------------------------------------------------- fine-tuning (TRL methods)
+
+
+class SignalAt(PreemptionCallback):
+    """Test-only: the process sends itself SIGTERM as optimizer step `step` begins (a real signal, handled by the real
+    PreemptionCallback)."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+FINE_TUNING = {"sft": (sft_main, "sft.jsonl", {"assistant_only_loss": True}),
+               "dpo": (dpo_main, "preference.jsonl", {"beta": 0.1})}
+
+
+@pytest.mark.parametrize("peft", ["lora", "full"])
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_fine_tuning_resumes_exactly_after_sigterm(method, peft, tmp_path, tiny_llama_chat_dir, synth_dir, monkeypatch):
+    """SFT and DPO, LoRA and full: SIGTERM at step 3 of 6 saves checkpoint-3 and exits 143; resuming gives the logged
+    losses and the final weights of an uninterrupted run, bit for bit."""
+    entry, data, extra = FINE_TUNING[method]
+    recipe = adaptation_recipe(tmp_path, tiny_llama_chat_dir, synth_dir / data, use_peft=peft == "lora", max_steps=6,
+                               save_strategy="steps", save_steps=6, logging_steps=1, max_length=128, disable_tqdm=True,
+                               dataloader_num_workers=0, **extra)
+    assert entry([str(recipe), "--output_dir", str(tmp_path / "straight")]) == 0
+    argv = [str(recipe), "--output_dir", str(tmp_path / "out")]
+    monkeypatch.setattr(align, "PreemptionCallback", lambda: SignalAt(3))
+    assert entry(argv) == 143
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert not (out / "config.json").exists() and not (out / "adapter_config.json").exists()  # no final model yet
+    monkeypatch.setattr(align, "PreemptionCallback", PreemptionCallback)
+    assert entry([*argv, "--resume_from_checkpoint", "true"]) == 0
+    straight, resumed = log_history(tmp_path / "straight" / "checkpoint-6"), log_history(out / "checkpoint-6")
+    assert [e["loss"] for e in resumed if "loss" in e] == [e["loss"] for e in straight if "loss" in e]
+    assert len([e for e in resumed if "loss" in e]) == 6
+    weights = "adapter_model.safetensors" if peft == "lora" else "model.safetensors"
+    final, expected = load_file(out / weights), load_file(tmp_path / "straight" / weights)
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+    assert not (out / ".model.partial").exists()
+
+
 # ----------------------------------------------------------------------------- checkpoints complete or absent
 
 
@@ -306,3 +354,52 @@ def test_a_checkpoint_that_fails_midway_never_appears(recipe, tmp_path, monkeypa
     run(recipe, tmp_path, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "1",
         "--resume_from_checkpoint", "true")
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-6"]
+
+
+def test_a_final_model_that_fails_midway_never_appears(recipe, tmp_path, monkeypatch):
+    """A crash while writing the final model (after its weights) leaves no loadable model in output_dir; resuming
+    from the last checkpoint writes it whole."""
+    from transformers import Trainer
+
+    from hfllm.checkpoint import spec_kind
+
+    save = Trainer._save
+
+    def crash_after_weights(self, output_dir=None, state_dict=None):
+        save(self, output_dir, state_dict)
+        if "checkpoint-" not in str(output_dir):  # the final save, not a checkpoint's
+            raise OSError("disk full")
+
+    monkeypatch.setattr(Trainer, "_save", crash_after_weights)
+    with pytest.raises(OSError, match="disk full"):
+        run(recipe, tmp_path, "--max_steps", "4", "--save_steps", "4")
+    out = tmp_path / "out"
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+    assert not (out / ".model.partial").exists() and (out / "checkpoint-4").is_dir()
+    with pytest.raises(HfllmError, match="is not a model checkpoint"):
+        spec_kind(out)
+    monkeypatch.setattr(Trainer, "_save", save)
+    run(recipe, tmp_path, "--max_steps", "4", "--save_steps", "4", "--resume_from_checkpoint", "true")
+    assert spec_kind(out) == "folder" and not (out / ".model.partial").exists()
+    final, checkpoint = load_file(out / "model.safetensors"), load_file(out / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(final[k], checkpoint[k]) for k in checkpoint)
+
+
+def test_fine_tuning_refuses_an_existing_run(tmp_path, tiny_llama_chat_dir, synth_dir):
+    """SFT (like every TRL method) keeps pretraining's output-folder protection: a finished run is not overwritten
+    unless asked; a folder that holds no hfllm run is refused."""
+    recipe = adaptation_recipe(tmp_path, tiny_llama_chat_dir, synth_dir / "sft.jsonl", max_steps=1, max_length=128)
+    assert sft_main([str(recipe)]) == 0
+    out = tmp_path / "out"
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(HfllmError, match=r"already holds this run; continue it with --resume_from_checkpoint true"):
+        sft_main([str(recipe)])
+    with pytest.raises(HfllmError, match=r"holds a different run \(learning_rate was 0.005, now 0.001\)"):
+        sft_main([str(recipe), "--learning_rate", "1e-3"])
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    assert sft_main([str(recipe), "--learning_rate", "1e-3", "--overwrite_output_dir", "true"]) == 0
+    assert (out / "adapter_model.safetensors").read_bytes() != before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(HfllmError, match="is not empty and holds no hfllm run"):
+        sft_main([str(recipe), "--output_dir", str(tmp_path / "other")])
