@@ -16,6 +16,7 @@ import yaml
 from helpers import TINY, adaptation_recipe, data_args, log_history
 from safetensors.torch import load_file
 
+from hfllm.checkpoint import checkpoint_problem
 from hfllm.errors import HfllmError, TrainingHalted
 from hfllm.run_pretrain import main
 from hfllm.run_dpo import main as dpo_main
@@ -262,6 +263,60 @@ def test_sigterm_during_sft_saves_a_checkpoint_that_resumes(tmp_path, tiny_llama
     assert (tmp_path / "out" / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
     assert sft_main([*argv, "--resume_from_checkpoint", "true"]) == 0
     same_losses(tmp_path / "straight" / "checkpoint-20", tmp_path / "out" / "checkpoint-20")
+
+
+# a rank of `accelerate launch`: writes its pid, slows every micro-batch (HFLLM_TEST_STEP_SLEEP) and records its exit code
+LAUNCHED_RANK = ("import os, sys, time, torch, transformers\nfrom pathlib import Path\ntorch.set_num_threads(1)\n"
+                 "rank = os.environ['RANK']\nPath(f'pid-{rank}').write_text(str(os.getpid()))\n"
+                 "step = transformers.Trainer.training_step\nnap = float(os.environ.get('HFLLM_TEST_STEP_SLEEP', 0))\n"
+                 "transformers.Trainer.training_step = lambda self, *a, **k: (time.sleep(nap), step(self, *a, **k))[1]\n"
+                 "from hfllm.cli import main\ncode = main(sys.argv[1:])\nPath(f'exit-{rank}').write_text(str(code))\n"
+                 "sys.exit(code)\n")
+
+
+def launch_two(argv: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """`accelerate launch` of `hfllm pretrain ARGV` with 2 CPU processes (docs: /work/shared/notes, torchrun + gloo)."""
+    (cwd / "rank.py").write_text(LAUNCHED_RANK)
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(cwd / "rank.py"), "pretrain", *argv]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env={**ENV, "ACCELERATE_USE_CPU": "true", **env}, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_sigterm_under_accelerate_launch_with_two_processes(recipe, tmp_path):
+    """SIGTERM to every process of a 2-process run, as SLURM sends it (the launcher also forwards it to its ranks):
+    both ranks finish the step, write their parts of one complete checkpoint and exit 143; resumed with 2 processes,
+    the losses equal an uninterrupted 2-process run."""
+    common = [*TINY, *data_args(tmp_path), "--max_steps", "12", "--save_steps", "1000", "--save_total_limit", "null"]
+    straight = launch_two([recipe, *common, "--output_dir", "straight"], tmp_path)
+    stdout, stderr = straight.communicate(timeout=600)
+    assert straight.returncode == 0, stderr[-3000:]
+    argv = [recipe, *common, "--output_dir", "out"]
+    launcher = launch_two(argv, tmp_path, HFLLM_TEST_STEP_SLEEP="0.3")
+    seen, lines = 0, []
+    for line in launcher.stdout:
+        lines.append(line)
+        seen += line.startswith("{") and "'loss'" in line
+        if seen == 3:
+            os.killpg(launcher.pid, signal.SIGTERM)  # the launcher's group (the ranks run in sessions of their own)
+            for rank in (0, 1):
+                os.kill(int((tmp_path / f"pid-{rank}").read_text()), signal.SIGTERM)
+            break
+    stdout, stderr = launcher.communicate(timeout=300)
+    stdout = "".join(lines) + stdout
+    assert launcher.returncode != 0  # accelerate's launcher re-raises the signal it got (documented)
+    assert [(tmp_path / f"exit-{rank}").read_text() for rank in (0, 1)] == ["143", "143"], stderr[-3000:]
+    assert stderr.count("hfllm: SIGTERM received") == 2 and "second SIGTERM" not in stderr
+    step = int(re.search(r"^interrupted at step (\d+) of 12; checkpoint saved; resume with:$", stdout, re.M).group(1))
+    checkpoint = tmp_path / "out" / f"checkpoint-{step}"
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == [checkpoint.name]
+    assert checkpoint_problem(checkpoint) is None and not list((tmp_path / "out").glob(".*.partial"))
+    assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()  # each rank's part
+    resumed = launch_two([*argv, "--resume_from_checkpoint", "true"], tmp_path)
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    same_losses(tmp_path / "straight", tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- fine-tuning (TRL methods)
