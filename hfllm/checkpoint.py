@@ -3,6 +3,8 @@
     model, tokenizer = load("runs/sft")          # hfllm or transformers folder, PEFT adapter folder, .gguf, Hub id
     with atomic_output("runs/merged") as tmp:    # written aside; appears under its name only when complete
         model.save_pretrained(tmp)
+    with atomic_output("runs/sft", merge=True) as tmp:  # into a run's folder: config.json moved in last
+        model.save_pretrained(tmp)
     resume = check_output_dir("runs/tiny", run=recipe, resume=None, overwrite=False)
     find_checkpoint("runs/tiny")                  # newest complete checkpoint-N; corrupt ones skipped with a warning
     with eval_mode(model):                        # and back to training mode afterwards if it was training
