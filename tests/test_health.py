@@ -277,6 +277,8 @@ LAUNCHED_RANK = ("import os, sys, time, torch, transformers\nfrom pathlib import
 def launch_two(argv: list[str], cwd: Path, **env: str) -> subprocess.Popen:
     """`accelerate launch` of `hfllm pretrain ARGV` with 2 CPU processes (docs: /work/shared/notes, torchrun + gloo)."""
     (cwd / "rank.py").write_text(LAUNCHED_RANK)
+    for stale in [*cwd.glob("pid-*"), *cwd.glob("exit-*")]:  # of an earlier launch
+        stale.unlink()
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", str(cwd / "rank.py"), "pretrain", *argv]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
@@ -306,7 +308,8 @@ def test_sigterm_under_accelerate_launch_with_two_processes(recipe, tmp_path):
     stdout, stderr = launcher.communicate(timeout=300)
     stdout = "".join(lines) + stdout
     assert launcher.returncode != 0  # accelerate's launcher re-raises the signal it got (documented)
-    assert [(tmp_path / f"exit-{rank}").read_text() for rank in (0, 1)] == ["143", "143"], stderr[-3000:]
+    codes = [path.read_text() if path.exists() else "no exit code" for path in (tmp_path / "exit-0", tmp_path / "exit-1")]
+    assert codes == ["143", "143"], stderr[-3000:]
     assert stderr.count("hfllm: SIGTERM received") == 2 and "second SIGTERM" not in stderr
     step = int(re.search(r"^interrupted at step (\d+) of 12; checkpoint saved; resume with:$", stdout, re.M).group(1))
     checkpoint = tmp_path / "out" / f"checkpoint-{step}"
