@@ -327,15 +327,19 @@ def test_sigterm_under_accelerate_launch_with_two_processes(recipe, tmp_path):
 
 class SignalAt(PreemptionCallback):
     """Test-only: the process sends itself SIGTERM as optimizer step `step` begins (a real signal, handled by the real
-    PreemptionCallback)."""
+    PreemptionCallback); `trained` lists the steps this session ran."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int | None = None):
         super().__init__()
-        self.step = step
+        self.step, self.trained = step, []
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trained.append(state.global_step)
+        super().on_step_end(args, state, control, **kwargs)
 
 
 FINE_TUNING = {"sft": (sft_main, "sft.jsonl", {"assistant_only_loss": True}),
@@ -353,16 +357,16 @@ def test_fine_tuning_resumes_exactly_after_sigterm(method, peft, tmp_path, tiny_
                                dataloader_num_workers=0, **extra)
     assert entry([str(recipe), "--output_dir", str(tmp_path / "straight")]) == 0
     argv = [str(recipe), "--output_dir", str(tmp_path / "out")]
-    monkeypatch.setattr(align, "PreemptionCallback", lambda: SignalAt(3))
-    assert entry(argv) == 143
+    interrupted, resumed = SignalAt(3), SignalAt()
+    monkeypatch.setattr(align, "PreemptionCallback", lambda: interrupted)
+    assert entry(argv) == 143 and interrupted.trained == [1, 2, 3]
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
     assert not (out / "config.json").exists() and not (out / "adapter_config.json").exists()  # no final model yet
-    monkeypatch.setattr(align, "PreemptionCallback", PreemptionCallback)
-    assert entry([*argv, "--resume_from_checkpoint", "true"]) == 0
-    straight, resumed = log_history(tmp_path / "straight" / "checkpoint-6"), log_history(out / "checkpoint-6")
-    assert [e["loss"] for e in resumed if "loss" in e] == [e["loss"] for e in straight if "loss" in e]
-    assert len([e for e in resumed if "loss" in e]) == 6
+    monkeypatch.setattr(align, "PreemptionCallback", lambda: resumed)
+    assert entry([*argv, "--resume_from_checkpoint", "true"]) == 0 and resumed.trained == [4, 5, 6]
+    expected = [e["loss"] for e in log_history(tmp_path / "straight" / "checkpoint-6") if "loss" in e]
+    assert [e["loss"] for e in log_history(out / "checkpoint-6") if "loss" in e] == expected and len(expected) == 6
     weights = "adapter_model.safetensors" if peft == "lora" else "model.safetensors"
     final, expected = load_file(out / weights), load_file(tmp_path / "straight" / weights)
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
