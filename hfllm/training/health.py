@@ -371,7 +371,6 @@ class PreemptionCallback(TrainerCallback):
         print(f"hfllm: {name} received: finishing the current optimizer step, then saving a checkpoint "
               f"(send {name} again to exit at once)", file=sys.stderr, flush=True)
 
-
     def _repeat_of_first(self) -> bool:
         """Under a launcher or a scheduler the first signal often arrives twice: SLURM signals every process of a job
         step and torchrun / accelerate launch / srun forward the signal they got to their workers. A repeat within
