@@ -275,7 +275,8 @@ LAUNCHED_RANK = ("import os, sys, time, torch, transformers\nfrom pathlib import
 
 
 def launch_two(argv: list[str], cwd: Path, **env: str) -> subprocess.Popen:
-    """`accelerate launch` of `hfllm pretrain ARGV` with 2 CPU processes (docs: /work/shared/notes, torchrun + gloo)."""
+    """`accelerate launch` of `hfllm pretrain ARGV` with 2 CPU processes (`--multi_gpu` is torchrun underneath;
+    ACCELERATE_USE_CPU makes it gloo on CPU, where `--cpu` would silently start one process)."""
     (cwd / "rank.py").write_text(LAUNCHED_RANK)
     for stale in [*cwd.glob("pid-*"), *cwd.glob("exit-*")]:  # of an earlier launch
         stale.unlink()
@@ -343,7 +344,7 @@ class SignalAt(PreemptionCallback):
 
 
 FINE_TUNING = {"sft": (sft_main, "sft.jsonl", {"assistant_only_loss": True}),
-               "dpo": (dpo_main, "preference.jsonl", {"beta": 0.1})}
+               "dpo": (dpo_main, "preference.jsonl", {})}
 
 
 @pytest.mark.parametrize("peft", ["lora", "full"])
@@ -445,6 +446,33 @@ def test_a_final_model_that_fails_midway_never_appears(recipe, tmp_path, monkeyp
     assert spec_kind(out) == "folder" and not (out / ".model.partial").exists()
     final, checkpoint = load_file(out / "model.safetensors"), load_file(out / "checkpoint-4" / "model.safetensors")
     assert all(torch.equal(final[k], checkpoint[k]) for k in checkpoint)
+
+
+def test_merged_output_is_a_model_only_once_every_file_is_in(tmp_path, monkeypatch):
+    """atomic_output(merge=True) into a run's folder: the earlier config.json goes first, the new one comes last, the
+    checkpoints and other files stay, the staging folder is gone; an error in the block leaves the folder as it was."""
+    from hfllm import checkpoint
+
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "config.json").write_text("old")
+    (out / "model.safetensors").write_text("old")
+    with pytest.raises(OSError, match="disk full"), checkpoint.atomic_output(out, merge=True, staging=out / ".s") as tmp:
+        (tmp / "model.safetensors").write_text("half")
+        raise OSError("disk full")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "config.json", "model.safetensors"]
+    assert (out / "model.safetensors").read_text() == "old"
+    moves, replace = [], os.replace
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: (moves.append((Path(b).name, sorted(
+        p.name for p in out.iterdir() if not p.name.startswith(".")))), replace(a, b)))
+    with checkpoint.atomic_output(out, merge=True, staging=out / ".s") as tmp:
+        for name in ("config.json", "generation_config.json", "model.safetensors"):
+            (tmp / name).write_text("new")
+    assert [name for name, _ in moves] == ["generation_config.json", "model.safetensors", "config.json"]
+    assert all("config.json" not in present for _, present in moves)  # the old one was gone before the first move
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "config.json", "generation_config.json",
+                                                     "model.safetensors"]
+    assert all((out / name).read_text() == "new" for name in ("config.json", "model.safetensors"))
 
 
 def test_fine_tuning_refuses_an_existing_run(tmp_path, tiny_llama_chat_dir, synth_dir):
