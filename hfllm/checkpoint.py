@@ -3,6 +3,8 @@
     model, tokenizer = load("runs/sft")          # hfllm or transformers folder, PEFT adapter folder, .gguf, Hub id
     with atomic_output("runs/merged") as tmp:    # written aside; appears under its name only when complete
         model.save_pretrained(tmp)
+    with atomic_output("runs/sft", merge=True) as tmp:  # into a run's folder: config.json moved in last
+        model.save_pretrained(tmp)
     resume = check_output_dir("runs/tiny", run=recipe, resume=None, overwrite=False)
     find_checkpoint("runs/tiny")                  # newest complete checkpoint-N; corrupt ones skipped with a warning
     with eval_mode(model):                        # and back to training mode afterwards if it was training
@@ -168,20 +170,38 @@ def load_tokenizer(spec: str | Path):
 # ----------------------------------------------------------------------------- writing
 
 
+MODEL_MARKERS = ("config.json", "adapter_config.json")  # the files that make a folder loadable (`spec_kind`)
+
+
 @contextlib.contextmanager
-def atomic_output(target: str | Path, *, folder: bool = True, keep_existing: bool = False) -> Iterator[Path]:
+def atomic_output(
+    target: str | Path, *, folder: bool = True, keep_existing: bool = False, merge: bool = False,
+    staging: str | Path | None = None,
+) -> Iterator[Path]:
     """Write `target` (a folder, or a file with `folder=False`) so that it appears only when complete.
 
     Yields a temporary sibling path (an empty folder, or a file path); when the block ends without error it is
     renamed to `target`, which may be absent or an empty folder. On error it is deleted and `target` is untouched.
     With `keep_existing`, a `target` another process completed meanwhile is kept and this copy dropped.
+    With `merge`, `target` may be a non-empty folder (a training run's output_dir, with its checkpoints): the written
+    files are moved into it one by one, each with `os.replace`, an earlier model's config.json / adapter_config.json
+    removed first and the new ones moved last, so `load` never sees a half-replaced model. `staging` fixes the
+    temporary folder's path (several processes writing one output must agree on it); it is emptied first.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    if staging is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    else:
+        tmp = Path(staging)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     written = tmp if folder else tmp / target.name
     try:
         yield written
+        if merge and target.is_dir() and any(target.iterdir()):
+            _move_into(written, target)
+            return
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()
         try:
@@ -191,6 +211,18 @@ def atomic_output(target: str | Path, *, folder: bool = True, keep_existing: boo
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into(source: Path, target: Path) -> None:
+    """Move every entry of `source` into the folder `target` (replacing same-named ones), MODEL_MARKERS last."""
+    for marker in MODEL_MARKERS:
+        (target / marker).unlink(missing_ok=True)
+    entries = sorted(source.iterdir(), key=lambda path: (path.name in MODEL_MARKERS, path.name))
+    for entry in entries:
+        destination = target / entry.name
+        if destination.is_dir() and not destination.is_symlink():
+            shutil.rmtree(destination)
+        os.replace(entry, destination)
 
 
 def check_output_dir(
@@ -256,8 +288,7 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHEC
 
 def checkpoint_problem(folder: str | Path) -> str | None:
     """Why a Trainer checkpoint folder cannot be resumed from (a few words), or None when it is complete: its
-    trainer_state.json parses, it holds model weights, every safetensors header reads (a truncated file fails) and
-    every torch-saved file (optimizer, scheduler, RNG state) has its zip directory, which torch writes last."""
+    trainer_state.json parses and its weights pass `weights_problem`."""
     folder = Path(folder)
     state = folder / "trainer_state.json"
     if not state.is_file():
@@ -266,6 +297,14 @@ def checkpoint_problem(folder: str | Path) -> str | None:
         json.loads(state.read_text(encoding="utf-8"))
     except (ValueError, OSError):
         return "trainer_state.json does not parse"
+    return weights_problem(folder)
+
+
+def weights_problem(folder: str | Path) -> str | None:
+    """Why a saved model or checkpoint folder is incomplete (a few words), or None: it holds model weights, every
+    shard its index names is there, every safetensors header reads (a truncated file fails) and every torch-saved
+    file (optimizer, scheduler, RNG state) has its zip directory, which torch writes last."""
+    folder = Path(folder)
     files = [path for path in folder.iterdir() if path.is_file()]
     index = folder / "model.safetensors.index.json"
     if index.is_file():

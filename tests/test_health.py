@@ -13,15 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import TINY, data_args, log_history
+from helpers import TINY, adaptation_recipe, data_args, log_history
 from safetensors.torch import load_file
 
+from hfllm.checkpoint import checkpoint_problem
 from hfllm.errors import HfllmError, TrainingHalted
 from hfllm.run_pretrain import main
+from hfllm.run_dpo import main as dpo_main
 from hfllm.run_sft import main as sft_main
-from hfllm.training import pretrain
+from hfllm.training import align, pretrain
 from hfllm.training.callbacks import StopAtStepCallback
-from hfllm.training.health import resume_command
+from hfllm.training.health import PreemptionCallback, resume_command
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
@@ -263,6 +265,115 @@ def test_sigterm_during_sft_saves_a_checkpoint_that_resumes(tmp_path, tiny_llama
     same_losses(tmp_path / "straight" / "checkpoint-20", tmp_path / "out" / "checkpoint-20")
 
 
+# a rank of `accelerate launch`: writes its pid, slows every micro-batch (HFLLM_TEST_STEP_SLEEP) and records its exit code
+LAUNCHED_RANK = ("import os, sys, time, torch, transformers\nfrom pathlib import Path\ntorch.set_num_threads(1)\n"
+                 "rank = os.environ['RANK']\nPath(f'pid-{rank}').write_text(str(os.getpid()))\n"
+                 "step = transformers.Trainer.training_step\nnap = float(os.environ.get('HFLLM_TEST_STEP_SLEEP', 0))\n"
+                 "transformers.Trainer.training_step = lambda self, *a, **k: (time.sleep(nap), step(self, *a, **k))[1]\n"
+                 "from hfllm.cli import main\ncode = main(sys.argv[1:])\nPath(f'exit-{rank}').write_text(str(code))\n"
+                 "sys.exit(code)\n")
+
+
+def launch_two(argv: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """`accelerate launch` of `hfllm pretrain ARGV` with 2 CPU processes (`--multi_gpu` is torchrun underneath;
+    ACCELERATE_USE_CPU makes it gloo on CPU, where `--cpu` would silently start one process)."""
+    (cwd / "rank.py").write_text(LAUNCHED_RANK)
+    for stale in [*cwd.glob("pid-*"), *cwd.glob("exit-*")]:  # of an earlier launch
+        stale.unlink()
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(cwd / "rank.py"), "pretrain", *argv]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env={**ENV, "ACCELERATE_USE_CPU": "true", **env}, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_sigterm_under_accelerate_launch_with_two_processes(recipe, tmp_path):
+    """SIGTERM to every process of a 2-process run, as SLURM sends it (the launcher also forwards it to its ranks):
+    both ranks finish the step, write their parts of one complete checkpoint and exit 143; resumed with 2 processes,
+    the losses equal an uninterrupted 2-process run."""
+    common = [*TINY, *data_args(tmp_path), "--max_steps", "12", "--save_steps", "1000", "--save_total_limit", "null"]
+    straight = launch_two([recipe, *common, "--output_dir", "straight"], tmp_path)
+    stdout, stderr = straight.communicate(timeout=600)
+    assert straight.returncode == 0, stderr[-3000:]
+    argv = [recipe, *common, "--output_dir", "out"]
+    launcher = launch_two(argv, tmp_path, HFLLM_TEST_STEP_SLEEP="0.3")
+    seen, lines = 0, []
+    for line in launcher.stdout:
+        lines.append(line)
+        seen += line.startswith("{") and "'loss'" in line
+        if seen == 3:
+            os.killpg(launcher.pid, signal.SIGTERM)  # the launcher's group (the ranks run in sessions of their own)
+            for rank in (0, 1):
+                os.kill(int((tmp_path / f"pid-{rank}").read_text()), signal.SIGTERM)
+            break
+    stdout, stderr = launcher.communicate(timeout=300)
+    stdout = "".join(lines) + stdout
+    assert launcher.returncode != 0  # accelerate's launcher re-raises the signal it got (documented)
+    codes = [path.read_text() if path.exists() else "no exit code" for path in (tmp_path / "exit-0", tmp_path / "exit-1")]
+    assert codes == ["143", "143"], stderr[-3000:]
+    assert stderr.count("hfllm: SIGTERM received") == 2 and "second SIGTERM" not in stderr
+    step = int(re.search(r"^interrupted at step (\d+) of 12; checkpoint saved; resume with:$", stdout, re.M).group(1))
+    checkpoint = tmp_path / "out" / f"checkpoint-{step}"
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == [checkpoint.name]
+    assert checkpoint_problem(checkpoint) is None and not list((tmp_path / "out").glob(".*.partial"))
+    assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()  # each rank's part
+    resumed = launch_two([*argv, "--resume_from_checkpoint", "true"], tmp_path)
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    same_losses(tmp_path / "straight", tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- fine-tuning (TRL methods)
+
+
+class SignalAt(PreemptionCallback):
+    """Test-only: the process sends itself SIGTERM as optimizer step `step` begins (a real signal, handled by the real
+    PreemptionCallback); `trained` lists the steps this session ran."""
+
+    def __init__(self, step: int | None = None):
+        super().__init__()
+        self.step, self.trained = step, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trained.append(state.global_step)
+        super().on_step_end(args, state, control, **kwargs)
+
+
+FINE_TUNING = {"sft": (sft_main, "sft.jsonl", {"assistant_only_loss": True}),
+               "dpo": (dpo_main, "preference.jsonl", {})}
+
+
+@pytest.mark.parametrize("peft", ["lora", "full"])
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_fine_tuning_resumes_exactly_after_sigterm(method, peft, tmp_path, tiny_llama_chat_dir, synth_dir, monkeypatch):
+    """SFT and DPO, LoRA and full: SIGTERM at step 3 of 6 saves checkpoint-3 and exits 143; resuming gives the logged
+    losses and the final weights of an uninterrupted run, bit for bit."""
+    entry, data, extra = FINE_TUNING[method]
+    recipe = adaptation_recipe(tmp_path, tiny_llama_chat_dir, synth_dir / data, use_peft=peft == "lora", max_steps=6,
+                               save_strategy="steps", save_steps=6, logging_steps=1, max_length=128, disable_tqdm=True,
+                               dataloader_num_workers=0, **extra)
+    assert entry([str(recipe), "--output_dir", str(tmp_path / "straight")]) == 0
+    argv = [str(recipe), "--output_dir", str(tmp_path / "out")]
+    interrupted, resumed = SignalAt(3), SignalAt()
+    monkeypatch.setattr(align, "PreemptionCallback", lambda: interrupted)
+    assert entry(argv) == 143 and interrupted.trained == [1, 2, 3]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert not (out / "config.json").exists() and not (out / "adapter_config.json").exists()  # no final model yet
+    monkeypatch.setattr(align, "PreemptionCallback", lambda: resumed)
+    assert entry([*argv, "--resume_from_checkpoint", "true"]) == 0 and resumed.trained == [4, 5, 6]
+    expected = [e["loss"] for e in log_history(tmp_path / "straight" / "checkpoint-6") if "loss" in e]
+    assert [e["loss"] for e in log_history(out / "checkpoint-6") if "loss" in e] == expected and len(expected) == 6
+    weights = "adapter_model.safetensors" if peft == "lora" else "model.safetensors"
+    final, expected = load_file(out / weights), load_file(tmp_path / "straight" / weights)
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+    assert not (out / ".model.partial").exists()
+
+
 # ----------------------------------------------------------------------------- checkpoints complete or absent
 
 
@@ -306,3 +417,79 @@ def test_a_checkpoint_that_fails_midway_never_appears(recipe, tmp_path, monkeypa
     run(recipe, tmp_path, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "1",
         "--resume_from_checkpoint", "true")
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-6"]
+
+
+def test_a_final_model_that_fails_midway_never_appears(recipe, tmp_path, monkeypatch):
+    """A crash while writing the final model (after its weights) leaves no loadable model in output_dir; resuming
+    from the last checkpoint writes it whole."""
+    from transformers import Trainer
+
+    from hfllm.checkpoint import spec_kind
+
+    save = Trainer._save
+
+    def crash_after_weights(self, output_dir=None, state_dict=None):
+        save(self, output_dir, state_dict)
+        if "checkpoint-" not in str(output_dir):  # the final save, not a checkpoint's
+            raise OSError("disk full")
+
+    monkeypatch.setattr(Trainer, "_save", crash_after_weights)
+    with pytest.raises(OSError, match="disk full"):
+        run(recipe, tmp_path, "--max_steps", "4", "--save_steps", "4")
+    out = tmp_path / "out"
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+    assert not (out / ".model.partial").exists() and (out / "checkpoint-4").is_dir()
+    with pytest.raises(HfllmError, match="is not a model checkpoint"):
+        spec_kind(out)
+    monkeypatch.setattr(Trainer, "_save", save)
+    run(recipe, tmp_path, "--max_steps", "4", "--save_steps", "4", "--resume_from_checkpoint", "true")
+    assert spec_kind(out) == "folder" and not (out / ".model.partial").exists()
+    final, checkpoint = load_file(out / "model.safetensors"), load_file(out / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(final[k], checkpoint[k]) for k in checkpoint)
+
+
+def test_merged_output_is_a_model_only_once_every_file_is_in(tmp_path, monkeypatch):
+    """atomic_output(merge=True) into a run's folder: the earlier config.json goes first, the new one comes last, the
+    checkpoints and other files stay, the staging folder is gone; an error in the block leaves the folder as it was."""
+    from hfllm import checkpoint
+
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "config.json").write_text("old")
+    (out / "model.safetensors").write_text("old")
+    with pytest.raises(OSError, match="disk full"), checkpoint.atomic_output(out, merge=True, staging=out / ".s") as tmp:
+        (tmp / "model.safetensors").write_text("half")
+        raise OSError("disk full")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "config.json", "model.safetensors"]
+    assert (out / "model.safetensors").read_text() == "old"
+    moves, replace = [], os.replace
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: (moves.append((Path(b).name, sorted(
+        p.name for p in out.iterdir() if not p.name.startswith(".")))), replace(a, b)))
+    with checkpoint.atomic_output(out, merge=True, staging=out / ".s") as tmp:
+        for name in ("config.json", "generation_config.json", "model.safetensors"):
+            (tmp / name).write_text("new")
+    assert [name for name, _ in moves] == ["generation_config.json", "model.safetensors", "config.json"]
+    assert all("config.json" not in present for _, present in moves)  # the old one was gone before the first move
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "config.json", "generation_config.json",
+                                                     "model.safetensors"]
+    assert all((out / name).read_text() == "new" for name in ("config.json", "model.safetensors"))
+
+
+def test_fine_tuning_refuses_an_existing_run(tmp_path, tiny_llama_chat_dir, synth_dir):
+    """SFT (like every TRL method) keeps pretraining's output-folder protection: a finished run is not overwritten
+    unless asked; a folder that holds no hfllm run is refused."""
+    recipe = adaptation_recipe(tmp_path, tiny_llama_chat_dir, synth_dir / "sft.jsonl", max_steps=1, max_length=128)
+    assert sft_main([str(recipe)]) == 0
+    out = tmp_path / "out"
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(HfllmError, match=r"already holds this run; continue it with --resume_from_checkpoint true"):
+        sft_main([str(recipe)])
+    with pytest.raises(HfllmError, match=r"holds a different run \(learning_rate was 0.005, now 0.001\)"):
+        sft_main([str(recipe), "--learning_rate", "1e-3"])
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    assert sft_main([str(recipe), "--learning_rate", "1e-3", "--overwrite_output_dir", "true"]) == 0
+    assert (out / "adapter_model.safetensors").read_bytes() != before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(HfllmError, match="is not empty and holds no hfllm run"):
+        sft_main([str(recipe), "--output_dir", str(tmp_path / "other")])

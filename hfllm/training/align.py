@@ -137,6 +137,7 @@ def run(method: str, argv: list[str], prog: str) -> int:
     )
     trainer.train(resume_from_checkpoint=resume)  # TrainingHalted (exit code 3) when the health checks stop it
     if preemption.received and trainer.state.global_step < trainer.state.max_steps:
+        trainer.accelerator.wait_for_everyone()  # no process exits before every part is written
         trainer.accelerator.print(f"interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}; "
                                   f"checkpoint saved; resume with:\n{resume_command(prog, argv)}")
         return preemption.exit_code

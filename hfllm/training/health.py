@@ -26,6 +26,8 @@ import shutil
 import signal
 import sys
 import threading
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -35,11 +37,12 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..checkpoint import checkpoint_problem, find_checkpoint
+from ..checkpoint import atomic_output, checkpoint_problem, find_checkpoint, weights_problem
 from ..errors import HfllmError, TrainingHalted
 
 GROUPS = ("embeddings", "attention", "mlp", "norms", "head", "other")
 MIN_SPIKE_HISTORY = 10  # losses in the window before spikes are judged (or spike_window, if smaller)
+LAUNCHER_REPEAT_S = 10.0  # under a launcher, a signal repeated this soon after the first is the same request
 HEALTH_KEYS = frozenset({"nan_action", "spike_zscore", "spike_window", "spike_action", "health_log_steps"})
 
 
@@ -325,12 +328,15 @@ class PreemptionCallback(TrainerCallback):
     """SIGTERM or SIGINT during training: the current optimizer step finishes, Trainer saves its own checkpoint
     (so `--resume_from_checkpoint true` continues exactly) and training stops; the entry point then prints the
     resume command and exits with `exit_code` (128 + signal: 143 for SIGTERM, 130 for SIGINT). A second signal
-    exits at once with that code, without a checkpoint. The handlers are installed only during `train()`."""
+    exits at once with that code, without a checkpoint (under a launcher: one that comes LAUNCHER_REPEAT_S seconds or
+    more after the first). With several processes every rank writes its part of the checkpoint before any exits.
+    The handlers are installed only during `train()`."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     @property
@@ -356,12 +362,21 @@ class PreemptionCallback(TrainerCallback):
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        if self.received is not None and self._repeat_of_first():
+            return
         if self.received is not None:
             print(f"hfllm: second {name}: exiting now, without a checkpoint", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.received = signum
+        self.received, self._first_at = signum, time.monotonic()
         print(f"hfllm: {name} received: finishing the current optimizer step, then saving a checkpoint "
               f"(send {name} again to exit at once)", file=sys.stderr, flush=True)
+
+    def _repeat_of_first(self) -> bool:
+        """Under a launcher or a scheduler the first signal often arrives twice: SLURM signals every process of a job
+        step and torchrun / accelerate launch / srun forward the signal they got to their workers. A repeat within
+        LAUNCHER_REPEAT_S seconds there is the same request, not a second one."""
+        launched = any(key in os.environ for key in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"))
+        return launched and time.monotonic() - self._first_at < LAUNCHER_REPEAT_S
 
 
 def resume_command(prog: str, argv: list[str]) -> str:
@@ -426,8 +441,28 @@ class HealthTrainerMixin:
     # ---- saving: never non-finite weights, checkpoints visible only when complete
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        self._refuse_non_finite(output_dir or self.args.output_dir)
-        super().save_model(output_dir, _internal_call)
+        """Never non-finite weights. A checkpoint's model goes where `_save_checkpoint` stages it; the final model
+        (a call from outside) is written into `output_dir/.model.partial/` by every process, checked
+        (`weights_problem`) and moved into `output_dir` with config.json / adapter_config.json last
+        (`atomic_output(merge=True)`), so a crash or a full disk never leaves a loadable half-written model."""
+        target = output_dir or self.args.output_dir
+        self._refuse_non_finite(target)
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        staging = Path(target) / ".model.partial"
+        self.accelerator.wait_for_everyone()
+        writer = atomic_output(target, merge=True, staging=staging) if self.args.should_save else nullcontext(staging)
+        with writer as folder:
+            self.accelerator.wait_for_everyone()  # the staging folder exists (and is empty) before anyone writes
+            super().save_model(str(folder), _internal_call=True)  # True: no Hub push of the staging folder
+            self.accelerator.wait_for_everyone()
+            problem = weights_problem(folder) if self.args.should_save else None
+            if problem is not None:
+                raise TrainingHalted(f"the final model failed its check after writing ({problem}); it was not "
+                                     f"kept in {target}")
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:  # what Trainer.save_model does after a call from outside
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _refuse_non_finite(self, target: str) -> None:
         model = self.model

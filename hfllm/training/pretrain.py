@@ -95,6 +95,7 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
     trainer.train(resume_from_checkpoint=resume)  # TrainingHalted (exit code 3) when the health checks stop it
     if preemption.received and trainer.state.global_step < args.max_steps:
         trainer.save_state()
+        trainer.accelerator.wait_for_everyone()  # no process exits before every part is written
         if args.should_save:
             print(f"interrupted at step {trainer.state.global_step} of {args.max_steps}; checkpoint saved; resume "
                   f"with:\n{resume_command(prog, argv)}", flush=True)
