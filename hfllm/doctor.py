@@ -1,0 +1,527 @@
+"""`hfllm doctor RECIPE | MODEL_DIR`: the pre-flight checklist of a training run, at a tiny size, on the recipe's own
+architecture, tokenizer and data (docs/reliability.md#hfllm-doctor).
+
+    recipe -> text splits + tokenizer (hfllm/data, as `hfllm pretrain` / `hfllm sft` build them) -> data checks
+           -> the recipe's architecture shrunk (2 layers, 16-wide heads) with new weights -> model checks
+           -> a table (check, measured, expected, result); exit code 4 when any check fails
+
+Model checks: loss at init ~ ln(vocab), no causal-mask leak, next-token labels, one batch overfits, two seeded runs
+are bitwise equal, a run resumed from its checkpoint equals the uninterrupted run. Tokenizer and data checks: round
+trip, BOS/EOS rules, newlines, distinct special tokens, vocabulary use and unknowns, train/validation contamination
+(exact and near-duplicate documents), the chat template (renders, masks the assistant turns).
+
+It spans stages (data, models, training), hence a top-level module like recipe.py and checkpoint.py. Nothing is
+written outside a temporary folder.
+"""
+
+import contextlib
+import math
+import re
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, TrainerCallback, set_seed
+
+from .errors import HfllmError
+
+EXIT_FAILED = 4  # a check failed (docs/reliability.md, exit codes)
+STEPS = 4  # optimizer steps of the reproducibility / resume runs; the resumed run starts from checkpoint STEPS // 2
+OVERFIT_STEPS = 150
+OVERFIT_TARGET = 0.5  # nats per token after OVERFIT_STEPS on one batch
+INIT_LOSS_TOLERANCE = 0.1  # |loss - ln V| / ln V
+LEAK_TOLERANCE = 1e-5  # largest change of an earlier logit when a later token changes
+LABEL_LOGIT = 30.0  # logit of the one token a copy / oracle model predicts
+NEAR_DUPLICATE_JACCARD = 0.8  # estimated Jaccard similarity of word 5-gram shingles
+SHINGLE_WORDS = 5
+MIN_SHINGLES = 20  # shorter documents are compared exactly only: short templated texts share most n-grams
+UNUSED_TOKENS_MAX = 0.05  # share of a tokenizer trained on this data that the train text never uses
+UNKNOWN_MAX = 0.001  # share of unknown tokens in the text
+NEWLINE_PROBE = "one\ntwo\n\nthree  \n\tfour\r\n"
+SAMPLE_DOCUMENTS = 8  # documents for round-trip and BOS/EOS checks
+MAX_CHARS = 2_000_000  # characters of text for the vocabulary check
+
+
+@dataclass
+class Check:
+    name: str
+    measured: str
+    expected: str
+    status: str  # "pass", "FAIL" or "info" (reported, never fails)
+
+
+def verdict(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
+
+
+# ----------------------------------------------------------------------------- what the checks run on
+
+
+@dataclass
+class Subject:
+    """A recipe (or model folder) made ready for the checks: everything the training command would build."""
+
+    label: str
+    config: PreTrainedConfig  # the architecture, shrunk, vocabulary set from the tokenizer
+    tokenizer: object
+    train_texts: list[str]
+    validation_texts: list[str]
+    batch: dict[str, torch.Tensor]  # one training batch, as the training collator makes it
+    train: Callable[[str, str | None], tuple[list[float], dict]]  # (output_dir, resume) -> (losses, final weights)
+    seed: int
+    tokenizer_from_data: bool  # trained on train_texts (bpe/char): unused tokens are a defect
+    chat: bool  # chat data: the template must mask the assistant turns
+    assistant_only_loss: bool
+    loaded_model: torch.nn.Module | None = None  # MODEL_DIR: the checkpoint itself, for the leak and label checks
+
+    def new_model(self) -> torch.nn.Module:
+        """The shrunk architecture with new weights, seeded as training seeds it."""
+        set_seed(self.seed)
+        return AutoModelForCausalLM.from_config(self.config)
+
+
+def shrink(config: PreTrainedConfig, layers: int = 2, head_dim: int = 16) -> dict:
+    """Config overrides for a tiny copy of an architecture: `layers` layers, at most 2 key/value heads with the same
+    query-per-key/value ratio, `head_dim`-wide heads; sliding windows, layer types and experts kept."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv = min(kv_heads, 2)
+    new_heads = kv * (heads // kv_heads)
+    if new_heads * head_dim < 32:  # a residual stream narrower than 32 learns too slowly to overfit in time
+        new_heads, kv = new_heads * 2, kv * 2
+    hidden = new_heads * head_dim
+    overrides = dict(num_hidden_layers=min(layers, config.num_hidden_layers), hidden_size=hidden,
+                     intermediate_size=2 * hidden, num_attention_heads=new_heads, num_key_value_heads=kv,
+                     head_dim=head_dim)
+    if getattr(config, "layer_types", None):
+        types = list(config.layer_types)
+        kinds = list(dict.fromkeys(types))  # keep every kind of layer the recipe has
+        overrides["layer_types"] = (kinds + types)[: max(layers, len(kinds))]
+        overrides["num_hidden_layers"] = len(overrides["layer_types"])
+    if getattr(config, "num_experts", 0):
+        overrides["moe_intermediate_size"] = hidden // 2
+    if getattr(config, "mlp_only_layers", None):
+        overrides["mlp_only_layers"] = [i for i in config.mlp_only_layers if i < overrides["num_hidden_layers"]]
+    return overrides
+
+
+def shrunk_config(config: PreTrainedConfig, tokenizer, keep_vocab: bool) -> PreTrainedConfig:
+    """The tiny copy of `config`; its vocabulary sized to the tokenizer (a preset) or kept (a model folder's)."""
+    fields = {**config.to_dict(), **shrink(config)}
+    fields.update(vocab_size=config.vocab_size if keep_vocab else len(tokenizer),
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, use_cache=False)
+    for key in ("architectures", "transformers_version", "model_type", "auto_map", "dtype", "torch_dtype"):
+        fields.pop(key, None)
+    return AutoConfig.for_model(config.model_type, **fields)
+
+
+class _LossRecorder(TrainerCallback):
+    """The loss of every optimizer step, as Trainer logs it (logging_steps 1)."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+def _run(trainer, resume: str | None) -> tuple[list[float], dict]:
+    recorder = _LossRecorder()
+    trainer.add_callback(recorder)
+    trainer.train(resume_from_checkpoint=resume)
+    weights = {name: tensor.detach().clone() for name, tensor in trainer.model.state_dict().items()}
+    return recorder.losses, weights
+
+
+RUN_OVERRIDES = ["--max_steps", str(STEPS), "--save_steps", str(STEPS // 2), "--save_strategy", "steps",
+                 "--logging_steps", "1", "--logging_first_step", "false", "--eval_strategy", "no", "--report_to", "none",
+                 "--save_total_limit", "null", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+                 "--torch_compile", "false"]
+
+
+def pretraining_subject(argv: list[str], prog: str, model_dir: str | None = None) -> Subject:
+    """A pretraining recipe as `hfllm pretrain` builds it: its text, tokenizer, packed blocks and Trainer."""
+    from . import data
+    from .data.text import load_text, resolve_tokenizer, take
+    from .training.arguments import gradient_accumulation, parse_recipe
+    from .training.health import HealthCallback
+    from .training.pretrain import resolve_config
+    from .training.trainer import PretrainTrainer
+
+    recipe = parse_recipe(argv, prog)
+    model_args, data_args, args = recipe.args
+    if model_dir is not None:  # MODEL_DIR with its recipe.yaml: the folder's architecture and tokenizer
+        model_args.model, data_args.tokenizer = model_dir, model_dir
+    accumulation = gradient_accumulation(args, data_args.block_size)
+    block_size = min(data_args.block_size, 128)
+    config = resolve_config(model_args.model, recipe.free, data_args.block_size)
+    if args.torch_num_threads is not None:
+        torch.set_num_threads(args.torch_num_threads)
+    raw = load_text(data_args, args.seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = resolve_tokenizer(data_args, raw["train"], scratch, is_main=True, resuming=False)
+    if len(tokenizer) > config.vocab_size and Path(model_args.model).is_dir():
+        raise HfllmError(f"the tokenizer has {len(tokenizer)} tokens but the model {model_args.model} has vocab_size "
+                         f"{config.vocab_size}; use the model's own tokenizer")
+    config = shrunk_config(config, tokenizer, keep_vocab=Path(model_args.model).is_dir())
+    packed = data.tokenize_and_pack(raw, tokenizer, block_size, seed=args.seed,
+                                    per_document_positions=data_args.per_document_positions)
+    batch_size = 4
+    train_blocks = take(packed["train"], batch_size * accumulation * STEPS)
+    batch = data.collate_blocks([packed["train"][i] for i in range(min(batch_size, len(packed["train"])))])
+
+    def train(output_dir: str, resume: str | None) -> tuple[list[float], dict]:
+        overrides = RUN_OVERRIDES + ["--output_dir", output_dir, "--per_device_train_batch_size", str(batch_size),
+                                     "--global_batch_size", str(batch_size * accumulation), "--global_batch_tokens",
+                                     "null", "--block_size", str(block_size)]
+        run_args = parse_recipe(argv + overrides, prog).args[2]
+        run_args.gradient_accumulation_steps = gradient_accumulation(run_args, block_size)
+        model = subject.new_model()
+        trainer = PretrainTrainer(
+            model=model, args=run_args, train_dataset=train_blocks, data_collator=data.collate_blocks,
+            processing_class=tokenizer, callbacks=[HealthCallback(run_args)], flops_per_token=1.0, peak_flops=1.0,
+            tokens_per_step=batch_size * accumulation * block_size,
+        )
+        return _run(trainer, resume)
+
+    subject = Subject(
+        label=recipe.path or model_dir, config=config, tokenizer=tokenizer, train_texts=list(raw["train"]["text"]),
+        validation_texts=list(raw["validation"]["text"]), batch=batch, train=train, seed=args.seed,
+        tokenizer_from_data=data_args.tokenizer in ("bpe", "char"), chat=False, assistant_only_loss=False,
+    )
+    return subject
+
+
+# ----------------------------------------------------------------------------- model checks
+
+
+def _lm_loss(model, batch: dict[str, torch.Tensor]) -> float:
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        loss = model.loss_function(logits=logits, labels=batch["labels"], vocab_size=logits.shape[-1])
+    return float(loss)
+
+
+def check_init_loss(model, batch: dict[str, torch.Tensor], vocab_size: int) -> Check:
+    """A new model predicts nearly uniformly: its loss is close to ln(vocab)."""
+    expected = math.log(vocab_size)
+    loss = _lm_loss(model.eval(), batch)
+    ok = abs(loss - expected) <= INIT_LOSS_TOLERANCE * expected
+    return Check("loss at init", f"{loss:.3f}", f"ln {vocab_size} = {expected:.3f} ± {INIT_LOSS_TOLERANCE:.0%}", verdict(ok))
+
+
+def check_causal_mask(model, batch: dict[str, torch.Tensor]) -> Check:
+    """Changing the token at position t must leave the logits before t unchanged (and change some at or after t)."""
+    row = {k: v[:1] for k, v in batch.items() if k != "labels"}  # (1, T)
+    length = row["input_ids"].shape[1]
+    at = length // 2
+    changed = {k: v.clone() for k, v in row.items()}
+    changed["input_ids"][0, at:] = (changed["input_ids"][0, at:] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        before, after = model.eval()(**row).logits, model(**changed).logits  # (1, T, V)
+    leak = float((before[0, :at] - after[0, :at]).abs().max())
+    reaches = float((before[0, at:] - after[0, at:]).abs().max())
+    ok = leak <= LEAK_TOLERANCE and reaches > LEAK_TOLERANCE
+    return Check("causal mask (no future leak)", f"max |Δ earlier logit| {leak:.2g}", f"≤ {LEAK_TOLERANCE:g}", verdict(ok))
+
+
+@contextlib.contextmanager
+def replaced_logits(model, make_logits: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, the model's head outputs `make_logits(input_ids)` (the loss path itself is untouched)."""
+    current: dict[str, torch.Tensor] = {}
+    pre = model.register_forward_pre_hook(lambda module, args, kwargs: current.update(ids=kwargs["input_ids"]),
+                                          with_kwargs=True)
+    head = model.get_output_embeddings().register_forward_hook(lambda module, args, output: make_logits(current["ids"]))
+    try:
+        yield
+    finally:
+        pre.remove()
+        head.remove()
+
+
+def check_label_shift(model, batch: dict[str, torch.Tensor]) -> Check:
+    """The training loss targets the next token: a model that copies its input scores badly, one that predicts the
+    true next token scores ~0. Runs the model's own forward with the batch's labels (from the training collator)."""
+    vocab_size = model.config.vocab_size
+
+    def one_hot(ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
+        return torch.nn.functional.one_hot(ids, vocab_size).float() * LABEL_LOGIT
+
+    def next_tokens(ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+
+    losses = {}
+    model.eval()
+    for name, make in (("copy", lambda ids: one_hot(ids)), ("next", lambda ids: one_hot(next_tokens(ids)))):
+        with replaced_logits(model, make), torch.no_grad():
+            losses[name] = float(model(**batch).loss)
+    floor = math.log(vocab_size)
+    ok = losses["copy"] > floor and losses["next"] < 0.01
+    return Check("label shift (next-token targets)", f"copy-input loss {losses['copy']:.2f}, next-token "
+                 f"loss {losses['next']:.3f}", f"copy > {floor:.2f}, next < 0.01", verdict(ok))
+
+
+def check_overfit(model, batch: dict[str, torch.Tensor], steps: int = OVERFIT_STEPS, lr: float = 1e-2) -> Check:
+    """A few hundred AdamW steps on one batch take its loss near zero (the model can learn and gradients flow)."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    first = loss = None
+    for _ in range(steps):
+        loss = model(**batch).loss
+        first = float(loss) if first is None else first
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    final = _lm_loss(model.eval(), batch)
+    return Check("overfit one batch", f"{first:.2f} -> {final:.3f} in {steps} steps", f"< {OVERFIT_TARGET}",
+                 verdict(final < OVERFIT_TARGET))
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def check_reproducible(first: tuple[list[float], dict], second: tuple[list[float], dict]) -> Check:
+    """Two runs with the recipe's seed give the same losses and bitwise-equal weights."""
+    (losses_a, weights_a), (losses_b, weights_b) = first, second
+    difference = _max_difference(weights_a, weights_b)
+    ok = losses_a == losses_b and difference == 0.0
+    return Check("seeded runs bitwise equal", f"{len(losses_a)} steps, losses {'equal' if losses_a == losses_b else 'differ'}, "
+                 f"max |Δw| {difference:.2g}", "equal, 0", verdict(ok))
+
+
+def check_resume(full: tuple[list[float], dict], resumed: tuple[list[float], dict]) -> Check:
+    """A run resumed from its step-STEPS//2 checkpoint continues exactly: same later losses, bitwise-equal weights."""
+    (losses_full, weights_full), (losses_resumed, weights_resumed) = full, resumed
+    tail = losses_full[len(losses_full) - len(losses_resumed):]
+    difference = _max_difference(weights_full, weights_resumed)
+    ok = bool(losses_resumed) and tail == losses_resumed and difference == 0.0
+    return Check("checkpoint resume exact", f"steps {STEPS // 2 + 1}-{STEPS} losses "
+                 f"{'equal' if ok or tail == losses_resumed else 'differ'}, max |Δw| {difference:.2g}", "equal, 0",
+                 verdict(ok))
+
+
+# ----------------------------------------------------------------------------- tokenizer and data checks
+
+
+def check_round_trip(tokenizer, texts: list[str]) -> Check:
+    """decode(encode(text)) == text for sample documents."""
+    failures = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if tokenizer.decode(ids, clean_up_tokenization_spaces=False) != text:
+            failures.append(text)
+    return Check("round trip of sample text", f"{len(texts) - len(failures)}/{len(texts)} documents exact",
+                 f"{len(texts)}/{len(texts)}", verdict(not failures))
+
+
+def check_newlines(tokenizer) -> Check:
+    """Newlines, blank lines, tabs and trailing spaces survive encode/decode."""
+    ids = tokenizer(NEWLINE_PROBE, add_special_tokens=False)["input_ids"]
+    decoded = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    measured = f"{decoded.count(chr(10))}/{NEWLINE_PROBE.count(chr(10))} newlines, {'exact' if decoded == NEWLINE_PROBE else 'changed'}"
+    return Check("newlines preserved", measured, f"{NEWLINE_PROBE.count(chr(10))}/{NEWLINE_PROBE.count(chr(10))}, exact",
+                 verdict(decoded == NEWLINE_PROBE))
+
+
+def check_bos_eos(tokenizer, texts: list[str]) -> Check:
+    """EOS exists (packing ends every document with it, chat turns end with it) and never occurs inside an encoded
+    document; BOS, when the tokenizer adds it, comes once, first."""
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if eos is None:
+        return Check("BOS/EOS rules", "no eos_token", "an eos_token", "FAIL")
+    stray_eos = misplaced_bos = added_bos = 0
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        stray_eos += ids.count(eos)
+        if bos is not None and bos != eos:
+            count = ids.count(bos)
+            added_bos += count == 1 and ids[0] == bos
+            misplaced_bos += count > 1 or (count == 1 and ids[0] != bos)
+    adds = f"bos added to {added_bos}/{len(texts)}" if bos is not None else "no bos"
+    ok = stray_eos == 0 and misplaced_bos == 0 and added_bos in (0, len(texts))
+    return Check("BOS/EOS rules", f"{adds}; eos inside documents {stray_eos}", "bos first on all or none; eos inside 0",
+                 verdict(ok))
+
+
+def check_special_tokens(tokenizer) -> Check:
+    """bos, eos, unk and the additional special tokens have distinct ids, each a single token (pad may be eos)."""
+    named = {name: getattr(tokenizer, f"{name}_token") for name in ("bos", "eos", "unk", "pad")}
+    named = {name: token for name, token in named.items() if token is not None}
+    extras = [token for token in tokenizer.all_special_tokens if token not in named.values()]
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in [*named.values(), *extras]}
+    split = [token for token in ids if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1]
+    must_differ = [named[name] for name in ("bos", "eos", "unk") if name in named] + extras
+    collisions = len(must_differ) - len({ids[token] for token in must_differ})
+    if "pad" in named and named["pad"] not in must_differ and ids[named["pad"]] in {ids[t] for t in must_differ}:
+        collisions += named["pad"] != named.get("eos") and ids[named["pad"]] != ids.get(named.get("eos"))
+    shared = [f"{name}=eos" for name in ("bos", "unk") if named.get(name) is not None and named.get(name) == named.get("eos")]
+    ok = collisions == 0 and not split
+    measured = f"{len(ids)} special tokens, {collisions} shared ids, {len(split)} split"
+    return Check("special tokens distinct", measured + (f" ({', '.join(shared)})" if shared else ""),
+                 "0 shared (pad may be eos), 0 split", verdict(ok))
+
+
+def check_vocabulary(tokenizer, texts: list[str], trained_on_texts: bool) -> list[Check]:
+    """Share of the vocabulary the text never uses (a defect for a tokenizer trained on this text: those embeddings
+    never train) and share of unknown tokens."""
+    sample, total = [], 0
+    for text in texts:
+        if total >= MAX_CHARS:
+            break
+        sample.append(text[: MAX_CHARS - total])
+        total += len(sample[-1])
+    ids = [i for row in tokenizer(sample, add_special_tokens=False)["input_ids"] for i in row]
+    special = set(tokenizer.all_special_ids)
+    regular = len(tokenizer) - len(special)
+    unused = (regular - len(set(ids) - special)) / max(regular, 1)
+    unk = tokenizer.unk_token_id
+    unknown = sum(i == unk for i in ids) / max(len(ids), 1) if unk is not None else 0.0
+    if trained_on_texts:
+        unused_check = Check("unused tokens", f"{unused:.1%} of {regular}", f"≤ {UNUSED_TOKENS_MAX:.0%}",
+                             verdict(unused <= UNUSED_TOKENS_MAX))
+    else:
+        unused_check = Check("unused tokens", f"{unused:.1%} of {regular}", "(a pretrained tokenizer: for information)", "info")
+    return [unused_check, Check("unknown tokens", f"{unknown:.3%} of {len(ids)}", f"≤ {UNKNOWN_MAX:.1%}",
+                                verdict(unknown <= UNKNOWN_MAX))]
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _shingles(text: str) -> np.ndarray:
+    """Hashes (uint32) of the word SHINGLE_WORDS-grams of a normalized document."""
+    words = _normalized(text).split()
+    grams = {" ".join(words[i : i + SHINGLE_WORDS]) for i in range(len(words) - SHINGLE_WORDS + 1)}
+    return np.fromiter((zlib.crc32(gram.encode()) for gram in grams), dtype=np.uint64, count=len(grams))
+
+
+def minhash(shingles: np.ndarray, permutations: int = 64, seed: int = 0) -> np.ndarray:
+    """MinHash signature (permutations,) of a shingle set: min over (a * x + b) mod p per random (a, b)."""
+    prime = np.uint64((1 << 61) - 1)
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 1 << 31, permutations, dtype=np.uint64)
+    b = rng.integers(0, 1 << 31, permutations, dtype=np.uint64)
+    return ((shingles[:, None] * a[None, :] + b[None, :]) % prime).min(axis=0)  # (n, P) -> (P,)
+
+
+def contamination(train: list[str], validation: list[str], bands: int = 16) -> tuple[int, int]:
+    """(exact, near) validation documents that also occur in train: exactly after normalizing case and whitespace,
+    or with estimated Jaccard similarity of word shingles ≥ NEAR_DUPLICATE_JACCARD (MinHash, LSH with `bands`
+    bands to find candidate pairs). Documents under MIN_SHINGLES shingles are compared exactly only."""
+    train_exact = {_normalized(text) for text in train}
+    exact = [i for i, text in enumerate(validation) if _normalized(text) in train_exact]
+    buckets: dict[tuple[int, bytes], list[np.ndarray]] = {}
+    for text in train:
+        shingles = _shingles(text)
+        if len(shingles) >= MIN_SHINGLES:
+            signature = minhash(shingles)
+            for band, part in enumerate(np.split(signature, bands)):
+                buckets.setdefault((band, part.tobytes()), []).append(signature)
+    near = 0
+    for i, text in enumerate(validation):
+        shingles = _shingles(text)
+        if i in exact or len(shingles) < MIN_SHINGLES:
+            continue
+        signature = minhash(shingles)
+        candidates = (c for band, part in enumerate(np.split(signature, bands))
+                      for c in buckets.get((band, part.tobytes()), []))
+        near += any(float((candidate == signature).mean()) >= NEAR_DUPLICATE_JACCARD for candidate in candidates)
+    return len(exact), near
+
+
+def check_contamination(train: list[str], validation: list[str]) -> Check:
+    exact, near = contamination(train, validation)
+    return Check("train/validation contamination", f"{exact} exact, {near} near-duplicate of {len(validation)} "
+                 "validation documents", f"0, 0 (Jaccard ≥ {NEAR_DUPLICATE_JACCARD})", verdict(exact == near == 0))
+
+
+def check_chat_template(tokenizer, assistant_only_loss: bool, messages: list[dict] | None = None) -> Check:
+    """The chat template passes hfllm's training-template checks (data/chat_template.py), and on a real conversation
+    the assistant mask covers exactly the assistant replies and their EOS."""
+    from trl.chat_template_utils import has_generation_markers
+
+    from .data.chat_template import PROBE, check_template
+
+    if not tokenizer.chat_template:
+        return Check("chat template", "none", "a template (chat data)", "FAIL" if messages else "info")
+    masks = has_generation_markers(tokenizer.chat_template)
+    try:
+        check_template(tokenizer, assistant_only_loss=masks)
+    except HfllmError as error:
+        return Check("chat template", str(error).split(";")[0], "renders; EOS after replies; masks replies", "FAIL")
+    if not masks:
+        return Check("chat template", "renders; no {% generation %} markers", "masks replies (assistant_only_loss)",
+                     verdict(not assistant_only_loss))
+    conversation = messages or PROBE
+    encoded = tokenizer.apply_chat_template(conversation, return_dict=True, return_assistant_tokens_mask=True)
+    trained = tokenizer.decode([t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m])
+    replies = "".join(m["content"] + tokenizer.eos_token for m in conversation if m["role"] == "assistant")
+    share = sum(encoded["assistant_masks"]) / len(encoded["input_ids"])
+    return Check("chat template masks replies", f"{share:.0%} of tokens trained, {'exactly' if trained == replies else 'not'} "
+                 "the replies", "exactly the assistant replies + EOS", verdict(trained == replies))
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def run_checks(subject: Subject, say: Callable[[str], None] = print) -> list[Check]:
+    checks: list[Check] = []
+
+    def add(*new: Check) -> None:
+        for check in new:
+            checks.append(check)
+            say(f"  {check.status:<4}  {check.name}: {check.measured}")
+
+    sample = subject.validation_texts[:SAMPLE_DOCUMENTS] or subject.train_texts[:SAMPLE_DOCUMENTS]
+    tokenizer = subject.tokenizer
+    add(check_round_trip(tokenizer, sample), check_newlines(tokenizer), check_bos_eos(tokenizer, sample),
+        check_special_tokens(tokenizer))
+    add(*check_vocabulary(tokenizer, subject.train_texts, subject.tokenizer_from_data))
+    add(check_contamination(subject.train_texts, subject.validation_texts))
+    add(check_chat_template(tokenizer, subject.assistant_only_loss))
+
+    model = subject.new_model()
+    add(check_init_loss(model, subject.batch, subject.config.vocab_size))
+    inspected = subject.loaded_model or model
+    add(check_causal_mask(inspected, subject.batch), check_label_shift(inspected, subject.batch))
+    add(check_overfit(model, subject.batch))
+    with tempfile.TemporaryDirectory() as scratch:
+        full = subject.train(f"{scratch}/a", None)
+        again = subject.train(f"{scratch}/b", None)
+        add(check_reproducible(full, again))
+        resumed = subject.train(f"{scratch}/c", f"{scratch}/a/checkpoint-{STEPS // 2}")
+        add(check_resume(full, resumed))
+    return checks
+
+
+def format_table(checks: list[Check]) -> str:
+    rows = [("check", "measured", "expected", "result")] + [(c.name, c.measured, c.expected, c.status) for c in checks]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str], prog: str = "hfllm doctor") -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {prog} RECIPE.yaml [--key value ...] | MODEL_DIR\n\n" + __doc__.split("\n\n")[0])
+        return 0
+    start = time.perf_counter()
+    subject = pretraining_subject(argv, prog)
+    print(f"{prog}: {subject.label}: {subject.config.num_hidden_layers} layers x {subject.config.hidden_size}, "
+          f"vocab {subject.config.vocab_size}", flush=True)
+    checks = run_checks(subject, say=lambda line: print(line, flush=True))
+    print("\n" + format_table(checks))
+    failed = [check.name for check in checks if check.status == "FAIL"]
+    print(f"\n{len(checks) - len(failed)} of {len(checks)} checks passed in {time.perf_counter() - start:.0f} s" +
+          (f"; failed: {', '.join(failed)} (exit code {EXIT_FAILED})" if failed else ""))
+    return EXIT_FAILED if failed else 0
