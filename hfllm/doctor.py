@@ -79,7 +79,7 @@ class Subject:
     tokenizer_from_data: bool  # trained on train_texts (bpe/char): unused tokens are a defect
     chat: bool  # chat data: the template must mask the assistant turns
     assistant_only_loss: bool
-    conversation: list[dict] | None = None  # a conversation of the data, for the chat-template mask
+    conversations: list[list[dict]] | None = None  # chat data: the first conversations, for BOS/EOS and masks
     loaded_model: torch.nn.Module | None = None  # MODEL_DIR: the checkpoint itself, for the leak and label checks
 
     def new_model(self) -> torch.nn.Module:
@@ -269,7 +269,7 @@ def sft_subject(argv: list[str], prog: str) -> Subject:
         return with_health(SFTTrainer)(
             model=model, args=in_folder(run_args, output_dir), train_dataset=rows, processing_class=tokenizer,
             peft_config=build_peft_config(model_args, hfllm_args.peft_type, hfllm_args.num_virtual_tokens, model),
-            callbacks=[HealthCallback(run_args)],
+            callbacks=[HealthCallback(hfllm_args)],
         )
 
     def train_run(output_dir: str, resume: str | None) -> tuple[list[float], dict]:
@@ -279,7 +279,7 @@ def sft_subject(argv: list[str], prog: str) -> Subject:
         label=recipe.path, config=config, tokenizer=tokenizer, train_texts=texts(train),
         validation_texts=texts(evaluation), batch={}, train=train_run, seed=args.seed, tokenizer_from_data=False,
         chat=conversational, assistant_only_loss=getattr(args, "assistant_only_loss", False),
-        conversation=train[0]["messages"] if conversational else None,
+        conversations=list(train.select(range(min(len(train), SAMPLE_DOCUMENTS)))["messages"]) if conversational else None,
     )
     with tempfile.TemporaryDirectory() as scratch:  # one batch from TRL's own dataloader: its labels and masks
         batch = next(iter(trainer(scratch).get_train_dataloader()))
@@ -383,9 +383,16 @@ def check_label_shift(model, batch: dict[str, torch.Tensor]) -> Check:
 
     losses = {}
     model.eval()
+    router_losses = getattr(model.config, "output_router_logits", None)
     for name, make in (("copy", lambda ids: one_hot(ids)), ("next", lambda ids: one_hot(next_tokens(ids)))):
-        with replaced_logits(model, make), torch.no_grad():
-            losses[name] = float(model(**batch).loss)
+        try:  # the LM loss alone: MoE load-balancing terms off
+            if router_losses is not None:
+                model.config.output_router_logits = False
+            with replaced_logits(model, make), torch.no_grad():
+                losses[name] = float(model(**batch).loss)
+        finally:
+            if router_losses is not None:
+                model.config.output_router_logits = router_losses
     floor = math.log(vocab_size)
     ok = losses["copy"] > floor and losses["next"] < 0.01
     return Check("label shift (next-token targets)", f"copy-input loss {losses['copy']:.2f}, next-token "
@@ -466,24 +473,37 @@ def check_newlines(tokenizer, text: str) -> Check:
     return Check("newlines preserved", measured, f"{wanted}/{wanted}, exact", verdict(decoded == probe))
 
 
-def check_bos_eos(tokenizer, texts: list[str]) -> Check:
-    """EOS exists (packing ends every document with it, chat turns end with it) and never occurs inside an encoded
-    document; BOS, when the tokenizer adds it, comes once, first."""
+def check_bos_eos(tokenizer, texts: list[str], conversations: list[list[dict]] | None = None) -> Check:
+    """Plain text (pretraining): EOS exists (packing ends every document with it) and never occurs inside an encoded
+    document; BOS, when the tokenizer adds it, comes once, first. Chat data (`conversations`, tokenized by the chat
+    template as TRL does): EOS right after every assistant reply, and BOS at most once, first (a template that writes BOS and
+    a tokenizer that adds it again give two), unless the BOS token is the template's own turn marker (SmolLM2)."""
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     if eos is None:
         return Check("BOS/EOS rules", "no eos_token", "an eos_token", "FAIL")
-    stray_eos = misplaced_bos = added_bos = 0
-    for text in texts:
-        ids = tokenizer(text)["input_ids"]
-        stray_eos += ids.count(eos)
-        if bos is not None and bos != eos:
+    turn_marker = conversations is not None and tokenizer.bos_token in (tokenizer.chat_template or "")
+    check_bos = bos is not None and bos != eos and not turn_marker
+    rows = conversations if conversations is not None else texts
+    wrong_eos = misplaced_bos = added_bos = 0
+    for row in rows:
+        if conversations is not None:
+            ids = tokenizer.apply_chat_template(row, return_dict=True)["input_ids"]
+            rendered = tokenizer.apply_chat_template(row, tokenize=False)
+            wrong_eos += not all(m["content"] + tokenizer.eos_token in rendered for m in row if m["role"] == "assistant")
+        else:
+            ids = tokenizer(row)["input_ids"]
+            wrong_eos += ids.count(eos) > 0
+        if check_bos:
             count = ids.count(bos)
             added_bos += count == 1 and ids[0] == bos
             misplaced_bos += count > 1 or (count == 1 and ids[0] != bos)
-    adds = f"bos added to {added_bos}/{len(texts)}" if bos is not None else "no bos"
-    ok = stray_eos == 0 and misplaced_bos == 0 and added_bos in (0, len(texts))
-    return Check("BOS/EOS rules", f"{adds}; eos inside documents {stray_eos}", "bos first on all or none; eos inside 0",
-                 verdict(ok))
+    bos_text = f"bos first in {added_bos}/{len(rows)}, misplaced {misplaced_bos}" if check_bos else "bos not checked"
+    ok = wrong_eos == 0 and misplaced_bos == 0 and added_bos in (0, len(rows))
+    if conversations is not None:
+        return Check("BOS/EOS rules", f"{bos_text}; a reply without eos in {wrong_eos}/{len(rows)} conversations",
+                     "bos first in all or none; eos after every reply", verdict(ok))
+    return Check("BOS/EOS rules", f"{bos_text}; eos inside {wrong_eos}/{len(rows)} documents",
+                 "bos first in all or none; eos inside 0", verdict(ok))
 
 
 def check_special_tokens(tokenizer) -> Check:
@@ -629,11 +649,12 @@ def run_checks(subject: Subject, say: Callable[[str], None] = print) -> list[Che
 
     sample = subject.validation_texts[:SAMPLE_DOCUMENTS] or subject.train_texts[:SAMPLE_DOCUMENTS]
     tokenizer = subject.tokenizer
-    add(check_round_trip(tokenizer, sample), check_newlines(tokenizer, sample[0]), check_bos_eos(tokenizer, sample),
+    add(check_round_trip(tokenizer, sample), check_newlines(tokenizer, sample[0]), check_bos_eos(tokenizer, sample, subject.conversations),
         check_special_tokens(tokenizer))
     add(*check_vocabulary(tokenizer, subject.train_texts, subject.tokenizer_from_data))
     add(check_contamination(subject.train_texts, subject.validation_texts))
-    add(check_chat_template(tokenizer, subject.chat, subject.assistant_only_loss, subject.conversation))
+    add(check_chat_template(tokenizer, subject.chat, subject.assistant_only_loss,
+                            subject.conversations[0] if subject.conversations else None))
 
     model = subject.new_model()
     add(check_init_loss(model, subject.batch, subject.config.vocab_size))

@@ -132,7 +132,7 @@ def test_tokenizer_that_appends_eos_breaks_the_bos_eos_rules(subject):
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<|bos|> $A <|endoftext|>", special_tokens=[("<|bos|>", 1), ("<|endoftext|>", 2)])
     check = doctor.check_bos_eos(tokenizer, texts)
-    assert check.status == "FAIL" and "eos inside documents 1" in check.measured, check
+    assert check.status == "FAIL" and "eos inside 1/1 documents" in check.measured, check
 
 
 def test_special_tokens_sharing_an_id_fail(subject):
@@ -171,3 +171,51 @@ def test_chat_template_must_mask_the_assistant_turns(subject):
     chat.chat_template = chat.chat_template.replace("{% generation %}{{- message['content'] + '<|im_end|>' -}}",
                                                     "{{- message['content'] -}}{% generation %}{{- '<|im_end|>' -}}")
     assert doctor.check_chat_template(chat, required=True, assistant_only_loss=True).status == "FAIL"
+
+
+# ----------------------------------------------------------------------------- SFT recipes and model folders
+
+
+def test_sft_recipe_passes_with_lora_and_assistant_masks(tmp_path, tiny_llama_chat_dir, synth_dir):
+    from helpers import adaptation_recipe
+
+    recipe = adaptation_recipe(tmp_path, tiny_llama_chat_dir, synth_dir / "sft.jsonl", chat_template="chatml",
+                               assistant_only_loss=True, max_length=64, test_split_size=0.25, eval_strategy="epoch")
+    subject = doctor.subject_for([str(recipe)], "hfllm doctor")
+    assert subject.chat and subject.assistant_only_loss and subject.batch["labels"].eq(-100).any()
+    checks = {check.name: check for check in doctor.run_checks(subject, say=lambda line: None)}
+    assert [check for check in checks.values() if check.status == "FAIL"] == []
+    assert checks["chat template"].status == "pass" and "exactly the replies" in checks["chat template"].measured
+    assert not (tmp_path / "out").exists()  # nothing written where the recipe's run would go
+
+
+def test_model_folder_of_a_pretraining_run(tmp_path, capsys):
+    """MODEL_DIR with the recipe.yaml of its run: the recipe's data, the folder's tokenizer and architecture, and the
+    causal-mask and label checks on the trained weights themselves."""
+    from transformers import AutoTokenizer
+
+    from hfllm.run_pretrain import main as pretrain
+
+    run = tmp_path / "run"
+    assert pretrain([*tiny_recipe(tmp_path), "--max_steps", "2", "--output_dir", str(run), "--eval_strategy", "no",
+                     "--num_samples", "0"]) == 0
+    subject = doctor.subject_for([str(run)], "hfllm doctor")
+    assert subject.loaded_model is not None and subject.validation_texts == [VALIDATION.rstrip("\n") + "\n"]
+    assert subject.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(run).get_vocab()
+    assert cli(["doctor", str(run)]) == 0
+    assert "14 of 14 checks passed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_model_folder_without_a_recipe_uses_shakespeare(tiny_hfllm_shakespeare_dir, capsys):
+    assert cli(["doctor", str(tiny_hfllm_shakespeare_dir)]) in (0, doctor.EXIT_FAILED)
+    out = capsys.readouterr().out
+    assert "causal mask (no future leak)" in out and "label shift" in out
+
+
+def test_missing_base_model_is_one_line(tmp_path, synth_dir, capsys):
+    from helpers import adaptation_recipe
+
+    recipe = adaptation_recipe(tmp_path, tmp_path / "no-such-model", synth_dir / "sft.jsonl")
+    assert cli(["doctor", str(recipe)]) == 2
+    assert "no-such-model' does not exist" in capsys.readouterr().err
