@@ -2,7 +2,7 @@
 
 Bad input raises `HfllmError` (or `HfllmConfigError` from a model config); here it becomes one line on stderr and
 exit code 2, never a traceback. Exit codes (docs/reliability.md): 0 done, 2 bad input, 3 training halted by its health
-checks, 130 / 143 training interrupted by SIGINT / SIGTERM after saving a checkpoint.
+checks, 4 a `hfllm doctor` check failed, 130 / 143 training interrupted by SIGINT / SIGTERM after saving a checkpoint.
 """
 
 import importlib
