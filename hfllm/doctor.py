@@ -27,7 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, TrainerCallback, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PreTrainedConfig,
+    TrainerCallback,
+    set_seed,
+)
 from transformers.trainer_callback import PrinterCallback
 
 from .errors import HfllmError
@@ -47,6 +53,7 @@ UNKNOWN_MAX = 0.001  # share of unknown tokens in the text
 SAMPLE_DOCUMENTS = 8  # documents for round-trip and BOS/EOS checks
 MAX_CHARS = 2_000_000  # characters of text for the vocabulary check
 STREAM_DOCUMENTS = 2000  # documents read from each split of a streamed dataset
+TRAIN_CHARS = 50_000_000  # train text (leading documents) searched for validation duplicates
 
 
 @dataclass
@@ -98,9 +105,9 @@ def shrink(config: PreTrainedConfig, layers: int = 2, head_dim: int = 16) -> dic
     if new_heads * head_dim < 32:  # a residual stream narrower than 32 learns too slowly to overfit in time
         new_heads, kv = new_heads * 2, kv * 2
     hidden = new_heads * head_dim
-    overrides = dict(num_hidden_layers=min(layers, config.num_hidden_layers), hidden_size=hidden,
-                     intermediate_size=2 * hidden, num_attention_heads=new_heads, num_key_value_heads=kv,
-                     head_dim=head_dim)
+    overrides = {"num_hidden_layers": min(layers, config.num_hidden_layers), "hidden_size": hidden,
+                 "intermediate_size": 2 * hidden, "num_attention_heads": new_heads, "num_key_value_heads": kv,
+                 "head_dim": head_dim}
     if getattr(config, "layer_types", None):
         types = list(config.layer_types)
         kinds = list(dict.fromkeys(types))  # keep every kind of layer the recipe has
@@ -198,7 +205,8 @@ def pretraining_subject(argv: list[str], prog: str, model_dir: str | None = None
     config = shrunk_config(config, tokenizer, keep_vocab=Path(model_args.model).is_dir())
     batch_size = 4
     blocks = batch_size * accumulation * STEPS
-    first_documents = DatasetDict({split: leading_documents(part, 16 * blocks * block_size) for split, part in raw.items()})
+    first_documents = DatasetDict({split: leading_documents(part, 16 * blocks * block_size)
+                                   for split, part in raw.items()})  # ~16 characters per token at most
     packed = data.tokenize_and_pack(first_documents, tokenizer, block_size, seed=args.seed,
                                     per_document_positions=data_args.per_document_positions)
     train_blocks = take(packed["train"], blocks)
@@ -212,14 +220,15 @@ def pretraining_subject(argv: list[str], prog: str, model_dir: str | None = None
     def train(output_dir: str, resume: str | None) -> tuple[list[float], dict]:
         model = subject.new_model()
         trainer = PretrainTrainer(
-            model=model, args=in_folder(run_args, output_dir), train_dataset=train_blocks, data_collator=data.collate_blocks,
-            processing_class=tokenizer, callbacks=[HealthCallback(run_args)], flops_per_token=1.0, peak_flops=1.0,
+            model=model, args=in_folder(run_args, output_dir), train_dataset=train_blocks,
+            data_collator=data.collate_blocks, processing_class=tokenizer, callbacks=[HealthCallback(run_args)], flops_per_token=1.0, peak_flops=1.0,
             tokens_per_step=batch_size * accumulation * block_size,
         )
         return _run(trainer, resume)
 
     subject = Subject(
-        label=recipe.path or model_dir, config=config, tokenizer=tokenizer, train_texts=list(raw["train"]["text"]),
+        label=recipe.path or model_dir, config=config, tokenizer=tokenizer,
+        train_texts=list(leading_documents(raw["train"], TRAIN_CHARS)["text"]),
         validation_texts=list(raw["validation"]["text"]), batch=batch, train=train, seed=args.seed,
         tokenizer_from_data=data_args.tokenizer in ("bpe", "char"), chat=False, assistant_only_loss=False,
     )
@@ -229,7 +238,13 @@ def pretraining_subject(argv: list[str], prog: str, model_dir: str | None = None
 def sft_subject(argv: list[str], prog: str) -> Subject:
     """An SFT recipe as `hfllm sft` builds it (hfllm/training/align.py): its data, the base model's tokenizer with
     the recipe's chat template, the base architecture shrunk, and TRL's SFTTrainer."""
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, SFTTrainer
+    from trl import (
+        DatasetMixtureConfig,
+        ModelConfig,
+        ScriptArguments,
+        SFTConfig,
+        SFTTrainer,
+    )
 
     from .checkpoint import load_tokenizer, spec_kind
     from .data.alignment import load_splits
@@ -529,14 +544,9 @@ def check_vocabulary(tokenizer, texts: list[str], trained_on_texts: bool) -> lis
     train; a byte-level tokenizer's 256 byte tokens are a fallback and not counted) and the share of unknown tokens."""
     from tokenizers import pre_tokenizers
 
-    from .data.tokenizer import is_byte_level
+    from .data.tokenizer import is_byte_level, text_sample
 
-    sample, total = [], 0
-    for text in texts:
-        if total >= MAX_CHARS:
-            break
-        sample.append(text[: MAX_CHARS - total])
-        total += len(sample[-1])
+    sample = text_sample(texts, MAX_CHARS)
     ids = [i for row in tokenizer(sample, add_special_tokens=False)["input_ids"] for i in row]
     fallback = set(tokenizer.all_special_ids)
     if is_byte_level(tokenizer):
@@ -600,6 +610,8 @@ def contamination(train: list[str], validation: list[str], bands: int = 16) -> t
 
 
 def check_contamination(train: list[str], validation: list[str]) -> Check:
+    if not validation:
+        return Check("train/validation contamination", "no validation split", "a validation split", "info")
     exact, near = contamination(train, validation)
     return Check("train/validation contamination", f"{exact} exact, {near} near-duplicate of {len(validation)} "
                  "validation documents", f"0, 0 (Jaccard ≥ {NEAR_DUPLICATE_JACCARD})", verdict(exact == near == 0))

@@ -160,8 +160,9 @@ def test_overlapping_splits_fail():
 
 
 def test_chat_template_must_mask_the_assistant_turns(subject):
-    from hfllm.data.tokenizer import chatml_template
     from helpers import chat_bpe_tokenizer
+
+    from hfllm.data.tokenizer import chatml_template
 
     chat = chat_bpe_tokenizer()  # SmolLM2's template: no {% generation %} markers
     assert doctor.check_chat_template(chat, required=True, assistant_only_loss=True).status == "FAIL"
