@@ -661,8 +661,8 @@ def run_checks(subject: Subject, say: Callable[[str], None] = print) -> list[Che
 
     sample = subject.validation_texts[:SAMPLE_DOCUMENTS] or subject.train_texts[:SAMPLE_DOCUMENTS]
     tokenizer = subject.tokenizer
-    add(check_round_trip(tokenizer, sample), check_newlines(tokenizer, sample[0]), check_bos_eos(tokenizer, sample, subject.conversations),
-        check_special_tokens(tokenizer))
+    add(check_round_trip(tokenizer, sample), check_newlines(tokenizer, sample[0]),
+        check_bos_eos(tokenizer, sample, subject.conversations), check_special_tokens(tokenizer))
     add(*check_vocabulary(tokenizer, subject.train_texts, subject.tokenizer_from_data))
     add(check_contamination(subject.train_texts, subject.validation_texts))
     add(check_chat_template(tokenizer, subject.chat, subject.assistant_only_loss,
@@ -670,7 +670,7 @@ def run_checks(subject: Subject, say: Callable[[str], None] = print) -> list[Che
 
     model = subject.new_model()
     add(check_init_loss(model, subject.batch, subject.config.vocab_size))
-    inspected = subject.loaded_model or model
+    inspected = model if subject.loaded_model is None else subject.loaded_model  # MODEL_DIR: its own weights
     add(check_causal_mask(inspected, subject.batch), check_label_shift(inspected, subject.batch))
     add(check_overfit(model, subject.batch))
     with tempfile.TemporaryDirectory() as scratch:
