@@ -4,7 +4,8 @@ Bad input raises `HfllmError` (or `HfllmConfigError` from a model config), and l
 input (an unreachable Hub, an unreadable data file, a corrupt weights file, a path that cannot be written) are
 translated by `hfllm.errors.user_error`: here each becomes one line on stderr and exit code 2, never a traceback. Any
 other error is a bug and keeps its traceback; `HFLLM_DEBUG=1` shows the traceback always. Exit codes
-(docs/reliability.md): 0 done, 2 bad input, 3 training halted by its health checks, 130 / 143 training interrupted by
+(docs/reliability.md): 0 done, 2 bad input, 3 training halted by its health checks, 4 a
+`hfllm doctor` check failed, 130 / 143 training interrupted by
 SIGINT / SIGTERM after saving a checkpoint.
 """
 
@@ -29,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "orpo": ("hfllm.training.align:orpo_main", "ORPO from a YAML recipe"),
     "kto": ("hfllm.training.align:kto_main", "KTO from a YAML recipe"),
     "grpo": ("hfllm.training.align:grpo_main", "GRPO from a YAML recipe"),
+    "doctor": ("hfllm.doctor:main", "check a recipe (or model folder) at a tiny size: init loss, causal mask, labels, overfit, seeding, resume, tokenizer, data"),
     "merge": ("hfllm.training.adapters:merge_main", "merge a PEFT adapter into a full checkpoint"),
     # evaluation
     "eval": ("hfllm.evaluation.run:main", "evaluate models with lm-evaluation-harness (MODEL... --tasks ..., or a YAML recipe)"),

@@ -16,7 +16,15 @@ from collections import Counter
 from importlib import resources
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..errors import HfllmError, first_line
@@ -112,6 +120,17 @@ def is_byte_level(tokenizer) -> bool:
     return isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel)
 
 
+def text_sample(texts, max_chars: int) -> list[str]:
+    """The leading texts holding at most `max_chars` characters (the last one cut)."""
+    sample, total = [], 0
+    for text in texts:
+        if total >= max_chars:
+            break
+        sample.append(text[: max_chars - total])
+        total += len(sample[-1])
+    return sample
+
+
 def tokenizer_report(tokenizer, texts: list[str], max_chars: int = 2_000_000) -> dict[str, float]:
     """Vocab usage on `texts` (e.g. the validation split) and a round-trip check.
 
@@ -119,12 +138,8 @@ def tokenizer_report(tokenizer, texts: list[str], max_chars: int = 2_000_000) ->
     most `max_chars` characters. Raises HfllmError if the texts (and, for byte-level tokenizers, `ROUND_TRIP_PROBE`
     with newlines, tabs and unicode) do not round-trip.
     """
-    sample, total = [], 0
-    for text in texts:
-        if total >= max_chars:
-            break
-        sample.append(text[: max_chars - total])
-        total += len(sample[-1])
+    sample = text_sample(texts, max_chars)
+    total = sum(map(len, sample))
     if total == 0:
         raise HfllmError("cannot report on tokenizer usage without text; the validation split is empty")
     check_round_trip(tokenizer, sample[:8] + ([ROUND_TRIP_PROBE] if is_byte_level(tokenizer) else []))
