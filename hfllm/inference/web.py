@@ -59,7 +59,8 @@ class WebChat:
             print(note, file=sys.stderr, flush=True)
             gr.Warning(note)
         if self.show_prompt:
-            print(f"--- prompt ({self.name}) ---\n{session.render()}\n--- end of prompt ---", file=sys.stderr, flush=True)
+            print(f"--- prompt ({self.name}) ---\n{session.render()}\n--- end of prompt ---", file=sys.stderr,
+                  flush=True)
         answer = ""
         for piece in session.stream():
             answer += piece
