@@ -136,3 +136,15 @@ def chat_bpe_tokenizer():
         tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>",
         chat_template=SMOLLM2_ORIGINAL_TEMPLATE,
     )
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted(Path(__file__).resolve().parents[1].joinpath("notebooks").glob("*.ipynb"))
+# what each notebook must print: the converted chat model answered (and, in chat.ipynb, kept the history)
+PRINTED = {
+    "quickstart.ipynb": ["HfllmForCausalLM -> ", "Paris"],
+    "chat.ipynb": ["HfllmForCausalLM", "Paris", "<|im_start|>user\nWhat is it famous for?", "stop at the first comma: "],
+}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -19,5 +24,5 @@ def test_notebook_runs(path, tmp_path, monkeypatch, capsys):
         if cell["cell_type"] == "code" and "setup" not in cell["metadata"].get("tags", []):
             exec(compile("".join(cell["source"]), f"{path.name}:{cell['id']}", "exec"), namespace)
     printed = capsys.readouterr().out
-    assert "HfllmForCausalLM -> " in printed  # the converted chat model answered
-    assert "Paris" in printed
+    for text in PRINTED[path.name]:
+        assert text in printed, printed

@@ -1,4 +1,5 @@
-"""`hfllm chat MODEL`: a terminal chat through the model's chat template, answers streamed as they are generated.
+"""`hfllm chat MODEL`: a terminal chat through the model's chat template, answers streamed as they are generated
+(`--web`: the same chat in a browser page, web.py).
 
 Each line read from standard input is a user turn; lines starting with `/` are commands:
   /reset        forget the conversation (the system message stays)
@@ -10,11 +11,13 @@ Each line read from standard input is a user turn; lines starting with `/` are c
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 from transformers import PreTrainedModel, set_seed
 
+from ..errors import HfllmError
 from .options import Decoding, Parser, add_decoding_arguments, add_model_arguments, load_for_inference, require_chat_template
 from .stream import StreamedGeneration
 
@@ -63,16 +66,34 @@ class ChatSession:
         self.turns.append({"role": "user", "content": text})
         return self.answer(out)
 
-    def answer(self, out: TextIO) -> str:
-        """Stream the assistant's answer to the conversation to `out`; add it to the history and return it."""
+    def prepare(self, trim: bool) -> list[str]:
+        """Before an answer: drop the oldest turns if `trim` and the conversation outgrows the context window.
+        Returns the notes for the user (what was dropped, or a warning that it does not fit)."""
+        notes = []
+        if trim and (dropped := self.trim()):
+            notes.append(f"dropped the {dropped} oldest messages to fit the context window of {self.context} tokens")
+        if not self.fits():
+            notes.append(f"warning: the conversation ({self.prompt_tokens()} tokens) plus --max_new_tokens "
+                         f"{self.decoding.max_new_tokens} outgrows the context window of {self.context} tokens; "
+                         "/trim drops the oldest turns (or start with --trim)")
+        return notes
+
+    def stream(self) -> Iterator[str]:
+        """The assistant's answer to the conversation, piece by piece as it is generated; added to the history once
+        complete. Generation stops when the iteration is abandoned."""
         inputs = self.tokenizer([self.render()], return_tensors="pt", add_special_tokens=False).to(self.model.device)
         answer = []
         for piece in StreamedGeneration(self.model, self.tokenizer, dict(inputs), self.config, self.decoding.stop):
+            answer.append(piece)
+            yield piece
+        self.turns.append({"role": "assistant", "content": "".join(answer)})
+
+    def answer(self, out: TextIO) -> str:
+        """Stream the assistant's answer to the conversation to `out`; add it to the history and return it."""
+        for piece in self.stream():
             out.write(piece)
             out.flush()
-            answer.append(piece)
         out.write("\n")
-        self.turns.append({"role": "assistant", "content": "".join(answer)})
         return self.turns[-1]["content"]
 
     def save(self, path: str) -> None:
@@ -83,6 +104,14 @@ def main(argv: list[str], prog: str) -> int:
     """`hfllm chat MODEL [--system TEXT] [--trim] [decoding options]`: chat on standard input / output."""
     args = _parser(prog).parse_args(argv)
     decoding = Decoding.from_args(args)
+    if args.web:
+        try:
+            from .web import serve
+        except ModuleNotFoundError as missing:
+            raise HfllmError(f"--web needs {missing.name}: pip install 'hfllm[web]'") from None
+        return serve(args, decoding)
+    if given := [flag for flag in ("compare", "host", "port", "share") if getattr(args, flag)]:
+        raise HfllmError(f"--{given[0]} is for the web page; add --web")
     model, tokenizer = load_for_inference(args.model, args.dtype)
     require_chat_template(tokenizer, args.model)
     if decoding.seed is not None:
@@ -134,12 +163,8 @@ def _handle(session: ChatSession, line: str, args) -> None:
 
 def _answer(session: ChatSession, text: str, args) -> None:
     session.turns.append({"role": "user", "content": text})
-    if args.trim and (dropped := session.trim()):
-        _note(f"dropped the {dropped} oldest messages to fit the context window of {session.context} tokens")
-    if not session.fits():
-        _note(f"warning: the conversation ({session.prompt_tokens()} tokens) plus --max_new_tokens "
-              f"{session.decoding.max_new_tokens} outgrows the context window of {session.context} tokens; "
-              "/trim drops the oldest turns (or start with --trim)")
+    for note in session.prepare(args.trim):
+        _note(note)
     if args.show_prompt:
         _note(f"--- prompt ---\n{session.render()}\n--- end of prompt ---")
     session.answer(sys.stdout)
@@ -157,5 +182,13 @@ def _parser(prog: str) -> Parser:
     parser.add_argument("--trim", action="store_true",
                         help="drop the oldest turns when the conversation outgrows the context window")
     parser.add_argument("--show_prompt", action="store_true", help="print each rendered prompt on standard error")
+    web = parser.add_argument_group("web page")
+    web.add_argument("--web", action="store_true", help="chat in a browser page (Gradio) instead of the terminal")
+    web.add_argument("--compare", action="append", default=[], metavar="MODEL",
+                     help="another model answering side by side (repeatable), e.g. a fine-tuned one next to its base")
+    web.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1: this machine only)")
+    web.add_argument("--port", type=int, default=None, help="port to listen on (default 7860)")
+    web.add_argument("--share", action="store_true",
+                     help="also publish a temporary public link through Gradio's servers (off: nothing leaves)")
     add_decoding_arguments(parser, max_new_tokens=256)
     return parser

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, TextIteratorStreamer
+from transformers import GenerationConfig, PreTrainedModel, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 DECODE_KWARGS = {"skip_special_tokens": True}
@@ -74,9 +74,20 @@ class _TimedTextStreamer(TextIteratorStreamer):
         super().put(value)
 
 
+class _Cancel(StoppingCriteria):
+    """Stops generate() at its next step once `event` is set."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class StreamedGeneration:
     """Iterate to get text pieces as `model.generate` produces them (batch size 1); then `sequences` holds the
-    returned token ids and `first_token_s` the time to the first token. An error in generate() is raised here."""
+    returned token ids and `first_token_s` the time to the first token. An error in generate() is raised here.
+    Abandoning the iteration (a closed generator: a stop button, Ctrl-C) stops generate() at its next step."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any, inputs: dict[str, torch.Tensor],
                  config: GenerationConfig, stop: list[str] | None = None, timeout_s: float | None = None):
@@ -85,7 +96,9 @@ class StreamedGeneration:
         self.filter = StopFilter(stop or [])
         self.sequences: torch.Tensor | None = None
         self.error: BaseException | None = None
-        kwargs = dict(inputs, generation_config=config, streamer=self.streamer)
+        self.cancel = _Cancel()
+        kwargs = dict(inputs, generation_config=config, streamer=self.streamer,
+                      stopping_criteria=StoppingCriteriaList([self.cancel]))
         if config.stop_strings:
             kwargs["tokenizer"] = tokenizer
         self.thread = threading.Thread(target=self._run, args=(model, kwargs), daemon=True)
@@ -104,9 +117,12 @@ class StreamedGeneration:
     def __iter__(self) -> Iterator[str]:
         self.clock.start = time.perf_counter()
         self.thread.start()
-        for piece in self.streamer:
-            if text := self.filter.feed(piece):
-                yield text
+        try:
+            for piece in self.streamer:
+                if text := self.filter.feed(piece):
+                    yield text
+        finally:  # done, or abandoned by the reader
+            self.cancel.event.set()
         self.thread.join()
         if self.error is not None:
             raise self.error
