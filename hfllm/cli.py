@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # inference
     "generate": ("hfllm.inference.generate:main", "complete prompts with a model (batched, streamed, chat template, --json)"),
     "chat": ("hfllm.inference.chat:main", "chat with a model in the terminal (chat template, history, streamed answers)"),
+    # shipping
+    "push": ("hfllm.shipping.push:main", "upload a run's model to the Hugging Face Hub with a model card (--dry_run OUT stages it)"),
 }
 
 
