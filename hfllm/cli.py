@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kto": ("hfllm.training.align:kto_main", "KTO from a YAML recipe"),
     "grpo": ("hfllm.training.align:grpo_main", "GRPO from a YAML recipe"),
     "doctor": ("hfllm.doctor:main", "check a recipe (or model folder) at a tiny size: init loss, causal mask, labels, overfit, seeding, resume, tokenizer, data"),
+    "plan": ("hfllm.training.plan:main", "size, FLOPs, memory per GPU, micro-batch and time of a pretraining recipe, without training"),
     "merge": ("hfllm.training.adapters:merge_main", "merge a PEFT adapter into a full checkpoint"),
     # evaluation
     "eval": ("hfllm.evaluation.run:main", "evaluate models with lm-evaluation-harness (MODEL... --tasks ..., or a YAML recipe)"),
@@ -38,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # inference
     "generate": ("hfllm.inference.generate:main", "complete prompts with a model (batched, streamed, chat template, --json)"),
     "chat": ("hfllm.inference.chat:main", "chat with a model in the terminal (chat template, history, streamed answers)"),
+    # shipping
+    "push": ("hfllm.shipping.push:main", "upload a run's model to the Hugging Face Hub with a model card (--dry_run OUT stages it)"),
 }
 
 

@@ -1,0 +1,173 @@
+"""`hfllm push RUN_DIR REPO_ID`: upload a run's model to the Hugging Face Hub with huggingface_hub.
+
+    hfllm push runs/sft me/tiny-sft --dry_run staged/     # write exactly the folder that would be uploaded
+    hfllm push runs/sft me/tiny-sft --private             # create the repo (if needed) and upload that folder
+
+What goes up: the weights (safetensors, or a PEFT adapter), the model code a checkpoint carries
+(`modeling_hfllm.py`, `configuration_hfllm.py`), config and generation config, the tokenizer and chat template, GGUF
+files with their Ollama `Modelfile`, the recipe, run metadata, samples, evaluation results, the loss curve, and a
+model card (hfllm/shipping/card.py). Optimizer states, intermediate checkpoints and logs stay home.
+
+The token comes from huggingface_hub (`HF_TOKEN` or `hf auth login`), is handed only to the Hub client, and is never
+written to a file or printed; a staged file that contains it stops the upload.
+"""
+
+import fnmatch
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from ..checkpoint import HUB_ID, atomic_output, check_output_dir, find_checkpoint, spec_kind
+from ..errors import ArgumentParser, HfllmError
+from .card import RunFacts, build_card, read_json
+
+# files of a run folder that are uploaded (top level only); anything else stays home
+UPLOAD = (
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "adapter_config.json",
+    "configuration_*.py", "modeling_*.py", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "*.gguf", "Modelfile", "recipe.yaml", "run_info.json", "samples.txt", "loss_curve.png",
+    "eval_results.json", "all_results.json", "results.json", "results.md",
+)
+LICENSES = ("apache-2.0", "mit", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "openrail", "llama3", "other")
+
+
+def run_facts(run_dir: Path, name: str) -> RunFacts:
+    """Read what the run folder says about itself (see RunFacts)."""
+    adapter = read_json(run_dir / "adapter_config.json")
+    config = read_json(run_dir / "config.json") or {}
+    kind = "adapter" if adapter else "hfllm" if config.get("model_type") == "hfllm" else "transformers"
+    recipe_file = run_dir / "recipe.yaml"
+    recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else {}
+    state_dir = run_dir if (run_dir / "trainer_state.json").is_file() else find_checkpoint(run_dir, warn=False)
+    state = read_json(Path(state_dir) / "trainer_state.json") if state_dir else None
+    scores = (read_json(run_dir / "results.json") or {}).get("models", [{}])
+    eval_scores = scores[0].get("scores", {}) if len(scores) == 1 else {}
+    samples = run_dir / "samples.txt"
+    return RunFacts(
+        name=name,
+        kind=kind,
+        recipe=recipe or {},
+        run_info=read_json(run_dir / "run_info.json") or {},
+        config=config,
+        base_model=(adapter or {}).get("base_model_name_or_path") or (recipe or {}).get("model_name_or_path"),
+        log_history=(state or {}).get("log_history", []),
+        eval_scores=eval_scores,
+        weight_hashes={path.name: sha256(path) for path in sorted(run_dir.glob("*.safetensors"))},
+        gguf_files=sorted(path.name for path in run_dir.glob("*.gguf")),
+        has_loss_curve=(run_dir / "loss_curve.png").is_file() or bool(state),
+        samples=_last_samples(samples.read_text(encoding="utf-8")) if samples.is_file() else None,
+    )
+
+
+def stage(run_dir: Path, repo_id: str, out: Path, license_id: str) -> list[str]:
+    """Write into the empty folder `out` exactly what is uploaded; returns the file names."""
+    names = sorted(path.name for path in run_dir.iterdir()
+                   if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in UPLOAD))
+    for name in names:
+        shutil.copy2(run_dir / name, out / name)
+    facts = run_facts(run_dir, repo_id.split("/")[-1])
+    if facts.has_loss_curve and not (out / "loss_curve.png").is_file():
+        from ..training.callbacks import plot_loss_curve
+
+        plot_loss_curve(facts.log_history, out / "loss_curve.png")
+    build_card(facts, repo_id, license_id).save(out / "README.md")
+    return sorted(path.name for path in out.iterdir())
+
+
+def check_run_dir(run_dir: Path) -> None:
+    kind = spec_kind(run_dir)  # one line when it is no checkpoint
+    if kind in ("hub", "gguf") or not run_dir.is_dir():
+        raise HfllmError(f"'{run_dir}' is not a run folder; give a folder written by an hfllm command (a checkpoint "
+                         "with config.json, or a PEFT adapter)")
+    if not (any(run_dir.glob("*.safetensors")) or any(run_dir.glob("*.gguf"))):
+        raise HfllmError(f"'{run_dir}' holds no weights (*.safetensors or *.gguf); push the folder the training "
+                         "command saved its final model to")
+
+
+def check_repo_id(repo_id: str) -> None:
+    if not (HUB_ID.match(repo_id) and repo_id.count("/") == 1) or ".." in repo_id or repo_id.endswith((".", "-")):
+        raise HfllmError(f"repo id '{repo_id}' is not valid; use NAMESPACE/NAME with letters, digits, '-', '_', '.'")
+
+
+def leaked_token(folder: Path, token: str) -> list[str]:
+    """The staged files that contain the token."""
+    return [path.name for path in sorted(folder.rglob("*")) if path.is_file() and token.encode() in path.read_bytes()]
+
+
+def upload(folder: Path, repo_id: str, *, private: bool, revision: str | None, token: str | None) -> str:
+    """Create the repo (and branch) if needed and upload the staged folder as one commit; returns the commit URL."""
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                   commit_message="Upload model trained with hfllm")
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        hint = {401: "log in with `hf auth login` or set HF_TOKEN", 403: "the token cannot write to this repo; use a "
+                "write token or your own namespace", 404: "check the namespace"}.get(status, "check the repo id and your connection")
+        raise HfllmError(f"the Hub refused the upload to {repo_id} (HTTP {status}); {hint}") from None
+    except (httpx2.TransportError, OSError) as error:  # no connection
+        raise HfllmError(f"could not reach the Hugging Face Hub to upload {repo_id} ({type(error).__name__}); check "
+                         "your connection, or use --dry_run OUT to stage the folder") from None
+    return str(getattr(commit, "commit_url", commit))
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _last_samples(text: str, limit: int = 1500) -> str:
+    """The newest block of samples.txt (the final model's), at most `limit` characters."""
+    marker = "----- sample 1 "
+    start = text.rfind(marker)
+    return (text[start:] if start >= 0 else text)[:limit]
+
+
+def main(argv: list[str], prog: str = "hfllm push") -> int:
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="folder with the final model of a run (hfllm, transformers or PEFT adapter)")
+    parser.add_argument("repo_id", help="Hub repository, NAMESPACE/NAME")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--revision", default=None, help="branch to upload to (created if missing; default main)")
+    parser.add_argument("--license", default="apache-2.0", choices=LICENSES, help="the card's license (default apache-2.0)")
+    parser.add_argument("--dry_run", metavar="OUT", default=None, help="write the folder that would be uploaded to OUT; upload nothing")
+    args = parser.parse_args(argv)
+
+    run_dir = Path(args.run_dir)
+    check_run_dir(run_dir)
+    check_repo_id(args.repo_id)
+    if args.dry_run:
+        check_output_dir(args.dry_run)
+        with atomic_output(args.dry_run) as out:
+            names = stage(run_dir, args.repo_id, out, args.license)
+        print(f"staged {len(names)} files for {args.repo_id} in {args.dry_run}: {', '.join(names)}")
+        return 0
+
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise HfllmError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it to push, or use --dry_run OUT")
+    token = get_token()
+    if token is None:
+        raise HfllmError("no Hugging Face token found; run `hf auth login` or set HF_TOKEN (or use --dry_run OUT)")
+    with tempfile.TemporaryDirectory(prefix="hfllm-push-") as folder:
+        names = stage(run_dir, args.repo_id, Path(folder), args.license)
+        leaks = leaked_token(Path(folder), token)
+        if leaks:
+            raise HfllmError(f"your Hub token is written in {', '.join(leaks)}; remove it from {run_dir} before pushing")
+        url = upload(Path(folder), args.repo_id, private=args.private, revision=args.revision, token=token)
+    print(f"pushed {len(names)} files to {args.repo_id}" + (f" ({args.revision})" if args.revision else "") + f": {url}")
+    return 0
