@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import SMOLLM2_ORIGINAL_TEMPLATE, adaptation_recipe, chat_bpe_tokenizer, losses
 
-from hfllm.data.chat_template import PROBE, check_roles, check_template, load_template
+from hfllm.data.chat_template import PROBE, check_roles, check_template, load_template, set_template
 from hfllm.errors import HfllmError
 from hfllm.run_sft import main as sft_main
 
@@ -104,6 +104,21 @@ def test_smollm2_training_template_renders_like_the_original():
     tokenizer.chat_template = load_template("smollm2")
     assert [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=len(c) == 1) for c in conversations] == originals
     check_template(tokenizer)  # markers cover each reply + EOS; prompt is a prefix; EOS after each reply
+
+
+def test_pretrained_hfllm_tokenizer_takes_chatmls_turn_end_as_eos():
+    """`hfllm pretrain` tokenizers end documents with <|endoftext|> and carry ChatML's tokens: with the chatml
+    template the SFT tokenizer's EOS becomes <|im_end|>, so replies are trained to end, and generation stops, there."""
+    from hfllm.data.tokenizer import train_tokenizer
+    from hfllm.evaluation.tasks import shakespeare_passages
+
+    tokenizer = train_tokenizer("bpe", shakespeare_passages()[:20], 300)
+    assert tokenizer.eos_token == "<|endoftext|>"
+    set_template(tokenizer, "chatml", assistant_only_loss=True)  # raised "does not put the EOS token" before
+    assert tokenizer.eos_token == "<|im_end|>"
+    encoded = tokenizer.apply_chat_template(PROBE, return_dict=True, return_assistant_tokens_mask=True)
+    trained = [t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m]
+    assert trained[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
 def test_template_checks_name_the_problem():

@@ -89,8 +89,17 @@ def check_template(tokenizer, assistant_only_loss: bool = True) -> None:
             )
 
 
+# the token a shipped template ends every turn with; it becomes the tokenizer's EOS (so generation stops there)
+TURN_END = {"chatml": "<|im_end|>", "smollm2": "<|im_end|>"}
+
+
 def set_template(tokenizer, name_or_path: str | None, assistant_only_loss: bool) -> None:
-    """Install the recipe's template (if any) on the tokenizer and check it."""
+    """Install the recipe's template (if any) on the tokenizer and check it. A shipped template's end-of-turn token
+    becomes the EOS when the tokenizer has it as one special token (hfllm's pretraining tokenizers end documents with
+    <|endoftext|> and carry ChatML's tokens for later fine-tuning)."""
     if name_or_path:
         tokenizer.chat_template = load_template(name_or_path)
+        turn_end = TURN_END.get(name_or_path)
+        if turn_end and tokenizer.eos_token != turn_end and turn_end in tokenizer.all_special_tokens:
+            tokenizer.eos_token = turn_end
     check_template(tokenizer, assistant_only_loss)

@@ -113,6 +113,10 @@ def run(method: str, argv: list[str], prog: str) -> int:
                     attn_implementation=model_args.attn_implementation, quantization_config=quantization,
                     trust_remote_code=training_args.trust_remote_code, with_tokenizer=False)
     model.train()
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id not in eos:  # the template ends turns with another token: generation stops at it too
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, *eos]
     peft_config = build_peft_config(model_args, hfllm_args.peft_type, hfllm_args.num_virtual_tokens, model)
 
     # ---- the output folder may be written now: the resolved recipe goes first
