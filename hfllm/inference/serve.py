@@ -316,9 +316,12 @@ def main(argv: list[str], prog: str) -> int:
     api_key = args.api_key or os.environ.get("HFLLM_API_KEY") or None
     if args.engine == "vllm":
         return serve_vllm(args.model, args.host, args.port, api_key, args.max_concurrency, args.dtype)
-
-    import uvicorn
     from transformers.utils import logging as transformers_logging
+    from transformers.utils.import_utils import is_serve_available
+
+    if not is_serve_available():
+        raise HfllmError("hfllm serve needs fastapi, uvicorn and openai: pip install 'hfllm[serve]'")
+    import uvicorn
 
     from ..checkpoint import load, spec_kind
 
