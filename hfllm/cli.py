@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # inference
     "generate": ("hfllm.inference.generate:main", "complete prompts with a model (batched, streamed, chat template, --json)"),
     "chat": ("hfllm.inference.chat:main", "chat with a model in the terminal (chat template, history, streamed answers)"),
+    "serve": ("hfllm.inference.serve:main", "serve a model over an OpenAI-compatible HTTP API (transformers serve, continuous batching)"),
     # shipping
     "push": ("hfllm.shipping.push:main", "upload a run's model to the Hugging Face Hub with a model card (--dry_run OUT stages it)"),
 }

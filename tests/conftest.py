@@ -4,6 +4,8 @@ Tiny models (random weights, built once per session, a training step takes milli
 - `tiny_llama_chat_dir`: transformers' Llama, 2 layers, hidden 64, with the 400-token ChatML BPE of
   `helpers.chat_bpe_tokenizer` (SmolLM2's original chat template); for SFT/DPO/ORPO/KTO/GRPO.
 - `tiny_hfllm_chat_dir`: hfllm's own family at the same size and tokenizer, parametrized dense and MoE.
+- `tiny_chat_dir`: hfllm's dense family with that tokenizer whose greedy answers are varied, printable text (for
+  generate / chat / serve, where every prompt must get its own answer).
 - `tiny_llama_shakespeare_dir`: transformers' Llama, 2 layers, hidden 64, 512 positions, with a 300-token BPE trained
   on held-out Shakespeare; for evaluation.
 - `tiny_hfllm_shakespeare_dir`: hfllm's own family with that tokenizer.
@@ -84,6 +86,32 @@ def tiny_hfllm_chat_dir(request, tmp_path_factory):
     )
     folder = tmp_path_factory.mktemp(f"tiny-{request.param}-chat")
     HfllmForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory):
+    """A random 2-layer hfllm model with a 400-token ChatML BPE and SmolLM2's chat template. Its output logits are 0
+    for tokens that are not printable text (newline, control characters, partial UTF-8), random otherwise: greedy
+    answers are one line of varied, readable tokens."""
+    from helpers import chat_bpe_tokenizer
+    from hfllm import HfllmForCausalLM, get_preset
+
+    tokenizer = chat_bpe_tokenizer()
+    torch.manual_seed(0)
+    config = get_preset(
+        "llama-tiny", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    model = HfllmForCausalLM(config)
+    pieces = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    unprintable = [i for i, piece in enumerate(pieces) if not piece.isprintable() or "\ufffd" in piece]
+    with torch.no_grad():
+        model.lm_head.weight[unprintable] = 0
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import chat_bpe_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfllm.cli import main as cli
@@ -23,31 +22,6 @@ from hfllm.inference.stream import StopFilter, cut_at_stop
 
 PROMPTS = ["What is 3 + 4?", "You", "reverse the word cat please"]  # different lengths: padding
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_dir(tmp_path_factory):
-    """A random 2-layer hfllm model with a 400-token ChatML BPE and SmolLM2's chat template. Its output logits are 0
-    for tokens that are not printable text (newline, control characters, partial UTF-8), random otherwise: greedy
-    answers are one line of varied, readable tokens."""
-    from hfllm import HfllmForCausalLM, get_preset
-
-    tokenizer = chat_bpe_tokenizer()
-    torch.manual_seed(0)
-    config = get_preset(
-        "llama-tiny", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
-    model = HfllmForCausalLM(config)
-    pieces = [tokenizer.decode([i]) for i in range(len(tokenizer))]
-    unprintable = [i for i, piece in enumerate(pieces) if not piece.isprintable() or "\ufffd" in piece]
-    with torch.no_grad():
-        model.lm_head.weight[unprintable] = 0
-    folder = tmp_path_factory.mktemp("tiny-chat")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

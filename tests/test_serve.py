@@ -1,0 +1,305 @@
+"""`hfllm serve`: a real server process on a tiny hfllm model, driven by the official `openai` client.
+
+Answers equal transformers' generate() (greedy), streamed or not, with `usage`; 16 concurrent clients get the
+single-client answers through continuous batching; bad requests get an OpenAI-style 4xx and the server keeps serving;
+the API key; the concurrency limit; one-line CLI errors. The server starts once for the module.
+"""
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from hfllm.cli import main as cli
+from hfllm.inference.serve import Gate, batchable
+
+API_KEY = "test-key-123"
+WORDS = ["cat", "river", "moon", "apple", "seven", "green", "window", "metre", "stone", "tiger", "paper", "cloud", "music",
+         "orange", "bridge", "lemon"]
+QUESTIONS = [f"reverse the word {word}" if i % 2 else f"{word}? {i * 7} + {i}" for i, word in enumerate(WORDS)]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_dir, tmp_path_factory):
+    """`hfllm serve tiny_chat_dir --port 0 --api_key ...` as a subprocess -> (base URL, model name, log file)."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="warning")  # its "CB: True" lines
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hfllm", "serve", str(tiny_chat_dir), "--port", "0", "--api_key", API_KEY,
+             "--max_concurrency", "32"], stdout=out, stderr=subprocess.STDOUT, env=env,
+            cwd=Path(__file__).resolve().parents[1])
+    try:
+        url = None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if url is None and (found := re.search(r"on (http://\S+)/v1 ", log.read_text())):
+                url = found.group(1)
+            if url is not None:
+                try:
+                    urllib.request.urlopen(f"{url}/health", timeout=5)
+                    break
+                except OSError:
+                    pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the server did not come up:\n{log.read_text()[-3000:]}")
+        yield url, str(tiny_chat_dir), log
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert API_KEY not in log.read_text(), "the API key was logged"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    url, _, _ = server
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_chat_dir):
+    """Greedy answers of transformers' generate() on the same checkpoint: (chat(question, n), complete(prompt, n))."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
+
+    def greedy(ids: list[int], max_new_tokens: int) -> tuple[str, int, int]:
+        output = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+        new = output[0, len(ids):].tolist()
+        return tokenizer.decode(new, skip_special_tokens=True), len(ids), len(new)
+
+    def chat(question: str, max_new_tokens: int):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+        return greedy(list(ids), max_new_tokens)
+
+    def complete(prompt: str, max_new_tokens: int):
+        return greedy(tokenizer(prompt)["input_ids"], max_new_tokens)
+
+    return chat, complete
+
+
+def ask(client, model: str, question: str, max_tokens: int = 12, **kwargs) -> str:
+    answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                            max_tokens=max_tokens, temperature=0, **kwargs)
+    return answer.choices[0].message.content
+
+
+def post(url: str, path: str, body: bytes | dict, key: str | None = API_KEY) -> tuple[int, dict]:
+    """POST raw JSON -> (status, parsed body)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(f"{url}{path}", data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def test_models_lists_the_served_model(client, server):
+    assert [model.id for model in client.models.list().data] == [server[1]]
+
+
+def test_chat_equals_generate_with_usage(client, server, reference):
+    answer = client.chat.completions.create(model=server[1], messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                            max_tokens=12, temperature=0)
+    text, prompt_tokens, completion_tokens = reference[0](QUESTIONS[1], 12)
+    assert answer.choices[0].message.content == text and text
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (prompt_tokens, completion_tokens)
+    assert answer.usage.total_tokens == prompt_tokens + completion_tokens
+    assert answer.choices[0].finish_reason == "length"
+
+
+def test_streamed_chat_equals_non_streamed_with_usage(client, server, reference):
+    chunks = list(client.chat.completions.create(model=server[1], messages=[{"role": "user", "content": QUESTIONS[2]}],
+                                                 max_tokens=12, temperature=0, stream=True))
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert len(chunks) > 3 and text == reference[0](QUESTIONS[2], 12)[0]
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_completions_streamed_and_not_equal_generate(client, server, reference):
+    expected, prompt_tokens, completion_tokens = reference[1]("To be, or not", 10)
+    answer = client.completions.create(model=server[1], prompt="To be, or not", max_tokens=10, temperature=0)
+    assert answer.choices[0].text == expected
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (prompt_tokens, completion_tokens)
+    chunks = list(client.completions.create(model=server[1], prompt="To be, or not", max_tokens=10, stream=True))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == expected
+    assert chunks[-1].usage.completion_tokens == completion_tokens
+
+
+def test_sixteen_concurrent_clients_get_the_single_client_answers(server):
+    url, model, log = server
+
+    def new_client():  # one connection pool each: really concurrent clients
+        return openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+    single = [ask(new_client(), model, question, max_tokens=16) for question in QUESTIONS]
+    requests_before = log.read_text().count("CB: True")
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        concurrent = list(pool.map(lambda q: ask(new_client(), model, q, max_tokens=16), QUESTIONS))
+    assert concurrent == single
+    assert len(set(single)) > 6, "the tiny model should answer different questions differently"
+    assert log.read_text().count("CB: True") - requests_before == len(QUESTIONS)  # transformers' continuous batching
+
+
+def test_a_request_that_changes_decoding_runs_through_generate(client, server, reference):
+    """Continuous batching would ignore `stop`: such a request is answered by generate(), which halts at it (and,
+    as transformers serve does, keeps the stop text)."""
+    full = reference[0](QUESTIONS[3], 16)[0]
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    answer = ask(client, server[1], QUESTIONS[3], max_tokens=16, stop=[stop])
+    assert full.startswith(answer) and stop in answer and len(answer) < full.index(stop) + len(stop) + 8 < len(full)
+
+
+def test_batchable_only_when_the_decoding_is_the_models():
+    greedy, sampling = GenerationConfig(do_sample=False), GenerationConfig(do_sample=True)
+    assert batchable({"max_tokens": 5}, greedy) and batchable({"temperature": 0}, greedy)
+    assert not batchable({"temperature": 0}, sampling)
+    assert not batchable({"temperature": 0.7}, greedy) and not batchable({"stop": ["x"]}, greedy)
+
+
+# ----------------------------------------------------------------------------- bad requests
+
+
+def _chat(model, **fields):
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+BAD_REQUESTS = {  # name -> (path, body from the model name, status, error param)
+    "malformed JSON": ("/v1/chat/completions", lambda m: b'{"model": "x", "messages": [', 400, None),
+    "not an object": ("/v1/chat/completions", lambda m: b"[1, 2]", 400, None),
+    "unknown model": ("/v1/chat/completions", lambda m: _chat("no-such-model"), 404, "model"),
+    "max_tokens 0": ("/v1/chat/completions", lambda m: _chat(m, max_tokens=0), 400, "max_tokens"),
+    "max_tokens negative": ("/v1/completions", lambda m: {"model": m, "prompt": "hi", "max_tokens": -3}, 400,
+                            "max_tokens"),
+    "max_tokens beyond the context": ("/v1/chat/completions", lambda m: _chat(m, max_tokens=10_000), 400, "max_tokens"),
+    "empty messages": ("/v1/chat/completions", lambda m: {"model": m, "messages": []}, 400, "messages"),
+    "unsupported role": ("/v1/chat/completions",
+                         lambda m: {"model": m, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
+                         "messages[0].role"),
+    "prompt longer than the context": ("/v1/completions", lambda m: {"model": m, "prompt": "hello " * 400}, 400,
+                                       "prompt"),
+    "chat longer than the context": ("/v1/chat/completions",
+                                     lambda m: {"model": m, "messages": [{"role": "user", "content": "hi " * 400}]},
+                                     400, "messages"),
+    "empty prompt": ("/v1/completions", lambda m: {"model": m, "prompt": ""}, 400, "prompt"),
+    "unknown field": ("/v1/chat/completions", lambda m: _chat(m, frobnicate=1), 400, None),
+    "temperature out of range": ("/v1/chat/completions", lambda m: _chat(m, temperature=-1), 400, "temperature"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_request_gets_openai_error_and_the_server_keeps_serving(server, name):
+    url, model, _ = server
+    path, body, status, param = BAD_REQUESTS[name]
+    code, answer = post(url, path, body(model))
+    assert code == status, answer
+    assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
+    assert answer["error"]["param"] == param
+    assert post(url, "/v1/chat/completions", _chat(model, max_tokens=2))[0] == 200
+
+
+def test_unknown_model_through_the_openai_client(client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        ask(client, "gpt-4o", "hi")
+
+
+def test_api_key_required(server):
+    url, model, _ = server
+    for key in (None, "wrong-key"):
+        code, answer = post(url, "/v1/chat/completions", _chat(model, max_tokens=2), key=key)
+        assert code == 401 and answer["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        ask(openai.OpenAI(base_url=f"{url}/v1", api_key="wrong-key", max_retries=0), model, "hi")
+    assert urllib.request.urlopen(f"{url}/health").status == 200  # health checks need no key
+
+
+def test_other_transformers_routes_are_closed(server):
+    url, _, _ = server
+    assert post(url, "/reset", {})[0] == 404  # transformers' route that would unload the model
+    assert post(url, "/load_model", {"model": "gpt2"})[0] == 404
+
+
+def test_requests_beyond_max_concurrency_get_429():
+    """Gate lets `max_concurrency` generation requests through at once (until their answer ends); more get 429."""
+    release = asyncio.Event()
+
+    async def slow_app(scope, receive, send):
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def call(gate: Gate) -> int:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/v1/completions", "headers": [], "method": "POST"}
+        await gate(scope, None, send)
+        return sent[0]["status"]
+
+    async def scenario() -> list[int]:
+        gate = Gate(slow_app, api_key=None, max_concurrency=2)
+        first = [asyncio.create_task(call(gate)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        third = await call(gate)  # both slots busy
+        release.set()
+        return [third, *(await asyncio.gather(*first)), await call(gate)]
+
+    assert asyncio.run(scenario()) == [429, 200, 200, 200]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    code = cli(["serve", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def test_engine_vllm_refused_without_vllm_and_gpu(capsys, tiny_chat_dir):
+    code, err = run(capsys, tiny_chat_dir, "--engine", "vllm")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--engine vllm needs vLLM and a CUDA GPU; missing here:" in err and "a CUDA GPU" in err
+
+
+def test_port_in_use_is_one_line(capsys, tiny_chat_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = run(capsys, tiny_chat_dir, "--port", port)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["no/such/model-dir/"], "does not exist"),
+    (["{model}", "--max_concurrency", "0"], "--max_concurrency must be at least 1"),
+    (["{model}", "--port", "70000"], "--port must be in 0..65535"),
+    (["{model}", "--dtype", "float8"], "invalid choice: 'float8'"),
+    (["{model}", "--engine", "tgi"], "invalid choice: 'tgi'"),
+    ([], "the following arguments are required: model"),
+])
+def test_bad_command_line_is_one_line(capsys, tiny_chat_dir, argv, message):
+    code, err = run(capsys, *[arg.format(model=tiny_chat_dir) for arg in argv])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
