@@ -79,7 +79,8 @@ class StreamedGeneration:
     returned token ids and `first_token_s` the time to the first token. An error in generate() is raised here."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any, inputs: dict[str, torch.Tensor],
-                 config: GenerationConfig, stop: list[str] | None = None, timeout_s: float | None = None):
+                 config: GenerationConfig, stop: list[str] | None = None, timeout_s: float | None = None,
+                 assistant_model: PreTrainedModel | None = None):
         self.clock = FirstTokenClock()
         self.streamer = _TimedTextStreamer(tokenizer, self.clock, skip_prompt=True, timeout=timeout_s, **DECODE_KWARGS)
         self.filter = StopFilter(stop or [])
@@ -88,6 +89,8 @@ class StreamedGeneration:
         kwargs = dict(inputs, generation_config=config, streamer=self.streamer)
         if config.stop_strings:
             kwargs["tokenizer"] = tokenizer
+        if assistant_model is not None:  # speculative decoding with a draft model
+            kwargs["assistant_model"] = assistant_model
         self.thread = threading.Thread(target=self._run, args=(model, kwargs), daemon=True)
 
     @property
