@@ -33,7 +33,7 @@ MODES = {  # name -> (source, dtype, extra flags for add_model_arguments)
     "nf4": ("hfllm", "auto", ["--load_in_4bit"]),
     "nf4 + double quant": ("hfllm", "auto", ["--load_in_4bit", "--bnb_4bit_use_double_quant"]),
     "fp4": ("hfllm", "auto", ["--load_in_4bit", "--bnb_4bit_quant_type", "fp4"]),
-    "GGUF Q4_1 (dequantized, float32)": ("gguf", "auto", []),
+    "GGUF Q4_1 dequantized to float32": ("gguf", "auto", []),
 }
 
 
