@@ -72,7 +72,8 @@ def load(
     if kind == "gguf":
         if quantization_config is not None:
             raise HfllmError(f"'{spec}' is a GGUF file (its own quantization, loaded dequantized); bitsandbytes cannot "
-                             f"quantize it again: drop --load_in_4bit/--load_in_8bit, or `hfllm convert` it to a folder first")
+                             "quantize it again: drop --load_in_4bit/--load_in_8bit, or `hfllm convert` it to a "
+                             "folder first")
         source = path.parent
         kwargs["gguf_file"] = tokenizer_kwargs["gguf_file"] = path.name
     try:

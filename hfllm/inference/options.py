@@ -76,7 +76,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
                        help="stop at this text and cut the output there (repeatable)")
     group.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
                        help="KV cache: dynamic (default) or static (preallocated; for torch.compile)")
-    speculative = parser.add_argument_group("speculative decoding (one of; greedy gives the same tokens as without; one prompt at a time)")
+    speculative = parser.add_argument_group(
+        "speculative decoding (one of; greedy gives the same tokens as without; one prompt at a time)")
     speculative.add_argument("--assistant", default=None, metavar="MODEL",
                              help="draft model with the same tokenizer (a smaller model of the family)")
     speculative.add_argument("--prompt_lookup", type=int, default=None, metavar="N",
