@@ -19,9 +19,10 @@ from .tasks import TASKS_DIR
 # ---------------------------------------------------------------- models
 
 
-def load_model(spec: str, dtype: str = "auto") -> tuple[PreTrainedModel, object]:
-    """MODEL -> (model in eval mode, tokenizer): `hfllm.checkpoint.load` with a PEFT adapter merged into its base."""
-    return load(spec, dtype=dtype, merge_adapter=True)
+def load_model(spec: str, dtype: str = "auto", quantization=None) -> tuple[PreTrainedModel, object]:
+    """MODEL -> (model in eval mode, tokenizer): `hfllm.checkpoint.load` with a PEFT adapter merged into its base;
+    `quantization`: a bitsandbytes config (`hfllm.checkpoint.quantization_config`) or None."""
+    return load(spec, dtype=dtype, merge_adapter=True, quantization_config=quantization)
 
 
 # ---------------------------------------------------------------- tasks

@@ -2,6 +2,7 @@
 
     hfllm eval MODEL [MODEL ...] --tasks T1,T2 [--limit N --batch_size B --apply_chat_template --output_path DIR ...]
     hfllm eval recipes/eval/offline_suite.yaml [--limit 5 ...]        the same keys as a YAML recipe
+    hfllm eval MODEL --tasks hfllm_shakespeare_ppl --load_in_4bit     bitsandbytes 4-bit (or --load_in_8bit) weights
 
 Flags follow lm-eval's names; both forms go through `hfllm.recipe` (the one recipe loader). Everything is checked
 (models exist, tasks resolve and render, --limit) before any model runs and before anything is written.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import spec_kind
+from ..checkpoint import COMPUTE_DTYPES, QUANT_TYPES, quantization_config, spec_kind
 from ..errors import HfllmError
 from ..recipe import Recipe, load_recipe
 from .harness import evaluate_model, load_model, load_tasks, scores
@@ -39,6 +40,26 @@ class EvalArguments:
         default=None, metadata={"help": "JSONL (or folder with test.jsonl) for hfllm_synth; default: built-in arithmetic"}
     )
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu, cuda, ..."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "bitsandbytes 4-bit weights (as hfllm generate)"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "bitsandbytes 8-bit weights (LLM.int8)"})
+    bnb_4bit_quant_type: str | None = field(default=None, metadata={"help": f"{' or '.join(QUANT_TYPES)} (default nf4)"})
+    bnb_4bit_use_double_quant: bool = field(default=False, metadata={"help": "quantize the 4-bit scales too"})
+    bnb_4bit_compute_dtype: str | None = field(
+        default=None, metadata={"help": f"{', '.join(COMPUTE_DTYPES)} (default float32)"}
+    )
+
+    def quantization_name(self) -> str | None:
+        """"4bit-nf4", "4bit-fp4", "8bit" or None, for the report."""
+        if self.load_in_8bit or not self.load_in_4bit:
+            return "8bit" if self.load_in_8bit else None
+        return f"4bit-{self.bnb_4bit_quant_type or 'nf4'}"
+
+    def quantization(self):
+        """The checked `BitsAndBytesConfig` of the bnb keys, or None."""
+        return quantization_config(
+            load_in_4bit=self.load_in_4bit, load_in_8bit=self.load_in_8bit, bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
+        )
 
 
 def parse_args(argv: list[str], prog: str) -> tuple[EvalArguments, Recipe]:
@@ -73,6 +94,7 @@ def check_args(args: EvalArguments) -> None:
         raise HfllmError("--log_samples needs --output_path to write the samples to")
     if args.output_path and Path(args.output_path).is_file():
         raise HfllmError(f"--output_path '{args.output_path}' is a file; give a folder")
+    args.quantization()  # one line on a bad combination of the bnb keys
     for spec in args.models:  # cheap checks first: a missing folder fails before any task or model loads
         spec_kind(spec)
 
@@ -89,17 +111,21 @@ def main(argv: list[str], prog: str = "hfllm eval") -> int:
     tasks = load_tasks(args.tasks, args.include_path, metadata)
 
     runs, samples = [], {}
+    quantization = args.quantization()
     for spec, name in zip(args.models, run_names(args.models)):
-        model, tokenizer = load_model(spec)
+        model, tokenizer = load_model(spec, quantization=quantization)
         if args.apply_chat_template and not tokenizer.chat_template:
             raise HfllmError(f"model '{spec}' has no chat template; drop --apply_chat_template for it")
+        if quantization is None:  # a quantized model is placed by its loader (bitsandbytes refuses moves)
+            model = model.to(args.device)
         results = evaluate_model(
-            model.to(args.device), tokenizer, tasks, args.limit, args.batch_size, args.apply_chat_template, args.log_samples
+            model, tokenizer, tasks, args.limit, args.batch_size, args.apply_chat_template, args.log_samples
         )
         runs.append({
             "name": name,
             "model": spec,
             "architecture": type(model).__name__,
+            "quantization": args.quantization_name(),
             "chat_template_applied": args.apply_chat_template,
             "has_chat_template": bool(tokenizer.chat_template),
             "scores": scores(results),

@@ -18,7 +18,8 @@ from typing import Any, TextIO
 from transformers import PreTrainedModel, set_seed
 
 from ..errors import HfllmError
-from .options import Decoding, Parser, add_decoding_arguments, add_model_arguments, load_for_inference, require_chat_template
+from .options import (Decoding, Parser, add_decoding_arguments, add_model_arguments, load_assistant, load_for_inference,
+                      quantization_from_args, require_chat_template)
 from .stream import StreamedGeneration
 
 HELP = "commands: /reset, /system TEXT, /save FILE, /trim, /exit"
@@ -27,8 +28,10 @@ HELP = "commands: /reset, /system TEXT, /save FILE, /trim, /exit"
 class ChatSession:
     """A conversation: the messages so far, rendered with the chat template, answered by streaming generate()."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: Any, decoding: Decoding, system: str | None = None):
+    def __init__(self, model: PreTrainedModel, tokenizer: Any, decoding: Decoding, system: str | None = None,
+                 assistant_model: PreTrainedModel | None = None):
         self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
+        self.assistant_model = assistant_model  # the draft model of decoding.assistant
         self.config = decoding.generation_config(model, tokenizer)
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.system: str | None = system
@@ -83,7 +86,8 @@ class ChatSession:
         complete. Generation stops when the iteration is abandoned."""
         inputs = self.tokenizer([self.render()], return_tensors="pt", add_special_tokens=False).to(self.model.device)
         answer = []
-        for piece in StreamedGeneration(self.model, self.tokenizer, dict(inputs), self.config, self.decoding.stop):
+        for piece in StreamedGeneration(self.model, self.tokenizer, dict(inputs), self.config, self.decoding.stop,
+                                        assistant_model=self.assistant_model):
             answer.append(piece)
             yield piece
         self.turns.append({"role": "assistant", "content": "".join(answer)})
@@ -112,11 +116,12 @@ def main(argv: list[str], prog: str) -> int:
         return serve(args, decoding)
     if given := [flag for flag in ("compare", "host", "port", "share") if getattr(args, flag)]:
         raise HfllmError(f"--{given[0]} is for the web page; add --web")
-    model, tokenizer = load_for_inference(args.model, args.dtype)
+    model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args))
     require_chat_template(tokenizer, args.model)
+    assistant = load_assistant(decoding.assistant, model, tokenizer, args.dtype) if decoding.assistant else None
     if decoding.seed is not None:
         set_seed(decoding.seed)
-    session = ChatSession(model, tokenizer, decoding, system=args.system)
+    session = ChatSession(model, tokenizer, decoding, system=args.system, assistant_model=assistant)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {args.model}; {HELP}", file=sys.stderr)

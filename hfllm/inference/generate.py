@@ -5,6 +5,9 @@
     hfllm generate runs/sft --prompt_file prompts.txt --json > completions.jsonl
     echo "To be, or not" | hfllm generate runs/sft --do_sample --temperature 0.8 --seed 1
 
+    hfllm generate runs/sft --load_in_4bit --prompt "..."                   bitsandbytes 4-bit weights (also --load_in_8bit)
+    hfllm generate runs/sft --prompt_lookup 10 --prompt "Fix the typos: ..." speculative decoding (also --assistant DRAFT)
+
 In Python: `complete(model, tokenizer, prompts, Decoding(...), chat=True)` -> a `Completion` per prompt and sequence.
 """
 
@@ -19,8 +22,8 @@ import torch
 from transformers import BatchEncoding, GenerationConfig, PreTrainedModel, set_seed
 
 from ..errors import HfllmError
-from .options import (Decoding, Parser, add_decoding_arguments, add_model_arguments, load_for_inference,
-                      require_chat_template)
+from .options import (Decoding, Parser, add_decoding_arguments, add_model_arguments, load_assistant, load_for_inference,
+                      quantization_from_args, require_chat_template)
 from .stream import DECODE_KWARGS, FirstTokenClock, StreamedGeneration, cut_at_stop
 
 
@@ -65,9 +68,14 @@ def encode(tokenizer: Any, texts: list[str], chat: bool) -> BatchEncoding:
 
 
 def complete(model: PreTrainedModel, tokenizer: Any, prompts: list[str], decoding: Decoding, *, chat: bool = False,
-             system: str | None = None, batch_size: int = 8) -> list[Completion]:
-    """Every prompt completed (in batches of `batch_size`), `num_return_sequences` completions each, in order."""
+             system: str | None = None, batch_size: int = 8,
+             assistant_model: PreTrainedModel | None = None) -> list[Completion]:
+    """Every prompt completed (in batches of `batch_size`; one at a time with speculative decoding, which transformers
+    runs on batch size 1), `num_return_sequences` completions each, in order. `assistant_model`: the draft model of
+    `decoding.assistant`."""
     config = decoding.generation_config(model, tokenizer)
+    if decoding.speculative:
+        batch_size = 1
     if decoding.seed is not None:
         set_seed(decoding.seed)
     completions: list[Completion] = []
@@ -77,6 +85,8 @@ def complete(model: PreTrainedModel, tokenizer: Any, prompts: list[str], decodin
         inputs = encode(tokenizer, rendered, chat).to(model.device)
         clock = FirstTokenClock()
         kwargs = {"tokenizer": tokenizer} if config.stop_strings else {}
+        if assistant_model is not None:
+            kwargs["assistant_model"] = assistant_model
         sequences = model.generate(**inputs, generation_config=config, streamer=clock, **kwargs)  # (B * n, T + new)
         seconds = time.perf_counter() - clock.start
         new_tokens = sequences[:, inputs["input_ids"].shape[1]:]  # (B * n, new)
@@ -90,7 +100,7 @@ def complete(model: PreTrainedModel, tokenizer: Any, prompts: list[str], decodin
 
 
 def stream(model: PreTrainedModel, tokenizer: Any, prompt: str, decoding: Decoding, out: TextIO, *, chat: bool = False,
-           system: str | None = None) -> Completion:
+           system: str | None = None, assistant_model: PreTrainedModel | None = None) -> Completion:
     """Complete one prompt, writing the text to `out` as it comes; the same text as `complete` gives."""
     if decoding.num_return_sequences != 1:
         raise HfllmError("--stream prints one sequence; drop --num_return_sequences or --stream")
@@ -99,7 +109,7 @@ def stream(model: PreTrainedModel, tokenizer: Any, prompt: str, decoding: Decodi
         set_seed(decoding.seed)
     rendered = render(tokenizer, prompt, chat, system)
     inputs = encode(tokenizer, [rendered], chat).to(model.device)
-    run = StreamedGeneration(model, tokenizer, dict(inputs), config, decoding.stop)
+    run = StreamedGeneration(model, tokenizer, dict(inputs), config, decoding.stop, assistant_model=assistant_model)
     start = time.perf_counter()
     for piece in run:
         out.write(piece)
@@ -165,15 +175,17 @@ def main(argv: list[str], prog: str) -> int:
     prompts = read_prompts(args.prompt, args.prompt_file)
     if args.stream and len(prompts) > 1:
         raise HfllmError(f"--stream works on one prompt; got {len(prompts)} (drop --stream to complete them in batches)")
-    model, tokenizer = load_for_inference(args.model, args.dtype)
+    model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args))
+    assistant = load_assistant(decoding.assistant, model, tokenizer, args.dtype) if decoding.assistant else None
     if args.chat:
         require_chat_template(tokenizer, args.model)
     if args.stream:
-        stream(model, tokenizer, prompts[0], decoding, sys.stdout, chat=args.chat, system=args.system)
+        stream(model, tokenizer, prompts[0], decoding, sys.stdout, chat=args.chat, system=args.system,
+               assistant_model=assistant)
         print()
         return 0
     completions = complete(model, tokenizer, prompts, decoding, chat=args.chat, system=args.system,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, assistant_model=assistant)
     for i, completion in enumerate(completions):
         if args.json:
             print(json.dumps(completion.as_json(), ensure_ascii=False))

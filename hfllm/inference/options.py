@@ -1,12 +1,15 @@
 """Command-line options shared by `hfllm generate` and `hfllm chat`: an argparse parser whose errors are one line,
-the decoding flags, their checks, and the transformers `GenerationConfig` they become.
+the model flags (dtype, bitsandbytes 4/8-bit), the decoding flags (speculative decoding included), their checks, and
+the transformers `GenerationConfig` they become.
 
     parser = Parser(prog="hfllm generate")
     add_model_arguments(parser); add_decoding_arguments(parser, max_new_tokens=128)
     args = parser.parse_args(argv)
     decoding = Decoding.from_args(args)          # checked: HfllmError on a bad value
-    model, tokenizer = load_for_inference(args.model, args.dtype)
+    model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args))
+    assistant = load_assistant(decoding.assistant, model, tokenizer, args.dtype) if decoding.assistant else None
     config = decoding.generation_config(model, tokenizer)
+    model.generate(**inputs, generation_config=config, assistant_model=assistant)
 """
 
 import argparse
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
+from ..checkpoint import QUANT_TYPES, quantization_config
 from ..errors import ArgumentParser as Parser, HfllmError  # Parser: argparse whose usage errors are one line
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -28,6 +32,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="hfllm or transformers folder, PEFT adapter folder, .gguf file or Hub id")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights' dtype (auto: the checkpoint's; bfloat16 is faster on CPUs with bf16 instructions)")
+    group = parser.add_argument_group("quantized loading (bitsandbytes; on the GPU, or the CPU without one)")
+    group.add_argument("--load_in_4bit", action="store_true", help="4-bit weights (Linear4bit)")
+    group.add_argument("--load_in_8bit", action="store_true", help="8-bit weights (LLM.int8, Linear8bitLt)")
+    group.add_argument("--bnb_4bit_quant_type", choices=QUANT_TYPES, default=None, help="4-bit data type (default nf4)")
+    group.add_argument("--bnb_4bit_use_double_quant", action="store_true",
+                       help="quantize the 4-bit scales too (about 0.4 bits per weight less)")
+    group.add_argument("--bnb_4bit_compute_dtype", choices=DTYPES[1:], default=None,
+                       help="dtype of the 4-bit matmuls (default: --dtype; float32 for auto)")
+
+
+def quantization_from_args(args: argparse.Namespace):
+    """The checked `BitsAndBytesConfig` of `add_model_arguments`' flags, or None (full precision)."""
+    return quantization_config(
+        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=args.bnb_4bit_compute_dtype,
+        dtype=args.dtype,
+    )
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
@@ -48,6 +69,14 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
                        help="stop at this text and cut the output there (repeatable)")
     group.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
                        help="KV cache: dynamic (default) or static (preallocated; for torch.compile)")
+    speculative = parser.add_argument_group(
+        "speculative decoding (one of; greedy gives the same tokens as without; one prompt at a time)")
+    speculative.add_argument("--assistant", default=None, metavar="MODEL",
+                             help="draft model with the same tokenizer (a smaller model of the family)")
+    speculative.add_argument("--prompt_lookup", type=int, default=None, metavar="N",
+                             help="draft N tokens by matching the last n-gram in the prompt (no draft model)")
+    speculative.add_argument("--assistant_early_exit", type=int, default=None, metavar="K",
+                             help="self-speculation: draft with the model's own first K layers")
 
 
 @dataclass
@@ -65,6 +94,13 @@ class Decoding:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     cache: str = "dynamic"
+    assistant: str | None = None  # a draft model's spec; the caller loads it (`load_assistant`)
+    prompt_lookup: int | None = None
+    assistant_early_exit: int | None = None
+
+    @property
+    def speculative(self) -> bool:
+        return any(value is not None for value in (self.assistant, self.prompt_lookup, self.assistant_early_exit))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Decoding":
@@ -84,6 +120,9 @@ class Decoding:
             seed=args.seed,
             stop=list(args.stop),
             cache=args.cache,
+            assistant=getattr(args, "assistant", None),
+            prompt_lookup=getattr(args, "prompt_lookup", None),
+            assistant_early_exit=getattr(args, "assistant_early_exit", None),
         )
         decoding.check()
         return decoding
@@ -109,6 +148,15 @@ class Decoding:
             raise HfllmError("--num_return_sequences > 1 needs sampling (--do_sample): greedy gives one answer")
         if any(not text for text in self.stop):
             raise HfllmError("--stop needs a non-empty text")
+        methods = [f"--{name}" for name in ("assistant", "prompt_lookup", "assistant_early_exit")
+                   if getattr(self, name) is not None]
+        if len(methods) > 1:
+            raise HfllmError(f"{methods[0]} and {methods[1]} are two ways of drafting tokens; choose one")
+        for name in ("prompt_lookup", "assistant_early_exit"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise HfllmError(f"--{name} must be at least 1 (got {value})")
+        if self.speculative and self.num_return_sequences > 1:
+            raise HfllmError(f"{methods[0]} decodes one sequence at a time; drop --num_return_sequences or {methods[0]}")
 
     def generation_config(self, model: PreTrainedModel, tokenizer: Any) -> GenerationConfig:
         """The model's generation config with these options on top; greedy clears the sampling fields."""
@@ -128,23 +176,47 @@ class Decoding:
             updates["repetition_penalty"] = self.repetition_penalty
         if config.pad_token_id is None:
             updates["pad_token_id"] = tokenizer.pad_token_id
+        if self.assistant_early_exit is not None:
+            layers = model.config.get_text_config().num_hidden_layers
+            if self.assistant_early_exit >= layers:
+                raise HfllmError(f"--assistant_early_exit {self.assistant_early_exit} must be below the model's "
+                                 f"{layers} layers (the draft is its first K layers)")
+        updates.update(prompt_lookup_num_tokens=self.prompt_lookup, assistant_early_exit=self.assistant_early_exit)
         config.update(**updates)
         return config
 
 
-def load_for_inference(spec: str, dtype: str) -> tuple[PreTrainedModel, Any]:
-    """`hfllm.checkpoint.load` for generation: eval mode, no progress bar, a left-padding tokenizer with a pad token."""
+def load_for_inference(spec: str, dtype: str, quantization=None) -> tuple[PreTrainedModel, Any]:
+    """`hfllm.checkpoint.load` for generation: eval mode, no progress bar, a left-padding tokenizer with a pad token.
+    `quantization`: a `BitsAndBytesConfig` (`quantization_from_args`) or None."""
     from transformers.utils import logging as transformers_logging
 
     from ..checkpoint import load, spec_kind
 
     spec_kind(spec)  # one line when MODEL names nothing
     transformers_logging.disable_progress_bar()
-    model, tokenizer = load(spec, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    model, tokenizer = load(spec, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                            quantization_config=quantization)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     return model, tokenizer
+
+
+def load_assistant(spec: str, model: PreTrainedModel, tokenizer: Any, dtype: str) -> PreTrainedModel:
+    """The draft model of `--assistant`, loaded like the main model; refused in one line when its vocabulary differs
+    from the model's (the draft's token ids must mean the same tokens)."""
+    assistant, assistant_tokenizer = load_for_inference(spec, dtype)
+    ours, theirs = tokenizer.get_vocab(), assistant_tokenizer.get_vocab()
+    if ours != theirs:
+        differ = len(set(ours.items()) ^ set(theirs.items()))
+        raise HfllmError(f"--assistant '{spec}' has a different vocabulary ({len(theirs)} tokens, {differ} entries "
+                         f"differ from the model's {len(ours)}); give a draft model with the same tokenizer")
+    rows, assistant_rows = (m.config.get_text_config().vocab_size for m in (model, assistant))
+    if rows != assistant_rows:
+        raise HfllmError(f"--assistant '{spec}' predicts {assistant_rows} tokens, the model {rows}; give a draft model "
+                         "with the same tokenizer and vocabulary size")
+    return assistant
 
 
 def require_chat_template(tokenizer: Any, spec: str) -> None:

@@ -32,7 +32,7 @@ import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
 
 from ..errors import HfllmError
-from .options import Parser, add_model_arguments
+from .options import Parser, add_model_arguments, quantization_from_args
 
 ROLES = ("system", "user", "assistant", "tool")
 GENERATION_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
@@ -329,7 +329,7 @@ def main(argv: list[str], prog: str) -> int:
     listener = _listen(args.host, args.port)
     transformers_logging.disable_progress_bar()
     model, tokenizer = load(args.model, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype),
-                            merge_adapter=True)
+                            merge_adapter=True, quantization_config=quantization_from_args(args))
     app = build_app(model, tokenizer, args.model, api_key=api_key, max_concurrency=args.max_concurrency)
     host, port = listener.getsockname()[:2]
     print(f"serving '{args.model}' on http://{host}:{port}/v1 (OpenAI API; continuous batching; up to "

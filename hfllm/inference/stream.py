@@ -90,7 +90,8 @@ class StreamedGeneration:
     Abandoning the iteration (a closed generator: a stop button, Ctrl-C) stops generate() at its next step."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any, inputs: dict[str, torch.Tensor],
-                 config: GenerationConfig, stop: list[str] | None = None, timeout_s: float | None = None):
+                 config: GenerationConfig, stop: list[str] | None = None, timeout_s: float | None = None,
+                 assistant_model: PreTrainedModel | None = None):
         self.clock = FirstTokenClock()
         self.streamer = _TimedTextStreamer(tokenizer, self.clock, skip_prompt=True, timeout=timeout_s, **DECODE_KWARGS)
         self.filter = StopFilter(stop or [])
@@ -101,6 +102,8 @@ class StreamedGeneration:
                       stopping_criteria=StoppingCriteriaList([self.cancel]))
         if config.stop_strings:
             kwargs["tokenizer"] = tokenizer
+        if assistant_model is not None:  # speculative decoding with a draft model
+            kwargs["assistant_model"] = assistant_model
         self.thread = threading.Thread(target=self._run, args=(model, kwargs), daemon=True)
 
     @property

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, set_seed  # noqa: E402
 from ..checkpoint import spec_kind  # noqa: E402
 from ..errors import HfllmError  # noqa: E402
 from .chat import ChatSession  # noqa: E402
-from .options import Decoding, load_for_inference, require_chat_template  # noqa: E402
+from .options import Decoding, load_for_inference, quantization_from_args, require_chat_template  # noqa: E402
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 T = TypeVar("T")
@@ -186,7 +186,7 @@ def serve(args: argparse.Namespace, decoding: Decoding) -> int:
         spec_kind(spec)
     chats = []
     for spec in specs:
-        model, tokenizer = load_for_inference(spec, args.dtype)
+        model, tokenizer = load_for_inference(spec, args.dtype, quantization_from_args(args))
         require_chat_template(tokenizer, spec)
         chats.append(WebChat(spec, model, tokenizer, decoding, trim=args.trim, show_prompt=args.show_prompt))
     if decoding.seed is not None:

@@ -449,7 +449,7 @@ class HfllmModel(HfllmPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)  # cos, sin: (B, T, hd)
-        for i, decoder_layer in enumerate(self.layers):
+        for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):  # fewer: an early exit
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=mask_mapping[self.config.layer_types[i]],
