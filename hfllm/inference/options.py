@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import CompileConfig, GenerationConfig, PreTrainedModel
 
 from ..errors import ArgumentParser as Parser, HfllmError  # Parser: argparse whose usage errors are one line
 
@@ -48,6 +48,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
                        help="stop at this text and cut the output there (repeatable)")
     group.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
                        help="KV cache: dynamic (default) or static (preallocated; for torch.compile)")
+    group.add_argument("--compile", action="store_true",
+                       help="compile the decode step with torch.compile (implies --cache static; on CPUs too)")
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Decoding:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     cache: str = "dynamic"
+    compile: bool = False  # torch.compile the decode step (with a static cache), on any device
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Decoding":
@@ -84,6 +87,7 @@ class Decoding:
             seed=args.seed,
             stop=list(args.stop),
             cache=args.cache,
+            compile=args.compile,
         )
         decoding.check()
         return decoding
@@ -118,8 +122,12 @@ class Decoding:
             "do_sample": self.do_sample,
             "num_return_sequences": self.num_return_sequences,
             "stop_strings": self.stop or None,
-            "cache_implementation": "static" if self.cache == "static" else None,
+            "cache_implementation": "static" if self.cache == "static" or self.compile else None,
         }
+        if self.compile:  # generate() compiles a static-cache decode step by itself only on GPUs; this asks on any
+            compile_config = CompileConfig()
+            compile_config._compile_all_devices = True
+            updates["compile_config"] = compile_config
         if self.do_sample:
             updates.update({name: getattr(self, name) for name in SAMPLING_FLAGS if getattr(self, name) is not None})
         else:  # no sampling field left over from the checkpoint's config (transformers warns about those)
