@@ -1,5 +1,6 @@
-"""`hfllm generate` and `hfllm chat`: equal to transformers' generate() token for token, streamed text equal to the
-finished text, chat template and history applied, stop strings, --json counts, one-line errors.
+"""`hfllm generate` and `hfllm chat`: equal to transformers' generate() token for token (also with --cache static and
+--compile), streamed text equal to the finished text, chat template and history applied, stop strings, --json counts,
+one-line errors.
 
 Most tests run on a tiny random hfllm model with a ChatML template (milliseconds per token); a few on SmolLM2-135M.
 """
@@ -17,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfllm.cli import main as cli
 from hfllm.inference.chat import ChatSession
-from hfllm.inference.options import Decoding
+from hfllm.inference.generate import complete
+from hfllm.inference.options import Decoding, load_for_inference
 from hfllm.inference.stream import StopFilter, cut_at_stop
 
 PROMPTS = ["What is 3 + 4?", "You", "reverse the word cat please"]  # different lengths: padding
@@ -245,6 +247,54 @@ def test_static_cache_gives_the_same_tokens(capsys, tiny_chat_dir):
     _, dynamic, _ = run(capsys, *base)
     _, static, _ = run(capsys, *base, "--cache", "static")
     assert records(static)[0]["completion_token_ids"] == records(dynamic)[0]["completion_token_ids"]
+
+
+@pytest.fixture
+def compile_calls(monkeypatch):
+    """Record torch.compile calls (generate() compiles the decode step through it); compiled with dynamo's "eager"
+    backend, which traces the same graph but skips inductor's code generation (minutes on two busy cores)."""
+    real_compile, calls = torch.compile, []
+
+    def spy(function, **options):
+        calls.append(options)
+        return real_compile(function, backend="eager", fullgraph=options.get("fullgraph", False))
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", spy)
+    yield calls
+    torch._dynamo.reset()
+
+
+def test_compile_flag_reaches_the_generation_config(reference):
+    config = Decoding(max_new_tokens=5, compile=True).generation_config(*reference)
+    assert config.cache_implementation == "static" and config.compile_config is not None
+    assert Decoding(max_new_tokens=5).generation_config(*reference).compile_config is None
+
+
+def test_compiled_decode_gives_the_tokens_of_model_generate(capsys, tiny_chat_dir, reference, compile_calls,
+                                                            single_thread):
+    """`--compile` on a CPU: generate() runs the decode step through torch.compile, with the same greedy tokens."""
+    code, out, _ = run(capsys, "generate", tiny_chat_dir, "--prompt", PROMPTS[0], "--max_new_tokens", 12, "--json",
+                       "--compile")
+    assert code == 0
+    assert len(compile_calls) == 1
+    [expected] = greedy_reference(*reference, [PROMPTS[0]], 12)
+    assert records(out)[0]["completion_token_ids"] == expected
+    # streamed (generate() in a thread, as `hfllm chat` runs it): compiled too, the same text
+    code, streamed, _ = run(capsys, "generate", tiny_chat_dir, "--prompt", PROMPTS[0], "--max_new_tokens", 12,
+                            "--stream", "--compile")
+    assert code == 0 and len(compile_calls) == 2
+    assert streamed == reference[1].decode(expected, skip_special_tokens=True) + "\n"
+
+
+@pytest.mark.slow
+def test_inductor_compiled_decode_gives_the_tokens_of_model_generate(tiny_chat_dir, reference, single_thread):
+    """The real thing (inductor's C++ kernels), a few minutes on two busy cores: the same greedy tokens, in a batch."""
+    model, tokenizer = load_for_inference(str(tiny_chat_dir), "auto")
+    torch._dynamo.reset()
+    got = complete(model, tokenizer, PROMPTS, Decoding(max_new_tokens=12, compile=True))
+    assert hasattr(model, "_compiled_call")  # transformers' generate() took the compiled path
+    assert [c.completion_token_ids for c in got] == greedy_reference(*reference, PROMPTS, 12)
 
 
 # ----------------------------------------------------------------------------- bad input: one line, exit 2

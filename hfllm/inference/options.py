@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import CompileConfig, GenerationConfig, PreTrainedModel
 
 from ..checkpoint import QUANT_TYPES, quantization_config
 from ..errors import ArgumentParser as Parser, HfllmError  # Parser: argparse whose usage errors are one line
@@ -69,6 +69,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
                        help="stop at this text and cut the output there (repeatable)")
     group.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
                        help="KV cache: dynamic (default) or static (preallocated; for torch.compile)")
+    group.add_argument("--compile", action="store_true",
+                       help="compile the decode step with torch.compile (implies --cache static; on CPUs too)")
     speculative = parser.add_argument_group(
         "speculative decoding (one of; greedy gives the same tokens as without; one prompt at a time)")
     speculative.add_argument("--assistant", default=None, metavar="MODEL",
@@ -97,6 +99,7 @@ class Decoding:
     assistant: str | None = None  # a draft model's spec; the caller loads it (`load_assistant`)
     prompt_lookup: int | None = None
     assistant_early_exit: int | None = None
+    compile: bool = False  # torch.compile the decode step (with a static cache), on any device
 
     @property
     def speculative(self) -> bool:
@@ -123,6 +126,7 @@ class Decoding:
             assistant=getattr(args, "assistant", None),
             prompt_lookup=getattr(args, "prompt_lookup", None),
             assistant_early_exit=getattr(args, "assistant_early_exit", None),
+            compile=args.compile,
         )
         decoding.check()
         return decoding
@@ -166,8 +170,12 @@ class Decoding:
             "do_sample": self.do_sample,
             "num_return_sequences": self.num_return_sequences,
             "stop_strings": self.stop or None,
-            "cache_implementation": "static" if self.cache == "static" else None,
+            "cache_implementation": "static" if self.cache == "static" or self.compile else None,
         }
+        if self.compile:  # generate() compiles a static-cache decode step by itself only on GPUs; this asks on any
+            compile_config = CompileConfig()
+            compile_config._compile_all_devices = True
+            updates["compile_config"] = compile_config
         if self.do_sample:
             updates.update({name: getattr(self, name) for name in SAMPLING_FLAGS if getattr(self, name) is not None})
         else:  # no sampling field left over from the checkpoint's config (transformers warns about those)
