@@ -49,8 +49,10 @@ def read_back(path):
 ARCHITECTURES = {  # hfllm config overrides -> the llama.cpp architecture they export to
     "llama": ({}, "llama"),
     "qwen2": (dict(attention_bias=True, attention_out_bias=False), "qwen2"),
-    "qwen3": (dict(qk_norm=True), "qwen3"),
-    "qwen3moe": (dict(qk_norm=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), "qwen3moe"),
+    # transformers' qwen3 GGUF reader ignores attention.key_length and assumes Qwen3's head_dim 128
+    "qwen3": (dict(qk_norm=True, head_dim=128), "qwen3"),
+    # ... and its qwen3moe reader ignores expert_feed_forward_length (assumes 768)
+    "qwen3moe": (dict(qk_norm=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768), "qwen3moe"),
 }
 
 
@@ -105,9 +107,11 @@ def test_tiny_gguf_round_trips_through_hfllm(tiny_llama_shakespeare_gguf, tmp_pa
     hfllm_dir = convert(tiny_llama_shakespeare_gguf, tmp_path / "hfllm", dtype="float32")
     path = export(hfllm_dir, tmp_path / "gguf", "gguf", "f32")
     original, exported = gguf.GGUFReader(tiny_llama_shakespeare_gguf), gguf.GGUFReader(path)
-    assert [t.name for t in exported.tensors] == [t.name for t in original.tensors]
-    for before, after in zip(original.tensors, exported.tensors):
-        np.testing.assert_array_equal(after.data, before.data, err_msg=before.name)
+    before, after = ({t.name: t for t in reader.tensors} for reader in (original, exported))
+    assert after.keys() == before.keys()
+    for name, tensor in before.items():
+        assert after[name].tensor_type == tensor.tensor_type
+        np.testing.assert_array_equal(after[name].data, tensor.data, err_msg=name)
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "llama.rope.dimension_count"):
         assert exported.fields[key].contents() == original.fields[key].contents(), key

@@ -136,7 +136,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: PreTrainedConfig, name
     writer.add_head_count_kv(config.num_key_value_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // config.num_attention_heads:
+    if head_dim != config.hidden_size // config.num_attention_heads or isinstance(config, (Qwen3Config, Qwen3MoeConfig)):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
