@@ -131,7 +131,7 @@ CASES = [
     ("convert-corrupt-config", ["convert", "{bad}/corrupt-config", "{tmp}/out"], "config.json", "not valid JSON"),
     ("convert-output-not-empty", ["convert", "{model}", "{bad}/nonempty"], "nonempty", "choose a new folder"),
     ("export-not-hfllm", ["export", "{model}", "{tmp}/out"], "not an hfllm checkpoint", "nothing to export"),
-    ("export-unknown-target", ["export", "{model}", "{tmp}/out", "--to", "onnx"], "onnx", "supported: transformers"),
+    ("export-unknown-target", ["export", "{model}", "{tmp}/out", "--to", "onnx"], "onnx", "choose from 'transformers', 'gguf'"),
     ("generate-corrupt-weights", ["generate", "{bad}/corrupt-weights", "--prompt", "hi"], "corrupt-weights",
      "give an hfllm or transformers checkpoint folder"),
     ("generate-corrupt-config", ["generate", "{bad}/corrupt-config", "--prompt", "hi"], "corrupt-config",
