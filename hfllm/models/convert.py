@@ -2,6 +2,7 @@
 
     hfllm convert SRC OUT                      SRC: a transformers checkpoint folder or a .gguf file
     hfllm export SRC OUT --to transformers     an hfllm checkpoint back to the closest native architecture
+    hfllm export SRC OUT --to gguf [--quant Q] the same as one GGUF file for llama.cpp / Ollama (gguf_export.py)
 
 hfllm uses the same parameter names as Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE in transformers 5.x
 (experts fused as `gate_up_proj (E, 2I, H)` and `down_proj (E, H, I)`), so converting is a config translation plus a
@@ -270,16 +271,24 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     return out
 
 
-def export(src: str | Path, out: str | Path, to: str = "transformers") -> Path:
-    """Export the hfllm checkpoint at `src` to a native transformers checkpoint at `out` (no remote code needed)."""
+def export(src: str | Path, out: str | Path, to: str = "transformers", quant: str | None = None) -> Path:
+    """Export the hfllm checkpoint at `src` to a native transformers checkpoint folder at `out` (no remote code
+    needed), or with `to="gguf"` to a GGUF file plus Ollama Modelfile in `out` (see gguf_export.py); returns the
+    folder or the GGUF file."""
+    from .gguf_export import QUANTS, export_gguf
+
     src, out = Path(src), Path(out)
-    if to != "transformers":
-        raise HfllmError(f"unknown export target '{to}'; supported: transformers")
+    if to not in ("transformers", "gguf"):
+        raise HfllmError(f"unknown export target '{to}'; supported: transformers, gguf")
+    if quant is not None and (to != "gguf" or quant not in QUANTS):
+        raise HfllmError(f"--quant {quant} needs --to gguf and one of: {', '.join(QUANTS)}")
     if read_config(src).get("model_type") != "hfllm":
         raise HfllmError(f"'{src}' is not an hfllm checkpoint (model_type is not 'hfllm'); nothing to export")
     check_output_dir(out)
-    model, tokenizer = load(src, dtype="auto")
+    model, tokenizer = load(src, dtype="auto" if to == "transformers" else torch.float32)
     native = to_native(model)
+    if to == "gguf":
+        return export_gguf(native, tokenizer, out, quant or "f16", src.resolve().name)
     _save(native, tokenizer, model.generation_config, out)
     return out
 
@@ -298,8 +307,12 @@ def export_main(argv: list[str], prog: str = "hfllm export") -> None:
     parser = ArgumentParser(prog=prog, description="Export an hfllm checkpoint to a native architecture.")
     parser.add_argument("src", help="hfllm checkpoint folder")
     parser.add_argument("out", help="new checkpoint folder")
-    parser.add_argument("--to", default="transformers", help="target format (transformers)")
+    parser.add_argument("--to", default="transformers", choices=["transformers", "gguf"], help="target format")
+    parser.add_argument("--quant", default=None, help="GGUF weights: f32, f16 (default), bf16, q8_0, q4_0, q4_k_m")
     args = parser.parse_args(argv)
-    out = export(args.src, args.out, args.to)
+    out = export(args.src, args.out, args.to, args.quant)
+    if args.to == "gguf":
+        print(f"GGUF written to {out} (Ollama: cd {out.parent} && ollama create NAME -f Modelfile)")
+        return
     architecture = json.loads((out / "config.json").read_text())["architectures"][0]
     print(f"{architecture} checkpoint written to {out}")
