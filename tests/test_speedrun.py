@@ -1,5 +1,6 @@
 """examples/speedrun_cpu.sh end to end at SPEEDRUN_SCALE=tiny: every step runs and report.md holds every stage."""
 
+import hashlib
 import os
 import re
 import subprocess
@@ -19,8 +20,11 @@ def test_speedrun_tiny_writes_the_report_card(tmp_path):
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(["bash", "examples/speedrun_cpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    check_run(run, n_test=8)
 
-    # every artifact exists
+
+def check_run(run: Path, n_test: int) -> None:
+    """Every artifact of a speedrun exists, and its report.md holds every stage's metrics, timings and hashes."""
     for path in ["tokenizer/tokenizer.json", "base/model.safetensors", "base/loss_curve.png", "data/test.jsonl",
                  "sft/model.safetensors", "dpo/model.safetensors", "eval/results.json", "gguf/Modelfile", "chat.jsonl"]:
         assert (run / path).is_file(), path
@@ -31,7 +35,7 @@ def test_speedrun_tiny_writes_the_report_card(tmp_path):
     table = report.split("## Metrics")[1].split("## Loss curves")[0]
     assert "| task | metric | BASE | SFT | DPO |" in table
     for row in ["1 pretrain: Shakespeare validation | eval_loss ↓", "2 sft: held-out split | eval_loss ↓",
-                "3 dpo: held-out split | eval_rewards/accuracies ↑", "4 hfllm score: chat (n=8) | chat_exact_match ↑",
+                "3 dpo: held-out split | eval_rewards/accuracies ↑", f"4 hfllm score: chat (n={n_test}) | chat_exact_match ↑",
                 "5 hfllm eval: hfllm_shakespeare_ppl | bits_per_byte ↓", "5 hfllm eval: hfllm_synth | exact_match ↑"]:
         assert f"| {row} |" in table, row
     bits_per_byte = next(line for line in table.splitlines() if "bits_per_byte" in line).split("|")[3:6]
@@ -44,6 +48,7 @@ def test_speedrun_tiny_writes_the_report_card(tmp_path):
     for name in ["base/model.safetensors", "sft/model.safetensors", "dpo/model.safetensors", f"gguf/{gguf.name}",
                  "data/sft.jsonl", "tokenizer/tokenizer.json"]:
         assert re.search(rf"`{re.escape(name)}` \| [\d,]+ \| `[0-9a-f]{{64}}` \|", hashes), name
+    assert hashlib.sha256(gguf.read_bytes()).hexdigest() in hashes
     assert re.search(r"pretraining data, train token ids \(run_info.json\) \| \| `[0-9a-f]{64}`", hashes)
     assert "| DPO, GGUF q8_0 (the chat turn) | What is 12 + 30? |" in report
 
