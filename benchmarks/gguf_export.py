@@ -32,9 +32,8 @@ def main() -> None:
         if not (eval_dir / "results.json").exists():
             hfllm(["eval", str(path), "--tasks", "hfllm_shakespeare_ppl", "--output_path", str(eval_dir),
                    *(["--limit", args.limit] if args.limit else [])])
-        text = json.dumps(json.loads(next(eval_dir.rglob("results*.json")).read_text()))
-        bpb = json.loads(text)
-        results[quant] = dict(file=path.name, mb=path.stat().st_size / 1e6, export_s=round(export_s, 1), eval=bpb)
+        scores = json.loads((eval_dir / "results.json").read_text())
+        results[quant] = dict(file=path.name, mb=path.stat().st_size / 1e6, export_s=round(export_s, 1), eval=scores)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(quant, results[quant]["mb"], flush=True)
 
