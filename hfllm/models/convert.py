@@ -307,7 +307,7 @@ def export_main(argv: list[str], prog: str = "hfllm export") -> None:
     parser = ArgumentParser(prog=prog, description="Export an hfllm checkpoint to a native architecture.")
     parser.add_argument("src", help="hfllm checkpoint folder")
     parser.add_argument("out", help="new checkpoint folder")
-    parser.add_argument("--to", default="transformers", help="target format: transformers (default) or gguf")
+    parser.add_argument("--to", default="transformers", choices=["transformers", "gguf"], help="target format")
     parser.add_argument("--quant", default=None, help="GGUF weights: f32, f16 (default), bf16, q8_0, q4_0, q4_k_m")
     args = parser.parse_args(argv)
     out = export(args.src, args.out, args.to, args.quant)
