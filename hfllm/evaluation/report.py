@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 # a metric whose name contains one of these is lower-is-better; all others are higher-is-better
-LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")
 
 
 def markdown_table(runs: list[dict]) -> str:

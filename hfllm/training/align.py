@@ -146,6 +146,7 @@ def run(method: str, argv: list[str], prog: str) -> int:
                                   f"checkpoint saved; resume with:\n{resume_command(prog, argv)}")
         return preemption.exit_code
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the log history (loss curve) next to the model
     if not (Path(training_args.output_dir) / "tokenizer_config.json").exists():  # not every trainer saves it
         tokenizer.save_pretrained(training_args.output_dir)
     if evaluation is not None:  # DPO: eval_rewards/accuracies and eval_rewards/margins are preference accuracy/margin
