@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the fault table of docs/reliability.md (issue 12) on the shakespeare-char recipe (CPU, 60 steps, no compile), each fault from outside.
+# Reproduces the fault table of issue 12 (docs/reliability.md) on the shakespeare-char recipe: kill -9, SIGTERM, a truncated newest checkpoint and divergence, each from outside (CPU, no compile; about 10 min on 2 cores).
 set -u
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
