@@ -167,6 +167,15 @@ CASES = [
     ("eval-bad-limit", ["eval", "{model}", "--tasks", "hfllm_synth", "--limit", "-1"], "--limit", "positive"),
     ("eval-output-path-file", ["eval", "{model}", "--tasks", "hfllm_synth", "--output_path", "{bad}/afile"], "afile",
      "give a folder"),
+    # commands added with serving, shipping and planning
+    ("serve-missing-model", ["serve", "{bad}/no-model"], "no-model", "give an hfllm or transformers checkpoint folder"),
+    ("chat-web-missing-model", ["chat", "{bad}/no-model", "--web"], "no-model", "give an hfllm or transformers"),
+    ("export-gguf-bad-quant", ["export", "{model}", "{tmp}/out", "--to", "gguf", "--quant", "q3"], "q3", "q8_0, q4_0"),
+    ("push-not-a-model", ["push", "{bad}/empty-model", "me/x"], "empty-model", "give an hfllm or transformers"),
+    ("push-bad-repo-id", ["push", "{model}", "not a repo"], "not a repo", "NAMESPACE/NAME"),
+    ("plan-unknown-gpu", ["plan", "{bad}/pretrain.yaml", "--gpu", "v100"], "v100", "choose from 'h100'"),
+    ("plan-zero-gpus", ["plan", "{bad}/pretrain.yaml", "--gpus", "0"], "--gpus", "at least 1"),
+    ("doctor-missing-recipe", ["doctor", "{bad}/missing.yaml"], "missing.yaml", "give a YAML file"),
 ]
 
 
