@@ -164,14 +164,20 @@ def parse_recipe(argv: list[str], prog: str) -> Recipe:
     return recipe
 
 
+def global_batch_sequences(args: PretrainingArguments, block_size: int) -> int | None:
+    """Sequences per optimizer step the recipe asks for (global_batch_size, or global_batch_tokens rounded to whole
+    sequences), or None when it sets neither."""
+    if args.global_batch_size is not None and args.global_batch_tokens is not None:
+        raise HfllmError("give global_batch_size (sequences) or global_batch_tokens, not both")
+    if args.global_batch_tokens is not None:
+        return max(1, round(args.global_batch_tokens / block_size))
+    return args.global_batch_size
+
+
 def gradient_accumulation(args: PretrainingArguments, block_size: int) -> int:
     """The `gradient_accumulation_steps` at which one optimizer step sees the recipe's global batch on any number of
     devices: global = per_device_train_batch_size * world_size * accumulation."""
-    if args.global_batch_size is not None and args.global_batch_tokens is not None:
-        raise HfllmError("give global_batch_size (sequences) or global_batch_tokens, not both")
-    sequences = args.global_batch_size
-    if args.global_batch_tokens is not None:
-        sequences = max(1, round(args.global_batch_tokens / block_size))
+    sequences = global_batch_sequences(args, block_size)
     if sequences is None:
         return args.gradient_accumulation_steps
     per_step = args.per_device_train_batch_size * args.world_size

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ArgumentParser, HfllmError
 from ..models import HfllmForCausalLM, parameter_counts
-from .arguments import parse_recipe
+from .arguments import global_batch_sequences, parse_recipe
 from .mfu import flops_per_token
 
 GIB = 1024**3
@@ -277,11 +277,8 @@ def _meta_model(config):
 
 
 def _global_batch(args, block_size: int, devices: int) -> int:
-    if args.global_batch_size is not None:
-        return args.global_batch_size
-    if args.global_batch_tokens is not None:
-        return max(1, round(args.global_batch_tokens / block_size))
-    return args.per_device_train_batch_size * args.gradient_accumulation_steps * devices
+    sequences = global_batch_sequences(args, block_size)
+    return sequences if sequences is not None else args.per_device_train_batch_size * args.gradient_accumulation_steps * devices
 
 
 def _cpu_memory() -> float:
