@@ -359,8 +359,8 @@ def refusal(plan: Plan, argv: list[str]) -> str:
                 "recipe's global batch")
     options = []
     for engine in ENGINES[ENGINES.index(plan.engine) + 1:] if plan.engine in ENGINES else ENGINES:
+        other = plan_recipe(argv, engine=engine, device=plan.device, devices=plan.devices, mfu=plan.mfu)
         for checkpointing in (plan.activation_checkpointing, True):
-            other = plan_recipe(argv, engine=engine, device=plan.device, devices=plan.devices, mfu=plan.mfu)
             other.activation_checkpointing = checkpointing
             if other.micro_batch() is not None:
                 options.append(f"--engine {engine}" + (" with activation_checkpointing: true" if checkpointing and not plan.activation_checkpointing else ""))
