@@ -121,21 +121,23 @@ def test_global_batch_gives_the_same_optimisation_with_accumulation(recipe, tmp_
 
 
 @pytest.mark.parametrize(
-    "global_batch, per_device, world, accumulation",
-    [(32, 8, 1, 4), (32, 4, 8, 1), (64, 8, 2, 4)],
+    "global_batch, per_device, world, tp_size, accumulation",
+    [(32, 8, 1, 1, 4), (32, 4, 8, 1, 1), (64, 8, 2, 1, 4), (64, 8, 2, 2, 8), (64, 8, 8, 2, 2)],
 )
-def test_accumulation_from_global_batch(global_batch, per_device, world, accumulation):
-    args = SimpleNamespace(global_batch_size=global_batch, global_batch_tokens=None,
-                           per_device_train_batch_size=per_device, world_size=world, gradient_accumulation_steps=1)
+def test_accumulation_from_global_batch(global_batch, per_device, world, tp_size, accumulation):
+    """A tensor-parallel group of tp_size processes shares one batch: only world / tp_size replicas split it."""
+    args = SimpleNamespace(global_batch_size=global_batch, global_batch_tokens=None, per_device_train_batch_size=per_device,
+                           world_size=world, tp_size=tp_size, gradient_accumulation_steps=1)
     assert gradient_accumulation(args, block_size=128) == accumulation
     args.global_batch_size, args.global_batch_tokens = None, global_batch * 128  # same batch given in tokens
     assert gradient_accumulation(args, block_size=128) == accumulation
 
 
 def test_global_batch_not_divisible():
-    args = SimpleNamespace(global_batch_size=30, global_batch_tokens=None, per_device_train_batch_size=8, world_size=1)
+    args = SimpleNamespace(global_batch_size=30, global_batch_tokens=None, per_device_train_batch_size=8, world_size=1,
+                           tp_size=1)
     with pytest.raises(HfllmError, match=r"^global batch of 30 sequences is not a multiple of per_device_train_batch_size "
-                                         r"\(8\) x 1 device\(s\); use 24 or 32, or change per_device_train_batch_size$"):
+                                         r"\(8\) x 1 data-parallel device\(s\); use 24 or 32, or change per_device_train_batch_size$"):
         gradient_accumulation(args, block_size=128)
 
 

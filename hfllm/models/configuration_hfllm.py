@@ -56,14 +56,26 @@ class HfllmConfig(PreTrainedConfig):
 
     model_type = "hfllm"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the output field before and after transformers 5.24
+    # Tensor parallel (`from_pretrained(distributed_config=DistributedConfig(tp_size=N))`, docs/scaling.md): heads and
+    # MLP / expert widths are split, each block's output projection sums the ranks' parts (one all-reduce). The input
+    # embedding is split over the vocabulary by transformers, the LM head by `_tp_plan`; the other norms and the router
+    # stay whole on every rank. Each config keeps only the rules of the modules it builds (`_tp_plan_for_variant`).
     base_model_tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.q_proj": "colwise",  # heads: nh / N query heads per rank
+        "layers.*.self_attn.k_proj": "colwise",  # nkv / N key/value heads per rank (GQA groups stay whole)
         "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",  # sees only this rank's heads: sum the grads
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
         "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.gate_proj": "colwise",  # dense SwiGLU: intermediate_size / N per rank
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",  # (E, 2I, H): the gate half and the up half each split
+        "layers.*.mlp.experts.down_proj": "rowwise",  # (E, H, I): I split
+        "layers.*.mlp.experts": "moe_tp_experts",  # every rank runs its slice of every expert; outputs summed
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
     }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
@@ -129,6 +141,20 @@ class HfllmConfig(PreTrainedConfig):
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         super().__post_init__(**kwargs)
         self._validate_hfllm()
+        self.base_model_tp_plan = self._tp_plan_for_variant()  # not saved: transformers leaves plans out of config.json
+
+    def _tp_plan_for_variant(self) -> dict[str, str]:
+        """The class's tensor-parallel plan without rules for modules this config does not build (transformers warns
+        about each rule that matches nothing)."""
+        has_dense_mlp = any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+        builds = {
+            ".self_attn.q_norm": self.qk_norm, ".self_attn.k_norm": self.qk_norm,
+            ".mlp.gate_proj": has_dense_mlp, ".mlp.up_proj": has_dense_mlp, ".mlp.down_proj": has_dense_mlp,
+            ".mlp.experts": self.num_experts > 0, ".mlp.shared_experts.": self.num_experts > 0 and self.num_shared_experts > 0,
+        }
+        plan = type(self).base_model_tp_plan
+        return {key: style for key, style in plan.items()
+                if all(built for part, built in builds.items() if part in key)}
 
     def _check(self, condition: bool, message: str) -> None:
         if not condition:

@@ -130,6 +130,12 @@ class PretrainingArguments(TrainingArguments, HealthArguments):
         default=None, metadata={"help": "end this session after this step with a checkpoint (the schedule still "
                                         "follows max_steps); resume later with resume_from_checkpoint: true"}
     )
+    tp_size: int = field(
+        default=1,
+        metadata={"help": "tensor parallel: split every layer (attention heads, MLP and expert widths) over this many "
+                          "processes with transformers' tp_plan; the processes of a group see the same batch, so the "
+                          "data-parallel size is world_size / tp_size (docs/scaling.md#tensor-parallel)"},
+    )
     torch_num_threads: int | None = field(
         default=None,
         metadata={"help": "CPU threads for torch (torch.set_num_threads; default one per core). 1 keeps small CPU "
@@ -174,19 +180,25 @@ def global_batch_sequences(args: PretrainingArguments, block_size: int) -> int |
     return args.global_batch_size
 
 
+def data_parallel_size(args: PretrainingArguments) -> int:
+    """Processes that see different batches: the `tp_size` processes of a tensor-parallel group share one."""
+    return max(1, args.world_size // args.tp_size)
+
+
 def gradient_accumulation(args: PretrainingArguments, block_size: int) -> int:
     """The `gradient_accumulation_steps` at which one optimizer step sees the recipe's global batch on any number of
-    devices: global = per_device_train_batch_size * world_size * accumulation."""
+    devices: global = per_device_train_batch_size * data_parallel_size * accumulation."""
     sequences = global_batch_sequences(args, block_size)
     if sequences is None:
         return args.gradient_accumulation_steps
-    per_step = args.per_device_train_batch_size * args.world_size
+    replicas = data_parallel_size(args)
+    per_step = args.per_device_train_batch_size * replicas
     if sequences % per_step:
         lower = max(per_step, sequences // per_step * per_step)
         raise HfllmError(
             f"global batch of {sequences} sequences is not a multiple of per_device_train_batch_size "
-            f"({args.per_device_train_batch_size}) x {args.world_size} device(s); use {lower} or {lower + per_step}, "
-            f"or change per_device_train_batch_size"
+            f"({args.per_device_train_batch_size}) x {replicas} data-parallel device(s); use {lower} or "
+            f"{lower + per_step}, or change per_device_train_batch_size"
         )
     return sequences // per_step
 

@@ -34,6 +34,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -78,6 +79,12 @@ def check_health_arguments(args) -> None:
         raise HfllmError(f"spike_window must be at least 2 steps, got {args.spike_window}")
     if args.health_log_steps is not None and args.health_log_steps < 1:
         raise HfllmError(f"health_log_steps must be at least 1 (or null for logging_steps), got {args.health_log_steps}")
+
+
+def _whole(value: torch.Tensor) -> torch.Tensor:
+    """A sum over a tensor-parallel parameter (a DTensor, partial on each rank) summed over the ranks; a plain tensor
+    as it is. A collective for a DTensor: every rank calls it."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def parameter_group(name: str) -> str:
@@ -162,7 +169,7 @@ class HealthCallback(TrainerCallback):
         for name, param in model.named_parameters():
             if param.grad is not None:
                 group = parameter_group(name)
-                value = param.grad.detach().float().pow(2).sum()
+                value = _whole(param.grad.detach().float().pow(2).sum())
                 squares[group] = squares[group] + value if group in squares else value
         self._grad_sq = squares
 
@@ -233,7 +240,8 @@ class HealthCallback(TrainerCallback):
             sums: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
             for name, param, before in self._before:
                 group = parameter_group(name)
-                sums[group].append(torch.stack([(param.detach().float() - before).pow(2).sum(), before.pow(2).sum()]))
+                sums[group].append(torch.stack([_whole((param.detach().float() - before).pow(2).sum()),
+                                                _whole(before.pow(2).sum())]))
             changes = {group: torch.stack(values).sum(0).tolist() for group, values in sums.items()}  # one sync each
             total = [sum(change[i] for change in changes.values()) for i in (0, 1)]
             self._metrics["update_ratio"] = _ratio(*total)
@@ -467,7 +475,8 @@ class HealthTrainerMixin:
     def _refuse_non_finite(self, target: str) -> None:
         model = self.model
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor.detach()).all()):
+            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor  # this rank's shard (tp_size)
+            if local.is_floating_point() and not bool(torch.isfinite(local.detach()).all()):
                 checkpoint = find_checkpoint(self.args.output_dir, warn=False)
                 raise TrainingHalted(
                     f"refusing to save {target}: {name} holds non-finite values (nothing was written); last good "

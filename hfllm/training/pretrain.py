@@ -15,11 +15,12 @@ from ..checkpoint import check_output_dir, clear_output_dir, load
 from ..data.text import load_text, resolve_tokenizer, save_tokenizer, take
 from ..errors import HfllmError, first_line
 from ..models import get_preset, parameter_counts
-from .arguments import SESSION_KEYS, gradient_accumulation, lr_scheduler_kwargs, parse_recipe
+from .arguments import SESSION_KEYS, data_parallel_size, gradient_accumulation, lr_scheduler_kwargs, parse_recipe
 from .callbacks import RouterLoadCallback, SamplesCallback, StopAtStepCallback, append_samples, generate_samples, plot_loss_curve
 from .health import HealthCallback, PreemptionCallback, check_health_arguments, resume_command
 from .mfu import flops_per_token, peak_flops
 from .run_info import data_hash, tokenizer_hash, write_run_info
+from .tensor_parallel import check_tensor_parallel, shard_model, trainer_parallelism
 from .trainer import PretrainTrainer
 
 
@@ -33,6 +34,7 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
     args.gradient_accumulation_steps = gradient_accumulation(args, data_args.block_size)
     args.lr_scheduler_kwargs = lr_scheduler_kwargs(args)
     config = resolve_config(model_args.model, recipe.free, data_args.block_size)
+    check_tensor_parallel(config, args)
     resume = check_output_dir(args.output_dir, run=recipe, resume=args.resume_from_checkpoint,
                               overwrite=args.overwrite_output_dir, session_keys=SESSION_KEYS)
     if args.torch_num_threads is not None:
@@ -55,6 +57,9 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             recipe.save(args.output_dir, leave_out=("resume_from_checkpoint", "overwrite_output_dir", "stop_at_step"))
             save_tokenizer(tokenizer, args.output_dir)
+    if args.tp_size > 1:  # a collective: every rank at once, after the main process went first
+        model = shard_model(model, args.tp_size)
+        trainer_parallelism(args)
     eval_dataset = take(packed["validation"], data_args.max_eval_samples)
     if args.world_size > 1:
         source = tokenizer.name_or_path or "trained here"  # a loaded tokenizer knows its folder
@@ -63,13 +68,15 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
 
     # ---- plan: size, FLOPs, tokens
     counts = parameter_counts(model)
-    tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * data_args.block_size
+    tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps * data_parallel_size(args)
+                       * data_args.block_size)
     flops = flops_per_token(model, data_args.block_size)
     peak, peak_source = peak_flops(torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32)
     plan = {
         "parameters": counts, "flops_per_token": flops, "tokens_per_step": tokens_per_step,
         "tokens_planned": tokens_per_step * args.max_steps, "chinchilla_tokens": 20 * counts["total"],
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": args.world_size,
+        "tp_size": args.tp_size,
         "peak_flops_per_device": peak, "peak_flops_source": peak_source,
         "train_sequences": None if streamed else len(packed["train"]),
         "validation_sequences": None if streamed else len(eval_dataset),
@@ -120,12 +127,13 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
 
 def print_plan(model_name: str, plan: dict, args, block_size: int) -> None:
     counts, tokens = plan["parameters"], plan["tokens_planned"]
+    tp_note = f", each layer split over {args.tp_size} processes" if args.tp_size > 1 else ""
     print(
         f"model {model_name}: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "
         f"{plan['flops_per_token']:.3g} FLOPs/token\n"
         f"batch {plan['tokens_per_step'] // block_size} sequences x {block_size} tokens = {plan['tokens_per_step']} tokens/step "
         f"({args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x "
-        f"{args.world_size} device(s))\n"
+        f"{data_parallel_size(args)} data-parallel device(s){tp_note})\n"
         f"plan {args.max_steps} steps = {tokens / 1e6:.2f}M tokens = {tokens / counts['total']:.1f} tokens/parameter "
         f"(Chinchilla-optimal ~20: {plan['chinchilla_tokens'] / 1e6:.1f}M tokens); data: "
         f"{plan['train_sequences'] or 'streamed'} train / {plan['validation_sequences'] or 'streamed'} validation "
