@@ -64,8 +64,8 @@ class HfllmConfig(PreTrainedConfig):
         "layers.*.self_attn.q_proj": "colwise",  # heads: nh / N query heads per rank
         "layers.*.self_attn.k_proj": "colwise",  # nkv / N key/value heads per rank (GQA groups stay whole)
         "layers.*.self_attn.v_proj": "colwise",
-        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",  # sees only this rank's heads: sum the grads
-        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.q_norm": "hfllm_grad_sum",  # sees only this rank's heads: grads summed (modeling_hfllm.py)
+        "layers.*.self_attn.k_norm": "hfllm_grad_sum",
         "layers.*.self_attn.o_proj": "rowwise",
         "layers.*.mlp.gate_proj": "colwise",  # dense SwiGLU: intermediate_size / N per rank
         "layers.*.mlp.up_proj": "colwise",

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -26,6 +27,7 @@ import transformers
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, TensorParallelLayer
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -68,6 +70,36 @@ def _cache_argument(cache: Cache | None, kwargs: dict) -> Cache | None:
     if legacy is not None and cache is not None:
         raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
     return cache if legacy is None else legacy
+
+
+class HfllmGradSumParallel(TensorParallelLayer):
+    """Tensor-parallel style `hfllm_grad_sum`: a weight kept whole on every rank whose gradient each rank only
+    partly computes (QK-norm sees this rank's heads only). Each backward's gradient is summed over the ranks before
+    it is accumulated. transformers' `replicated_with_grad_allreduce` sums the accumulated `.grad` after every
+    backward instead, which counts earlier micro-batches tp_size times under gradient accumulation."""
+
+    def install_forward(self, module: nn.Module, mesh) -> nn.Module:
+        original_forward, hooked = module.forward, {}
+
+        def sum_over_ranks(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            dist.all_reduce(grad, group=mesh.get_group())
+            return grad
+
+        def forward(*args, **kwargs):
+            if torch.is_grad_enabled():  # hooked at the first forward: loading replaces the parameters
+                for name, param in module.named_parameters(recurse=False):
+                    if param.requires_grad and hooked.get(name) is not param:
+                        param.register_hook(sum_over_ranks)
+                        hooked[name] = param
+            return original_forward(*args, **kwargs)
+
+        module.forward = forward
+        return module
+
+
+if dist.is_available():
+    ALL_PARALLEL_STYLES.register("hfllm_grad_sum", HfllmGradSumParallel())
 
 
 class HfllmRMSNorm(nn.Module):

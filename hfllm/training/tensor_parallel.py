@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from accelerate import ParallelismConfig
 from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.distributed import DistributedConfig
 
@@ -67,6 +68,14 @@ def shard_model(model: PreTrainedModel, tp_size: int) -> PreTrainedModel:
         None, config=model.config, state_dict=state_dict, dtype=model.dtype,
         attn_implementation=model.config._attn_implementation, distributed_config=DistributedConfig(tp_size=tp_size),
     )
+    # A row slice of a whole tensor is a view into it: give each shard its own storage, so the whole weights are
+    # freed (the point of splitting) and the whole model's parameters are not updated along with the shards.
+    with torch.no_grad():
+        for param in sharded.parameters():  # tied weights once; swap_tensors keeps every module's reference
+            if isinstance(param, DTensor):
+                own = DTensor.from_local(param.to_local().clone(), param.device_mesh, param.placements,
+                                         run_check=False, shape=param.shape, stride=param.stride())
+                torch.utils.swap_tensors(param, torch.nn.Parameter(own, requires_grad=param.requires_grad))
     return sharded.train(model.training)
 
 
