@@ -141,9 +141,9 @@ def test_plan_names_only_modules_the_config_builds():
     assert "base_model_tp_plan" not in HfllmConfig(**VARIANTS["moe"]).to_json_string()
 
 
-def run_args(tp_size=2, world_size=2, save_strategy="no", save_only_model=False):
+def run_args(tp_size=2, world_size=2, save_strategy="no", save_only_model=False, use_muon=False):
     return SimpleNamespace(tp_size=tp_size, world_size=world_size, save_strategy=save_strategy,
-                           save_only_model=save_only_model)
+                           save_only_model=save_only_model, use_muon=use_muon)
 
 
 @pytest.mark.parametrize("changes, args, message", [
@@ -151,12 +151,12 @@ def run_args(tp_size=2, world_size=2, save_strategy="no", save_only_model=False)
     ({"num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": 8}, run_args(),
      r"^tp_size 2 does not divide num_attention_heads \(3\)"),
     ({"intermediate_size": 63}, run_args(), r"^tp_size 2 does not divide intermediate_size \(63\)"),
-    ({"num_experts": 3}, run_args(), r"^tp_size 2 does not divide num_experts \(3\)"),
     ({"num_experts": 4, "moe_intermediate_size": 15}, run_args(), r"does not divide moe_intermediate_size \(15\)"),
     ({}, run_args(world_size=1), r"^tp_size 2 needs exactly 2 processes, got 1: launch 2"),
     ({}, run_args(world_size=4), r"^tp_size 2 needs exactly 2 processes, got 4"),
     ({}, run_args(save_strategy="steps"), r"set save_only_model: true .* or save_strategy: no$"),
     ({}, run_args(tp_size=0), r"^tp_size must be 1 or more"),
+    ({}, run_args(use_muon=True), r"^optim: muon .* use optim: adamw_torch_fused with tp_size > 1$"),
 ])
 def test_refused_in_one_line(changes, args, message):
     with pytest.raises(HfllmError, match=message) as error:
@@ -164,9 +164,12 @@ def test_refused_in_one_line(changes, args, message):
     assert "\n" not in str(error.value)
 
 
-def test_one_process_needs_no_checks():
+def test_accepted():
     check_tensor_parallel(HfllmConfig(**{**SHAPE, "num_key_value_heads": 1}), run_args(tp_size=1, world_size=1))
     check_tensor_parallel(HfllmConfig(**SHAPE), run_args(save_strategy="steps", save_only_model=True))
+    # each rank holds a slice of every expert: 3 experts split fine; an all-MoE model has no dense width to divide
+    check_tensor_parallel(HfllmConfig(**{**VARIANTS["moe"], "num_experts": 3, "intermediate_size": 63,
+                                         "moe_intermediate_size": 32, "mlp_only_layers": []}), run_args())
 
 
 @pytest.mark.slow

@@ -35,22 +35,28 @@ def check_tensor_parallel(config: PreTrainedConfig, args) -> None:
             f"tp_size {tp_size} needs exactly {tp_size} processes, got {world_size}: launch {tp_size} (torchrun "
             f"--nproc_per_node / accelerate launch --num_processes {tp_size}); tensor x data parallel is not supported"
         )
+    if args.use_muon:
+        raise HfllmError("optim: muon orthogonalizes whole matrices, not tensor-parallel shards: use optim: "
+                         "adamw_torch_fused with tp_size > 1")
     if args.save_strategy != "no" and not args.save_only_model:
         raise HfllmError(
             "tp_size > 1: transformers cannot checkpoint the optimizer of a tensor-parallel model; set "
             "save_only_model: true (checkpoints of the weights only, not resumable) or save_strategy: no"
         )
-    if not getattr(config, "base_model_tp_plan", None):
+    plan = getattr(config, "base_model_tp_plan", None)
+    if not plan:
         raise HfllmError(f"model type '{config.model_type}' has no tensor-parallel plan: remove tp_size")
+    # the widths the plan splits; experts are split inside (each rank a slice of every expert), so their count is free
     widths = {
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        "intermediate_size": config.intermediate_size,
     }
-    if getattr(config, "num_experts", 0):
-        widths |= {"num_experts": config.num_experts, "moe_intermediate_size": config.moe_intermediate_size}
-        if config.num_shared_experts:
-            widths["num_shared_experts * moe_intermediate_size"] = config.num_shared_experts * config.moe_intermediate_size
+    if any(key.endswith(".mlp.gate_proj") for key in plan):
+        widths["intermediate_size"] = config.intermediate_size
+    if any(key.endswith(".mlp.experts") for key in plan):
+        widths["moe_intermediate_size"] = config.moe_intermediate_size
+    if any(".mlp.shared_experts." in key for key in plan):
+        widths["num_shared_experts * moe_intermediate_size"] = config.num_shared_experts * config.moe_intermediate_size
     for name, width in widths.items():
         if width % tp_size:
             raise HfllmError(f"tp_size {tp_size} does not divide {name} ({width}): choose a tp_size that divides it")
