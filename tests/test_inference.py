@@ -297,6 +297,50 @@ def test_inductor_compiled_decode_gives_the_tokens_of_model_generate(tiny_chat_d
     assert [c.completion_token_ids for c in got] == greedy_reference(*reference, PROMPTS, 12)
 
 
+def rounded_to_float16(model):
+    """A copy of `model` whose Linear weights (the tied LM head included) were rounded to float16 and back."""
+    import copy
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(module.weight.half().float())
+    return model
+
+
+def test_float16_weights_give_the_greedy_tokens_of_their_weights(capsys, tiny_chat_dir, reference, single_thread):
+    """`--float16_weights` packs every Linear (the tied LM head too) for fbgemm; greedy decoding gives exactly
+    model.generate's tokens on the same weights rounded to float16 (fbgemm computes in float32), batched, streamed
+    and in chat; the logits stay within float16 rounding of float32's."""
+    model, tokenizer = load_for_inference(str(tiny_chat_dir), "float32", float16_weights=True)
+    packed = [m for m in model.modules() if type(m).__name__ == "Float16PackedLinear"]
+    assert packed and not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert model.get_output_embeddings() in packed
+    rounded = rounded_to_float16(reference[0])
+    batch = reference[1](PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ours, theirs, exact = (m(**batch).logits for m in (model, rounded, reference[0]))  # (B, T, V)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert 0 < (ours - exact).abs().max() < 0.05
+
+    got = complete(model, tokenizer, PROMPTS, Decoding(max_new_tokens=12))
+    assert [c.completion_token_ids for c in got] == greedy_reference(rounded, reference[1], PROMPTS, 12)
+    code, streamed, _ = run(capsys, "generate", tiny_chat_dir, "--prompt", PROMPTS[2], "--max_new_tokens", 12,
+                            "--stream", "--float16_weights")
+    assert code == 0 and streamed == got[2].text + "\n"
+
+
+def test_float16_weights_compiled_give_the_same_tokens(capsys, tiny_chat_dir, compile_calls, single_thread):
+    """`--float16_weights --compile`: the packed GEMM is an opaque custom op inside the compiled decode step, with
+    the tokens of `--float16_weights` alone."""
+    base = ["generate", tiny_chat_dir, "--prompt", PROMPTS[0], "--max_new_tokens", 12, "--json", "--float16_weights"]
+    _, plain, _ = run(capsys, *base)
+    code, compiled, _ = run(capsys, *base, "--compile")
+    assert code == 0 and len(compile_calls) == 1
+    assert records(compiled)[0]["completion_token_ids"] == records(plain)[0]["completion_token_ids"]
+
+
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
 
 
@@ -326,13 +370,15 @@ def bad_inputs(tiny_chat_dir, no_template_dir, tmp_path_factory):
         "several sequences greedy": ([m, "--prompt", "x", "--num_return_sequences", "2"], "needs sampling"),
         "unknown flag": ([m, "--prompt", "x", "--temprature", "0.5"], "unrecognized arguments"),
         "no model": ([], "required"),
+        "float16 weights of bfloat16": ([m, "--prompt", "x", "--float16_weights", "--dtype", "bfloat16"],
+                                        "--float16_weights packs float32 weights"),
     }
 
 
 BAD = ["missing model", "empty prompt file", "missing prompt file", "empty prompt", "temperature 0",
        "negative temperature", "top_p 0", "top_p above 1", "max_new_tokens 0", "max_new_tokens not int",
        "stream with several prompts", "stream from a prompt file", "chat without a template", "greedy with temperature",
-       "several sequences greedy", "unknown flag", "no model"]
+       "several sequences greedy", "unknown flag", "no model", "float16 weights of bfloat16"]
 
 
 @pytest.mark.parametrize("case", BAD)

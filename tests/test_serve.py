@@ -160,13 +160,29 @@ def test_sixteen_concurrent_clients_get_the_single_client_answers(server):
     assert log.read_text().count("CB: True") - requests_before == len(QUESTIONS)  # transformers' continuous batching
 
 
-def test_a_request_that_changes_decoding_runs_through_generate(client, server, reference):
-    """Continuous batching would ignore `stop`: such a request is answered by generate(), which halts at it (and,
-    as transformers serve does, keeps the stop text)."""
+def test_stop_ends_the_text_before_the_stop_string_streamed_or_not(client, server, reference):
+    """Continuous batching would ignore `stop`: such a request is answered by generate(), which halts at it; the text
+    ends before the stop string, as in OpenAI's API (transformers serve keeps it), for chat and completions, streamed
+    or not."""
+    model = server[1]
     full = reference[0](QUESTIONS[3], 16)[0]
     stop = full[len(full) // 2: len(full) // 2 + 2]
-    answer = ask(client, server[1], QUESTIONS[3], max_tokens=16, stop=[stop])
-    assert full.startswith(answer) and stop in answer and len(answer) < full.index(stop) + len(stop) + 8 < len(full)
+    expected = full[: full.index(stop)]
+    answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTIONS[3]}],
+                                            max_tokens=16, temperature=0, stop=[stop])
+    assert answer.choices[0].message.content == expected and answer.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTIONS[3]}],
+                                                 max_tokens=16, temperature=0, stop=stop, stream=True))
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == expected
+
+    full = reference[1]("To be, or not", 12)[0]
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    expected = full[: full.index(stop)]
+    answer = client.completions.create(model=model, prompt="To be, or not", max_tokens=12, temperature=0, stop=[stop])
+    assert answer.choices[0].text == expected and answer.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model=model, prompt="To be, or not", max_tokens=12, temperature=0,
+                                            stop=[stop], stream=True))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == expected
 
 
 def test_batchable_only_when_the_decoding_is_the_models():
@@ -203,6 +219,7 @@ BAD_REQUESTS = {  # name -> (path, body from the model name, status, error param
     "empty prompt": ("/v1/completions", lambda m: {"model": m, "prompt": ""}, 400, "prompt"),
     "unknown field": ("/v1/chat/completions", lambda m: _chat(m, frobnicate=1), 400, None),
     "temperature out of range": ("/v1/chat/completions", lambda m: _chat(m, temperature=-1), 400, "temperature"),
+    "empty stop string": ("/v1/chat/completions", lambda m: _chat(m, stop=[""]), 400, "stop"),
 }
 
 

@@ -116,7 +116,8 @@ def main(argv: list[str], prog: str) -> int:
         return serve(args, decoding)
     if given := [flag for flag in ("compare", "host", "port", "share") if getattr(args, flag)]:
         raise HfllmError(f"--{given[0]} is for the web page; add --web")
-    model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args))
+    model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args),
+                                          float16_weights=decoding.float16_weights)
     require_chat_template(tokenizer, args.model)
     assistant = load_assistant(decoding.assistant, model, tokenizer, args.dtype) if decoding.assistant else None
     if decoding.seed is not None:

@@ -175,7 +175,8 @@ def main(argv: list[str], prog: str) -> int:
     prompts = read_prompts(args.prompt, args.prompt_file)
     if args.stream and len(prompts) > 1:
         raise HfllmError(f"--stream works on one prompt; got {len(prompts)} (drop --stream to complete them in batches)")
-    model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args))
+    model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args),
+                                          float16_weights=decoding.float16_weights)
     assistant = load_assistant(decoding.assistant, model, tokenizer, args.dtype) if decoding.assistant else None
     if args.chat:
         require_chat_template(tokenizer, args.model)

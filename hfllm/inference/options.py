@@ -23,6 +23,7 @@ from transformers import CompileConfig, GenerationConfig, PreTrainedModel
 
 from ..checkpoint import QUANT_TYPES, quantization_config
 from ..errors import ArgumentParser as Parser, HfllmError  # Parser: argparse whose usage errors are one line
+from .float16_weights import use_float16_weights
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p")
@@ -71,6 +72,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
                        help="KV cache: dynamic (default) or static (preallocated; for torch.compile)")
     group.add_argument("--compile", action="store_true",
                        help="compile the decode step with torch.compile (implies --cache static; on CPUs too)")
+    group.add_argument("--float16_weights", action="store_true",
+                       help="CPU: Linear weights in float16, packed for fbgemm (half the bytes per token; activations "
+                            "stay float32; greedy tokens can differ rarely from float32's)")
     speculative = parser.add_argument_group(
         "speculative decoding (one of; greedy gives the same tokens as without; one prompt at a time)")
     speculative.add_argument("--assistant", default=None, metavar="MODEL",
@@ -100,6 +104,7 @@ class Decoding:
     prompt_lookup: int | None = None
     assistant_early_exit: int | None = None
     compile: bool = False  # torch.compile the decode step (with a static cache), on any device
+    float16_weights: bool = False  # the loader packs the Linear weights as float16 (`load_for_inference`)
 
     @property
     def speculative(self) -> bool:
@@ -127,6 +132,7 @@ class Decoding:
             prompt_lookup=getattr(args, "prompt_lookup", None),
             assistant_early_exit=getattr(args, "assistant_early_exit", None),
             compile=args.compile,
+            float16_weights=getattr(args, "float16_weights", False),
         )
         decoding.check()
         return decoding
@@ -194,9 +200,11 @@ class Decoding:
         return config
 
 
-def load_for_inference(spec: str, dtype: str, quantization=None) -> tuple[PreTrainedModel, Any]:
+def load_for_inference(spec: str, dtype: str, quantization=None, *,
+                       float16_weights: bool = False) -> tuple[PreTrainedModel, Any]:
     """`hfllm.checkpoint.load` for generation: eval mode, no progress bar, a left-padding tokenizer with a pad token.
-    `quantization`: a `BitsAndBytesConfig` (`quantization_from_args`) or None."""
+    `quantization`: a `BitsAndBytesConfig` (`quantization_from_args`) or None; `float16_weights`: pack the Linear
+    weights as float16 for CPU decoding (`hfllm.inference.float16_weights`)."""
     from transformers.utils import logging as transformers_logging
 
     from ..checkpoint import load, spec_kind
@@ -205,6 +213,8 @@ def load_for_inference(spec: str, dtype: str, quantization=None) -> tuple[PreTra
     transformers_logging.disable_progress_bar()
     model, tokenizer = load(spec, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
                             quantization_config=quantization)
+    if float16_weights:
+        use_float16_weights(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues from the right end of every row

@@ -9,7 +9,7 @@ The routes, streaming (SSE), `usage` counts and continuous batching are transfor
   max_tokens <= 0 or beyond the context, empty messages, unsupported role, prompt longer than the context);
 - an API key (401 without it), at most `--max_concurrency` requests at once (429 beyond), only the OpenAI routes;
 - a paged KV cache sized for a CPU (transformers sizes it from free GPU memory, on a CPU from the whole RAM);
-- temperature > 0 samples, as in OpenAI's API;
+- temperature > 0 samples, and the text ends before a `stop` string (streamed or not), as in OpenAI's API;
 - continuous batching applies one decoding (the model's generation config) to every request in the batch, so a
   request that changes the decoding (temperature, top_p, stop, seed, ...) runs through `generate()` on its own.
 """
@@ -24,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedM
 
 from ..errors import HfllmError
 from .options import Parser, add_model_arguments, quantization_from_args
+from .stream import StopFilter, cut_at_stop
 
 ROLES = ("system", "user", "assistant", "tool")
 GENERATION_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
@@ -93,6 +95,10 @@ def check_request(route: str, body: dict, served: Served) -> None:
         if value is not None and not (_is_number(value) and low <= value <= high and (name != "top_p" or value > 0)):
             raise ApiError(400, f"{name} must be a number in {'(' if name == 'top_p' else '['}{low}, {high}] "
                            f"(got {value!r})", param=name)
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)):
+        raise ApiError(400, f"stop must be a non-empty string or a list of them (got {stop!r})", param="stop")
     limit_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(limit_field)
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
@@ -214,9 +220,10 @@ class Endpoint:
         return await handler.handle_request(body, request_id)
 
 
-def _openai_sampling(handler_class: type) -> type:
-    """A transformers handler class whose temperature > 0 (or top_p alone) samples, as in OpenAI's API (transformers
-    keeps the model's do_sample, so a greedy model answers greedily at any temperature)."""
+def _openai_semantics(handler_class: type) -> type:
+    """A transformers handler class that answers as OpenAI's API does where transformers differs: temperature > 0
+    (or top_p alone) samples (transformers keeps the model's do_sample, so a greedy model answers greedily at any
+    temperature), and the text ends before the `stop` string (transformers keeps it), streamed or not."""
 
     class Handler(handler_class):
         def _build_generation_config(self, body: dict, model_generation_config, use_cb: bool = False):
@@ -226,8 +233,70 @@ def _openai_sampling(handler_class: type) -> type:
                 config.do_sample = True
             return config
 
+        def _streaming(self, request_id, model, processor, model_id, inputs, gen_config, gen_manager, *args, **kwargs):
+            return super()._streaming(request_id, model, processor, model_id, inputs, gen_config,
+                                      _stop_cutting(gen_manager, gen_config), *args, **kwargs)
+
+        async def _non_streaming(self, request_id, model, processor, model_id, inputs, gen_config, gen_manager, *args,
+                                 **kwargs):
+            return await super()._non_streaming(request_id, model, processor, model_id, inputs, gen_config,
+                                                _stop_cutting(gen_manager, gen_config), *args, **kwargs)
+
     Handler.__name__ = Handler.__qualname__ = handler_class.__name__
     return Handler
+
+
+def _stop_cutting(manager, config: GenerationConfig):
+    """`manager` (transformers' generate manager), its text cut before the first stop string of `config`."""
+    stop = config.stop_strings
+    return _StopCutManager(manager, [stop] if isinstance(stop, str) else list(stop)) if stop else manager
+
+
+class _StopCutManager:
+    """A generate manager whose text (whole, or streamed through an asyncio queue) ends before the first stop string;
+    the cutting is `hfllm.inference.stream`'s, as in `hfllm generate`."""
+
+    def __init__(self, manager, stop: list[str]):
+        self.manager, self.stop = manager, stop
+
+    def __getattr__(self, name: str):
+        return getattr(self.manager, name)
+
+    async def generate_non_streaming(self, *args, **kwargs):
+        text, input_len, generated_ids = await self.manager.generate_non_streaming(*args, **kwargs)
+        return cut_at_stop(text, self.stop)[0], input_len, generated_ids
+
+    def generate_streaming(self, *args, **kwargs):
+        queue, streamer = self.manager.generate_streaming(*args, **kwargs)
+        return _StopCutQueue(queue, StopFilter(self.stop)), streamer
+
+
+class _StopCutQueue:
+    """The `get` / `get_nowait` of transformers' text queue, with text pieces passed through a `StopFilter` (a tail
+    that could begin a stop string is held back; nothing after a stop). Other items (the end, errors, tool calls)
+    pass as they are."""
+
+    def __init__(self, queue, stop_filter: StopFilter):
+        self.queue, self.filter, self.ready = queue, stop_filter, deque()
+
+    def _take(self, item) -> None:
+        if item is None:  # the end: what was held back, then the end
+            self.ready.extend(piece for piece in (self.filter.flush(), None) if piece != "")
+        elif type(item) is str:
+            if piece := self.filter.feed(item):
+                self.ready.append(piece)
+        else:
+            self.ready.append(item)
+
+    async def get(self):
+        while not self.ready:
+            self._take(await self.queue.get())
+        return self.ready.popleft()
+
+    def get_nowait(self):
+        while not self.ready:
+            self._take(self.queue.get_nowait())  # asyncio.QueueEmpty when nothing is waiting
+        return self.ready.popleft()
 
 
 def batching_config(model: PreTrainedModel, max_concurrency: int) -> ContinuousBatchingConfig:
@@ -268,7 +337,7 @@ def build_app(model: PreTrainedModel, tokenizer: Any, name: str, *, api_key: str
     batched = GenerationState(continuous_batching=True, cb_config=batching_config(model, max_concurrency))
     sequential = GenerationState(continuous_batching=False)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    chat_class, completion_class = _openai_sampling(ChatCompletionHandler), _openai_sampling(CompletionHandler)
+    chat_class, completion_class = _openai_semantics(ChatCompletionHandler), _openai_semantics(CompletionHandler)
     chat_batched = chat_class(model_manager=manager, generation_state=batched)
     default_decoding = chat_batched._build_generation_config({}, model.generation_config, use_cb=True)
     batched.get_manager(model_key, use_cb=True).init_cb(model, default_decoding)

@@ -186,7 +186,8 @@ def serve(args: argparse.Namespace, decoding: Decoding) -> int:
         spec_kind(spec)
     chats = []
     for spec in specs:
-        model, tokenizer = load_for_inference(spec, args.dtype, quantization_from_args(args))
+        model, tokenizer = load_for_inference(spec, args.dtype, quantization_from_args(args),
+                                              float16_weights=decoding.float16_weights)
         require_chat_template(tokenizer, spec)
         chats.append(WebChat(spec, model, tokenizer, decoding, trim=args.trim, show_prompt=args.show_prompt))
     if decoding.seed is not None:
