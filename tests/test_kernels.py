@@ -117,6 +117,7 @@ print("parity", float(plain.loss), float(liger.loss))
 """
 
 
+@pytest.mark.slow  # a fresh process with Triton's interpreter: ~20 s of CPU
 def test_liger_loss_and_gradients_match_the_plain_path_in_tritons_cpu_interpreter():
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(LIGER_PARITY)], cwd=ROOT, capture_output=True,
                             text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
