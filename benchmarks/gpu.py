@@ -4,10 +4,12 @@
     python3 benchmarks/gpu.py --device cpu --tiny            # dry run of the whole pipeline at a tiny size on CPU
 
 Every row is the recipe itself through `hfllm.run_pretrain.main` (the same Trainer, bf16, optimizer, micro-batch and
-block size; torch_compile as the recipe says unless the row changes it), in this process one after another:
-  hfllm eager | hfllm compile | + FlashAttention-2 | + FP8 | transformers Llama | + Liger | + Liger + FP8 + FA2
-`transformers Llama` is a `LlamaForCausalLM` folder of the same shape (`native_config_from`) given as `model:`. The
-Liger rows come last: Liger's RoPE replaces a function of hfllm's model file for the rest of the process.
+block size; torch_compile as the recipe says unless the row changes it), in this process one after another, 350m
+first: hfllm compile | transformers Llama compile | + Liger | + FP8 | + Liger + FP8 + FA2 | + FA2 | hfllm eager.
+`transformers Llama` is a `LlamaForCausalLM` folder of the same shape (`native_config_from`) given as `model:`.
+Liger's RoPE replaces a function of hfllm's model file for the process; it is put back after each row. The table is
+written after every row, and rows that would start after `--budget_s` are listed as not run, so one command fits
+the ~10 minutes a lent GPU machine gives a command (`--recipes 350m`, `--rows ...` to choose).
 What the benchmark changes in the recipes, for every row alike: the data (the embedded Shakespeare corpus with one
 BPE tokenizer of `--vocab_size` trained once: the machine has no Hub), one micro-batch per optimizer step (no
 gradient accumulation, so a few steps suffice), `--steps` steps with a 10% warmup, no evaluation, no samples.
@@ -19,6 +21,7 @@ memory is torch.cuda.max_memory_allocated. A row whose GPU or package is missing
 import argparse
 import datetime
 import gc
+import time
 import json
 import re
 import shlex
@@ -33,25 +36,26 @@ sys.path.insert(0, str(ROOT))
 
 from hfllm.data import shakespeare_corpus, train_tokenizer  # noqa: E402
 from hfllm.errors import HfllmError  # noqa: E402
-from hfllm.models import get_preset  # noqa: E402
+from hfllm.models import get_preset, modeling_hfllm  # noqa: E402
 from hfllm.models.convert import native_config_from  # noqa: E402
 from hfllm.recipe import read_yaml  # noqa: E402
 from hfllm.run_pretrain import main as pretrain  # noqa: E402
 
-RECIPES = ["125m", "350m"]
-# (row, model: "hfllm" or "llama", extra recipe keys); order matters: Liger's RoPE patch stays for the process
+RECIPES = ["350m", "125m"]  # 350m first: the targets are about it
+# (row, model: "hfllm" or "llama", extra recipe keys), most telling first: a run that spends --budget_s skips the rest
 ROWS = [
-    ("hfllm eager", "hfllm", ["--torch_compile", "false"]),
     ("hfllm compile", "hfllm", []),
-    ("hfllm compile + FA2", "hfllm", ["--attn_implementation", "flash_attention_2"]),
-    ("hfllm compile + FP8", "hfllm", ["--fp8", "true"]),
     ("transformers Llama compile", "llama", []),
     ("hfllm compile + Liger", "hfllm", ["--use_liger_kernel", "true"]),
+    ("hfllm compile + FP8", "hfllm", ["--fp8", "true"]),
     ("hfllm compile + Liger + FP8 + FA2", "hfllm",
      ["--use_liger_kernel", "true", "--fp8", "true", "--attn_implementation", "flash_attention_2"]),
+    ("hfllm compile + FA2", "hfllm", ["--attn_implementation", "flash_attention_2"]),
+    ("hfllm eager", "hfllm", ["--torch_compile", "false"]),
 ]
 TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2}
+PLAIN_ROPE = modeling_hfllm.apply_rotary_pos_emb  # Liger replaces it for the process; put back after each row
 RESULTS_BEGIN, RESULTS_END = "<!-- benchmarks/gpu.sh: begin -->", "<!-- benchmarks/gpu.sh: end -->"
 
 
@@ -107,13 +111,17 @@ def measure(argv: list[str], out: Path, args) -> dict:
             "mfu": sum(e["mfu"] for e in steady) / len(steady), "peak_gib": peak, "loss": losses[-1]}
 
 
-def run_recipe(recipe: str, args, tokenizer, work: Path) -> list[dict]:
-    rows = []
+def run_recipe(recipe: str, args, tokenizer, work: Path, rows: list[dict], save) -> None:
+    """Measure each row of `recipe` into `rows`, calling `save()` after each one (a run cut short keeps its table)."""
     common = base_flags(args, work / "run", work / "tokenizer", work / "text")
     for name, model, extra in ROWS:
         if args.rows and not any(key.lower() in name.lower() for key in args.rows):
             continue
         row = {"recipe": recipe, "row": name}
+        rows.append(row)
+        if time.perf_counter() - args.start > args.budget_s:
+            row["skipped"] = f"not run: the time budget of {args.budget_s} s was spent (--budget_s)"
+            continue
         try:
             if model == "llama":
                 folder = llama_folder(recipe, args, tokenizer, work / "llama")
@@ -126,10 +134,11 @@ def run_recipe(recipe: str, args, tokenizer, work: Path) -> list[dict]:
             row["skipped"] = str(error)
         except Exception as error:  # noqa: BLE001 - a kernel failing on this GPU is a result, not the end of the table
             row["skipped"] = f"failed: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
+        finally:
+            modeling_hfllm.apply_rotary_pos_emb = PLAIN_ROPE
         print(f"<== {row}", flush=True)
-        rows.append(row)
+        save()
         gc.collect()
-    return rows
 
 
 def table(rows: list[dict]) -> str:
@@ -173,8 +182,11 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=8, help="processes for tokenization")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny shape, float32, no GPU needed: a dry run")
+    parser.add_argument("--budget_s", type=int, default=480, help="rows that would start after this many seconds "
+                        "are listed as not run (the device lends ~10 minutes per command)")
     parser.add_argument("--results", type=Path, help="default: benchmarks/RESULTS.md on a GPU, none for --tiny")
     args = parser.parse_args()
+    args.start = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py needs a CUDA GPU and none is visible; dry run on CPU: "
               "python3 benchmarks/gpu.py --device cpu --tiny", file=sys.stderr)
@@ -184,6 +196,7 @@ def main() -> int:
         return 2
     if args.tiny:
         args.steps, args.skip, args.logging_steps, args.vocab_size, args.workers = 6, 2, 2, 512, 1
+        args.budget_s = 10**6  # a CPU compiles slowly; the dry run is about the pipeline, not time
     results = args.results or (None if args.tiny else ROOT / "benchmarks" / "RESULTS.md")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,10 +207,17 @@ def main() -> int:
             (work / "text" / f"{i:03d}.txt").write_text(text)
         tokenizer = train_tokenizer("bpe", texts, args.vocab_size)
         tokenizer.save_pretrained(work / "tokenizer")
-        rows = [row for recipe in args.recipes for row in run_recipe(recipe, args, tokenizer, work)]
+        rows: list[dict] = []
+        command = "bash benchmarks/gpu.sh " + shlex.join(sys.argv[1:])
+
+        def save() -> None:
+            if results is not None:
+                write_results(results, rows, command)
+
+        for recipe in args.recipes:
+            run_recipe(recipe, args, tokenizer, work, rows, save)
     print(table(rows))
     if results is not None:
-        write_results(results, rows, "bash benchmarks/gpu.sh " + shlex.join(sys.argv[1:]))
         print(f"written to {results}")
     return 0
 
