@@ -157,7 +157,7 @@ def table(rows: list[dict]) -> str:
 
 
 def write_results(path: Path, rows: list[dict], command: str) -> None:
-    """Replace the benchmark's block in RESULTS.md (or add it after the GPU section's heading)."""
+    """Replace the benchmark's block in RESULTS.md (or add it at the end of the GPU section's introduction)."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (tiny dry run, not a measurement)"
     block = (f"{RESULTS_BEGIN}\n## GPU speed path: {device}\n\n"
              f"{datetime.date.today().isoformat()}, torch {torch.__version__}, command: `{command}`\n\n"
@@ -165,9 +165,11 @@ def write_results(path: Path, rows: list[dict], command: str) -> None:
     text = path.read_text() if path.exists() else "# GPU results\n"
     if RESULTS_BEGIN in text:
         text = re.sub(re.escape(RESULTS_BEGIN) + ".*?" + re.escape(RESULTS_END), lambda _: block, text, flags=re.S)
+    elif "\n## " in text:  # before the first section: under the GPU section's introduction
+        head, _, rest = text.partition("\n## ")
+        text = f"{head}\n{block}\n\n## {rest}"
     else:
-        head, _, rest = text.partition("\n\n")
-        text = f"{head}\n\n{block}\n\n{rest}"
+        text = f"{text.rstrip()}\n\n{block}\n"
     path.write_text(text)
 
 
