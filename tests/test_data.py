@@ -17,6 +17,7 @@ from hfllm.data import (
     VALIDATION_PLAYS,
     clean_play,
     collate_blocks,
+    collate_flat_blocks,
     load_text_datasets,
     mix_datasets,
     read_documents,
@@ -340,6 +341,37 @@ def test_collated_blocks_keep_documents_apart_in_hfllm_models(tokenizer, attn_im
         leaky = model(row[None], attention_mask=torch.ones_like(row[None])).logits[0, start:end]
     torch.testing.assert_close(packed_logits, alone, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(leaky, alone, atol=1e-3)  # with a mask, documents see each other
+
+
+def test_flat_blocks_give_flash_attention_one_sequence_per_document(tokenizer):
+    """FlashAttention's varlen batch: the rows as one row without padding, a sequence boundary at every document
+    start and every row start, the same B*(T-1) predictions as the plain batch; and hfllm's sdpa path reading the
+    flat row (batch of one: transformers detects the packed documents from position_ids) gives the plain loss."""
+    packed = tokenize_and_pack(documents_dataset(DOCUMENTS, DOCUMENTS[:10]), tokenizer, 128, seed=0)
+    rows = [packed["validation"][i] for i in range(2)]
+    flat = collate_flat_blocks(rows)
+    input_ids = torch.tensor([row["input_ids"] for row in rows])  # (2, 128)
+    assert torch.equal(flat["input_ids"], input_ids.reshape(1, -1))
+    assert torch.equal(flat["position_ids"], torch.tensor([row["position_ids"] for row in rows]).reshape(1, -1))
+    # the expected boundaries, read from the tokens: each row's start and the token after each EOS inside a row
+    starts = sorted({0, 128} | {r * 128 + t + 1 for r in range(2) for t, token in enumerate(rows[r]["input_ids"])
+                                if token == tokenizer.eos_token_id and t + 1 < 128})
+    expected = torch.tensor([*starts, 256], dtype=torch.int32)
+    assert len(expected) > 4  # several documents per row
+    assert torch.equal(flat["cu_seq_lens_q"], expected) and torch.equal(flat["cu_seq_lens_k"], expected)
+    assert flat["max_length_q"] == flat["max_length_k"] == int(expected.diff().max())
+    assert flat["labels"].tolist()[0] == [-100, *rows[0]["input_ids"][1:], -100, *rows[1]["input_ids"][1:]]
+
+    config = get_preset(
+        "llama-tiny", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = HfllmForCausalLM(config).eval()
+    with torch.no_grad():
+        plain = model(**collate_blocks(rows)).loss
+        flat_loss = model(input_ids=flat["input_ids"], labels=flat["labels"], position_ids=flat["position_ids"]).loss
+    torch.testing.assert_close(flat_loss, plain, atol=1e-5, rtol=1e-5)
 
 
 def test_cli_tokenizer_trains_saves_and_reports(tmp_path, capsys):

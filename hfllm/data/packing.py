@@ -14,12 +14,16 @@ What `position_ids` do, read from transformers 5.23 and checked on CPU with a ti
     `DataCollatorForLanguageModeling` adds an all-ones attention_mask, which turns the detection off: the
     position ids then only restart RoPE positions and documents still attend to each other.
   - flash_attention_2/3: varlen attention is derived from position_ids only for a batch of one flattened row
-    (`_is_packed_sequence` requires batch_size == 1); with batch > 1 attention crosses documents (not run: no GPU).
+    (`_is_packed_sequence` requires batch_size == 1); with batch > 1 attention would cross documents. Pretraining
+    with FlashAttention therefore uses `collate_flat_blocks`: the batch as one row of B*T tokens, no padding, with
+    the varlen kernels' cu_seq_lens / max_length computed once per batch from the per-document positions.
 """
 
 import itertools
 
 import torch
+from transformers import DataCollatorWithFlattening
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from datasets import DatasetDict, IterableDataset, IterableDatasetDict
 from datasets.fingerprint import Hasher
 
@@ -116,3 +120,29 @@ def collate_blocks(features: list[dict[str, list[int]]]) -> dict[str, torch.Tens
     if "position_ids" in features[0]:
         batch["position_ids"] = torch.tensor([feature["position_ids"] for feature in features])  # (B, T)
     return batch
+
+
+_flatten = DataCollatorWithFlattening(return_position_ids=False)  # rows -> one row; labels -100 at each row's start
+
+
+def collate_flat_blocks(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor | int]:
+    """The batch as one row for FlashAttention's varlen kernels: input_ids, labels, position_ids (1, B*T) and the
+    kernels' cu_seq_lens_q/k (n_docs + 1,) int32 and max_length_q/k, one sequence per document piece.
+
+    transformers' `DataCollatorWithFlattening` joins the rows; a row's first label is -100, so the last token of a
+    row does not learn to predict the next row (the plain batch's loss covers the same B*(T-1) predictions). The
+    sequences come from the per-document `position_ids` (transformers' `prepare_fa_kwargs_from_position_ids`: a new
+    one wherever the position is 0), so no query attends across documents or rows; without per-document
+    positions each row is one sequence.
+    """
+    batch = _flatten([{"input_ids": feature["input_ids"]} for feature in features])
+    if "position_ids" in features[0]:
+        positions = torch.tensor([p for feature in features for p in feature["position_ids"]])[None]  # (1, B*T)
+    else:
+        positions = torch.cat([torch.arange(len(feature["input_ids"])) for feature in features])[None]
+    (cu_seq_lens_q, cu_seq_lens_k), (max_length_q, max_length_k) = prepare_fa_kwargs_from_position_ids(positions)
+    return {
+        **batch, "position_ids": positions,
+        "cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k,
+        "max_length_q": int(max_length_q), "max_length_k": int(max_length_k),
+    }

@@ -583,11 +583,7 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)  # (B, T', H)
-        logits = self.lm_head(hidden_states)  # (B, T', V)
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        logits, loss = self.logits_and_loss(hidden_states, labels, **kwargs)
 
         aux_loss = z_loss = None
         if output_router_logits and outputs.router_logits:
@@ -611,6 +607,18 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
         )
+
+    def logits_and_loss(
+        self, hidden_states: torch.Tensor, labels: torch.LongTensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The head and its loss: hidden_states (B, T, H) -> logits (B, T, V), loss (None without labels). One
+        method, so that a kernel fusing the two (Liger's fused linear cross-entropy, hfllm/training/kernels.py) can
+        replace it on an instance without touching the rest of `forward`."""
+        logits = self.lm_head(hidden_states)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return logits, loss
 
     def routers(self) -> list[HfllmRouter]:
         return [module for module in self.modules() if isinstance(module, HfllmRouter)]

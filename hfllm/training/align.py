@@ -75,6 +75,7 @@ def run(method: str, argv: list[str], prog: str) -> int:
     from ..data.chat_template import set_template
     from ..recipe import load_recipe
     from .adapters import build_peft_config, check_bitsandbytes
+    from .kernels import check_kernel_options
 
     module_name, config_name, trainer_name = TRAINERS[method]
     module = importlib.import_module(module_name)
@@ -85,6 +86,7 @@ def run(method: str, argv: list[str], prog: str) -> int:
     recipe = load_recipe(argv, (ScriptArguments, Config, ModelConfig, DatasetMixtureConfig, HfllmArguments, *extra), prog)
     script_args, training_args, model_args, mixture_args, hfllm_args, *grpo_args = recipe.args
     check_health_arguments(hfllm_args)
+    check_kernel_options(training_args.use_liger_kernel, False, model_args.attn_implementation)
     overwrite = hfllm_args.overwrite_output_dir
     resume = check_output_dir(training_args.output_dir, run=recipe, resume=training_args.resume_from_checkpoint,
                               overwrite=overwrite, session_keys=SESSION_KEYS)

@@ -141,6 +141,12 @@ class PretrainingArguments(TrainingArguments, HealthArguments):
         metadata={"help": "CPU threads for torch (torch.set_num_threads; default one per core). 1 keeps small CPU "
                           "models fast on a machine whose cores are shared with other work"},
     )
+    fp8: bool = field(
+        default=False,
+        metadata={"help": "train the decoder's linear layers in float8 through torchao (GPU with compute capability "
+                          "8.9+; the LM head stays in bf16). With use_liger_kernel and a flash attn_implementation: "
+                          "the GPU speed path (docs/scaling.md)"},
+    )
     num_samples: int = field(default=3, metadata={"help": "texts generated at the end of training"})
     sample_prompts: list[str] | None = field(default=None, metadata={"help": "prompts for the samples (default: none)"})
     sample_max_new_tokens: int = field(default=200, metadata={"help": "length of each sample in tokens"})

@@ -17,6 +17,7 @@ from ..errors import HfllmError, first_line
 from ..models import get_preset, parameter_counts
 from .arguments import SESSION_KEYS, data_parallel_size, gradient_accumulation, lr_scheduler_kwargs, parse_recipe
 from .callbacks import RouterLoadCallback, SamplesCallback, StopAtStepCallback, append_samples, generate_samples, plot_loss_curve
+from .kernels import check_kernel_options, convert_to_fp8, is_flash_attention
 from .health import HealthCallback, PreemptionCallback, check_health_arguments, resume_command
 from .mfu import flops_per_token, peak_flops
 from .run_info import data_hash, tokenizer_hash, write_run_info
@@ -31,6 +32,7 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
     if args.max_steps <= 0:
         raise HfllmError("set max_steps to a positive number of optimizer steps; pretraining is planned in steps")
     check_health_arguments(args)
+    check_kernel_options(args.use_liger_kernel, args.fp8, model_args.attn_implementation)
     args.gradient_accumulation_steps = gradient_accumulation(args, data_args.block_size)
     args.lr_scheduler_kwargs = lr_scheduler_kwargs(args)
     config = resolve_config(model_args.model, recipe.free, data_args.block_size)
@@ -47,6 +49,8 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
         raw = load_text(data_args, args.seed)
         tokenizer = resolve_tokenizer(data_args, raw["train"], args.output_dir, args.should_save, resume is not None)
         model = build_model(model_args.model, config, tokenizer, model_args.attn_implementation)
+        if args.fp8:
+            convert_to_fp8(model)  # before Trainer compiles the model and builds the optimizer
         packed = data.tokenize_and_pack(
             raw, tokenizer, data_args.block_size, num_proc=data_args.preprocessing_num_workers, seed=args.seed,
             per_document_positions=data_args.per_document_positions,
@@ -92,8 +96,10 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
     callbacks = [StopAtStepCallback(), HealthCallback(args), preemption, *([router_load] if router_load else [])]
     if args.samples_at_eval:
         callbacks.append(SamplesCallback(tokenizer, args.output_dir))
+    # FlashAttention reads documents from one flat row (cu_seq_lens); sdpa/eager/flex from position_ids per row
+    collator = data.collate_flat_blocks if is_flash_attention(model_args.attn_implementation) else data.collate_blocks
     trainer = PretrainTrainer(
-        model=model, args=args, train_dataset=packed["train"], eval_dataset=eval_dataset, data_collator=data.collate_blocks,
+        model=model, args=args, train_dataset=packed["train"], eval_dataset=eval_dataset, data_collator=collator,
         processing_class=tokenizer, callbacks=callbacks,
         flops_per_token=flops, peak_flops=peak, tokens_per_step=tokens_per_step, router_load=router_load,
     )
