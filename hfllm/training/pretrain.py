@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, set_seed
 
 from .. import data
+from ..assets import cache_dir
 from ..checkpoint import check_output_dir, clear_output_dir, load
 from ..data.text import load_text, resolve_tokenizer, save_tokenizer, take
 from ..errors import HfllmError, first_line
@@ -47,7 +48,7 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
         model = build_model(model_args.model, config, tokenizer, model_args.attn_implementation)
         packed = data.tokenize_and_pack(
             raw, tokenizer, data_args.block_size, num_proc=data_args.preprocessing_num_workers, seed=args.seed,
-            per_document_positions=data_args.per_document_positions,
+            per_document_positions=data_args.per_document_positions, cache_dir=cache_dir() / "tokenized",
         )
         if args.should_save:  # everything is checked: the output folder may be written
             if args.overwrite_output_dir and resume is None:
