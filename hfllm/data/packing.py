@@ -136,3 +136,11 @@ def collate_blocks(features: list[dict[str, list[int]]]) -> dict[str, torch.Tens
     if "position_ids" in features[0]:
         batch["position_ids"] = torch.tensor([feature["position_ids"] for feature in features])  # (B, T)
     return batch
+
+
+def cut_blocks(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """A batch of (B, T) blocks as (B * T / length, length) rows, for sequence-length warmup: the same tokens, each
+    row attending only within itself. Position ids keep their values (RoPE is relative; a row starting mid-document
+    is still one sequence for the packed-sequence mask)."""
+    return {key: value.reshape(-1, length) if key in ("input_ids", "labels", "position_ids") else value
+            for key, value in batch.items()}
