@@ -52,12 +52,16 @@ class PretrainTrainer(HealthTrainerMixin, Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """The batches of one optimizer step; with a sequence-length schedule, their blocks cut into rows of the
         step's length before Trainer counts the predicted tokens (the loss is averaged over those)."""
-        if self.sequence_lengths is not None:
-            step = self.state.global_step  # optimizer steps done so far: this is step `step` counted from 0
-            self._sequence_length = next(length for start, length in reversed(self.sequence_lengths.items())
-                                         if start <= step)
-            epoch_iterator = (cut_blocks(batch, self._sequence_length) for batch in epoch_iterator)
-        return super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.sequence_lengths is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        step = self.state.global_step  # optimizer steps done so far: this is step `step` counted from 0
+        length = next(length for start, length in reversed(self.sequence_lengths.items()) if start <= step)
+        batches, num_items = super().get_batch_samples(
+            (cut_blocks(batch, length) for batch in epoch_iterator), num_batches, device
+        )
+        if batches:
+            self._sequence_length = batches[0]["input_ids"].shape[1]  # (rows, length): what the model is given
+        return batches, num_items
 
     def floating_point_ops(self, inputs: dict) -> float:
         """FLOPs of one forward + backward on `inputs` (for `total_flos`): from the FLOPs per token computed once at
