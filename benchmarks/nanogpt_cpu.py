@@ -1,6 +1,16 @@
 """hfllm vs nanoGPT vs transformers' LlamaForCausalLM at nanoGPT's CPU baseline shape, in one run.
 
     OMP_NUM_THREADS=1 python3 benchmarks/nanogpt_cpu.py [--max_steps 2000] [--out runs/benchmarks]
+    python3 benchmarks/nanogpt_cpu.py --speedrun --nanogpt DIR [--rounds 2] [--threads 1] [--variant NAME:FLAGS ...]
+
+--speedrun (issue 13, part 5): whole processes, as a user runs them, timed from the command to the evaluation that
+first reaches the target: nanoGPT's own `train.py` (a checkout of github.com/karpathy/nanoGPT in DIR) at its README's
+CPU command, on hfllm's text and split (written as its data/shakespeare_char/{train,val}.bin and meta.pkl); the
+target is its step-2000 validation loss. Then `hfllm pretrain` with recipes/shakespeare-char-speedrun.yaml, each
+`--variant` (the speedrun recipe plus flags, for the ablation) and recipes/shakespeare-char.yaml, each with
+`--stop_at_eval_loss` at that target. Rounds interleave the runs so that machine load hits them alike; every run gets
+the same thread count; the load average is recorded before each run. Caches are warmed first, untimed (the tokenized
+data, inductor's graphs for the compiled recipe). Writes OUT/nanogpt_speedrun.json.
 
 Five trainings on the same text and split (the embedded Shakespeare corpus, char-level tokens), one after another:
   1. nanoGPT: a faithful plain-PyTorch reproduction of nanoGPT's `model.py` + `train.py` at the settings of its README
@@ -21,6 +31,10 @@ validation loss, wall time to reach nanoGPT's final validation loss (first evalu
 import argparse
 import json
 import math
+import os
+import pickle
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +50,13 @@ from hfllm.run_pretrain import main as pretrain  # noqa: E402
 from hfllm import data  # noqa: E402
 from hfllm.training.mfu import measure_matmul_flops  # noqa: E402
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "shakespeare-char.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "shakespeare-char.yaml"
+SPEEDRUN = ROOT / "recipes" / "shakespeare-char-speedrun.yaml"
+# nanoGPT README's CPU command (its "I only have a macbook" section)
+NANOGPT_COMMAND = ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                   "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
+                   "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
 WARMUP_STEPS = 50  # steps left out of the steady throughput (torch.compile compiles in the first one)
 
 
@@ -224,11 +244,109 @@ def run_benchmark(max_steps: int, out: Path) -> list[dict]:
     return rows
 
 
+# ---- --speedrun: whole processes, command to target
+
+
+def timed_lines(command: list[str], cwd: Path, threads: int, pattern: str) -> tuple[list[tuple[float, str]], float]:
+    """Run `command`; the seconds since its start at which each stdout line matching `pattern` appeared, and the
+    load average (1 min) just before the start."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marks, tail = [], []
+    for line in process.stdout:
+        tail = (tail + [line])[-20:]
+        if re.search(pattern, line):
+            marks.append((time.perf_counter() - start, line))
+    if process.wait() != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{''.join(tail)}")
+    return marks, load
+
+
+def prepare_nanogpt(nanogpt: Path, work: Path) -> Path:
+    """A copy of nanoGPT's train.py, model.py, configurator.py and config with hfllm's text and split as its
+    shakespeare_char data (char ids of hfllm's tokenizer; documents concatenated, as in run_benchmark)."""
+    import numpy as np
+
+    folder = work / "nanoGPT"
+    for name in ("train.py", "model.py", "configurator.py", "config/train_shakespeare_char.py"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text((nanogpt / name).read_text())
+    raw = data.load_text_datasets(dataset="shakespeare")
+    tokenizer = data.load_or_train_tokenizer("char", raw["train"]["text"], 4096)
+    data_dir = folder / "data" / "shakespeare_char"
+    data_dir.mkdir(parents=True)
+    for split, name in (("train", "train.bin"), ("validation", "val.bin")):
+        ids = [i for text in raw[split]["text"] for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        np.array(ids, dtype=np.uint16).tofile(data_dir / name)
+    (data_dir / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": len(tokenizer)}))
+    return folder
+
+
+def run_nanogpt(folder: Path, threads: int) -> dict:
+    marks, load = timed_lines([sys.executable, *NANOGPT_COMMAND], folder, threads, r"^step \d+: train loss")
+    evals = [(int(re.search(r"step (\d+)", line)[1]), float(re.search(r"val loss ([\d.]+)", line)[1]), t)
+             for t, line in marks]
+    step, loss, seconds = evals[-1]
+    return {"run": "nanoGPT train.py", "target": loss, "seconds_to_target": round(seconds, 2), "step_at_target": step,
+            "load_average": load}
+
+
+def run_hfllm(name: str, recipe: Path, flags: list[str], target: float, threads: int, out: Path) -> dict:
+    """`hfllm pretrain` as its own process; the time of the first evaluation at or below `target`."""
+    command = [sys.executable, "-m", "hfllm.cli", "pretrain", str(recipe), "--output_dir", str(out),
+               "--overwrite_output_dir", "true", "--stop_at_eval_loss", str(target), "--torch_num_threads", str(threads),
+               "--report_to", "none", "--disable_tqdm", "true", "--num_samples", "0", *flags]
+    marks, load = timed_lines(command, ROOT, threads, r"'eval_loss'")
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evals = [e for e in history if "eval_loss" in e]
+    reached = next((i for i, e in enumerate(evals) if e["eval_loss"] <= target), None)
+    first = next(e for e in history if "seconds_to_first_step" in e)
+    return {"run": name, "seconds_to_target": round(marks[reached][0], 2) if reached is not None else None,
+            "step_at_target": evals[reached]["step"] if reached is not None else None,
+            "eval_loss": evals[reached if reached is not None else -1]["eval_loss"],
+            "seconds_to_first_step": first["seconds_to_first_step"], "load_average": load}
+
+
+def run_speedrun(nanogpt: Path, rounds: int, threads: int, variants: list[str], out: Path) -> list[dict]:
+    runs = [("speedrun", SPEEDRUN, [])]
+    runs += [(v.split(":", 1)[0], SPEEDRUN, v.split(":", 1)[1].split()) for v in variants]
+    runs.append(("shakespeare-char", RECIPE, []))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = prepare_nanogpt(nanogpt, Path(tmp))
+        for name, recipe, flags in runs:  # warm the caches (tokenized data, inductor), untimed
+            run_hfllm(name, recipe, [*flags, "--max_steps", "2", "--eval_steps", "2"], 0.0, threads, Path(tmp) / "warm")
+        for round_index in range(rounds):
+            nano = run_nanogpt(folder, threads)
+            rows.append({"round": round_index, **nano})
+            for name, recipe, flags in runs:
+                row = run_hfllm(name, recipe, flags, nano["target"], threads, Path(tmp) / name)
+                ratio = row["seconds_to_target"] / nano["seconds_to_target"] if row["seconds_to_target"] else None
+                rows.append({"round": round_index, **row, "ratio": round(ratio, 3) if ratio else None})
+                print(json.dumps(rows[-1]), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "nanogpt_speedrun.json").write_text(json.dumps({"threads": threads, "rows": rows}, indent=2))
+    return rows
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max_steps", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks"))
+    parser.add_argument("--speedrun", action="store_true", help="whole processes vs nanoGPT's own train.py")
+    parser.add_argument("--nanogpt", type=Path, help="a checkout of github.com/karpathy/nanoGPT (with --speedrun)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variant", action="append", default=[], help="NAME:FLAGS, the speedrun recipe plus flags")
     cli = parser.parse_args()
+    if cli.speedrun:
+        if cli.nanogpt is None or not (cli.nanogpt / "train.py").is_file():
+            parser.error("--speedrun needs --nanogpt DIR, a checkout of https://github.com/karpathy/nanoGPT")
+        for row in run_speedrun(cli.nanogpt, cli.rounds, cli.threads, cli.variant, cli.out):
+            print(row)
+        sys.exit(0)
     rows = run_benchmark(cli.max_steps, cli.out)
     print(f"{'run':<20}{'params':>9}{'tok/s':>9}{'overall':>9}{'val loss':>10}{'total s':>9}{'s to target':>13}"
           f"{'MFU':>8}")

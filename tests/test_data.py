@@ -295,6 +295,32 @@ def test_shuffling_is_deterministic_by_seed(tokenizer):
     assert tokenize_and_pack(data, tokenizer, 32, seed=2)["train"]["input_ids"] != order
 
 
+def test_in_memory_data_is_cached_by_text_tokenizer_and_block_settings(tokenizer, tmp_path, monkeypatch):
+    calls = []
+    tokenizer_call = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: calls.append(1) or tokenizer_call(self, *a, **k))
+    cache = tmp_path / "cache"
+
+    def pack(train: list[str], tokenizer=tokenizer, block_size: int = 32):
+        calls.clear()
+        files = set(cache.glob("*.arrow")) if cache.exists() else set()
+        packed = tokenize_and_pack(documents_dataset(train, DOCUMENTS[:10]), tokenizer, block_size, seed=0, cache_dir=cache)
+        return packed, bool(calls), set(cache.glob("*.arrow")) - files
+
+    first, tokenized, new_files = pack(DOCUMENTS)
+    assert tokenized and {f.name.split("-")[0] for f in new_files} == {"tokens", "blocks", "cache"}
+    assert {f["filename"] for f in first["validation"].cache_files} <= {str(f) for f in new_files}
+    second, tokenized, new_files = pack(DOCUMENTS)  # a new process would see the same: same text, same tokenizer
+    assert not tokenized and not new_files
+    assert second["train"]["input_ids"] == first["train"]["input_ids"]  # same blocks, same shuffle
+    _, tokenized, new_files = pack(DOCUMENTS[:-1] + [DOCUMENTS[-1] + " and more"])  # the text changed
+    assert tokenized and new_files
+    _, tokenized, new_files = pack(DOCUMENTS, tokenizer=train_tokenizer("char", DOCUMENTS[:5], 128))  # tokenizer changed
+    assert tokenized and new_files
+    _, tokenized, new_files = pack(DOCUMENTS, block_size=16)  # same tokens, new blocks
+    assert not tokenized and {f.name.split("-")[0] for f in new_files} >= {"blocks"}
+
+
 def test_streaming_packs_the_same_blocks(tokenizer, tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
     (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS[:10]))

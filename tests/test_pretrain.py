@@ -188,6 +188,41 @@ def test_schedule_free_adamw(recipe, tmp_path):
     assert [e["step"] for e in log_history(out) if "eval_loss" in e] == [10, 20]
 
 
+def test_soap_steps_and_reduces_the_loss(recipe, tmp_path):
+    pytest.importorskip("pytorch_optimizer")
+    out = run(recipe, tmp_path, "--optim", "soap", "--max_steps", "30", "--lr_scheduler_type", "constant",
+              "--soap_precondition_frequency", "5", "--eval_steps", "100", "--num_samples", "0")
+    history = losses(out)
+    assert all(math.isfinite(x) for x in history) and sum(history[-5:]) / 5 < history[0] - 0.5
+    optimizer = torch.load(out / "checkpoint-30" / "optimizer.pt", weights_only=False)
+    matrices = [state for state in optimizer["state"].values() if len(state.get("Q", [])) == 2]  # SOAP's eigenbases
+    assert matrices and yaml.safe_load((out / "recipe.yaml").read_text())["optim"] == "soap"
+
+
+def test_sequence_length_schedule_cuts_blocks_at_the_planned_steps(recipe, tmp_path):
+    out = run(recipe, tmp_path, "--max_steps", "6", "--sequence_length_schedule", "{2: 4, 4: 8}", "--eval_steps", "3",
+              "--num_samples", "0")
+    history = log_history(out)
+    assert [(e["step"], e["sequence_length"]) for e in history if "loss" in e] == [
+        (1, 16), (2, 16), (3, 4), (4, 4), (5, 8), (6, 8)]  # step 3 is the first after 2 steps done, etc.
+    assert all(math.isfinite(e["loss"]) for e in history if "loss" in e)
+    assert [e["step"] for e in history if "eval_loss" in e] == [3, 6]  # evaluation keeps whole blocks
+    with pytest.raises(HfllmError, match="divide block_size 16"):
+        run(recipe, tmp_path, "--max_steps", "2", "--sequence_length_schedule", "{0: 5}", out="bad")
+
+
+def test_stop_at_eval_loss_ends_a_complete_run_and_logs_the_start_up(recipe, tmp_path, capsys):
+    out = run(recipe, tmp_path, "--max_steps", "60", "--eval_steps", "4", "--stop_at_eval_loss", "3.4",
+              "--num_samples", "0")
+    history = log_history(out)
+    evals = [e for e in history if "eval_loss" in e]
+    assert len(evals) >= 2 and all(e["eval_loss"] > 3.4 for e in evals[:-1])  # stopped at the first one below
+    assert evals[-1]["eval_loss"] <= 3.4 and evals[-1]["step"] < 60
+    assert (out / "model.safetensors").is_file() and "<= stop_at_eval_loss 3.4 at step" in capsys.readouterr().out
+    first = next(e for e in history if "loss" in e)
+    assert first["step"] == 1 and first["seconds_to_first_step"] > first["elapsed_seconds"]
+
+
 def test_moe_router_load_is_logged_and_bias_moves(recipe, tmp_path):
     out = run(recipe, tmp_path, "--model", "moe-tiny", "--moe_intermediate_size", "16", "--router_bias_update_rate",
               "0.01", "--max_steps", "4", "--eval_steps", "100", "--num_samples", "0")

@@ -7,6 +7,13 @@ do not fill a block are dropped. Rows hold `input_ids` and, with `per_document_p
 restart at 0 at the start of every block and after every EOS. There are no labels: `collate_blocks` (or the
 model) uses labels = input_ids and transformers' ForCausalLMLoss shifts them once.
 
+Caching: datasets caches each `map` by fingerprint next to file-backed data. In-memory text (the embedded
+Shakespeare corpus, `Dataset.from_dict`) has no such place, so with `cache_dir` its tokens and blocks are written
+there under the same fingerprints (`tokens-<hash>.arrow`, `blocks-<hash>.arrow`), and a later run with the same text,
+tokenizer and block settings memory-maps them instead of tokenizing again (`hfllm pretrain` uses
+`$HFLLM_CACHE/tokenized`). The fingerprints cover the text (datasets' hash of its table), the tokenizer's JSON and
+EOS id, block_size, per_document_positions and pack_batch_size; anything else gives new files.
+
 What `position_ids` do, read from transformers 5.23 and checked on CPU with a tiny Llama:
   - sdpa / eager / flex: `create_causal_mask` calls `find_packed_sequence_indices(position_ids)` and builds a
     block-diagonal causal mask (no attention across documents) ONLY when `attention_mask` is None and there is no
@@ -20,6 +27,7 @@ What `position_ids` do, read from transformers 5.23 and checked on CPU with a ti
 """
 
 import itertools
+from pathlib import Path
 
 import torch
 from transformers import DataCollatorWithFlattening
@@ -57,13 +65,14 @@ def tokenize_and_pack(
     seed: int = 0,
     per_document_positions: bool = True,
     pack_batch_size: int = 1000,
+    cache_dir: str | Path | None = None,
 ) -> DatasetDict | IterableDatasetDict:
     """Text splits (column "text") -> splits of packed blocks (`input_ids`, optionally `position_ids`).
 
     The train split is shuffled with `seed` (a stream: with a 10,000-row buffer). `num_proc` applies to map-style
     datasets; results are cached by datasets' fingerprints when the data came from files. The tokenization
     fingerprint comes from the tokenizer's JSON, so a tokenizer saved and loaded elsewhere (another rank) hits the
-    cache written with the one it was saved from.
+    cache written with the one it was saved from. `cache_dir`: where in-memory splits are cached (module docstring).
     """
     if block_size < 2:
         raise HfllmError(f"block_size must be at least 2 (an input and its next-token target), got {block_size}")
@@ -88,13 +97,16 @@ def tokenize_and_pack(
                 raise HfllmError(f"the {split} split packs into no block of block_size {block_size}; give more text")
             continue
         fingerprint = Hasher.hash([part._fingerprint, tokenizer.backend_tokenizer.to_str(), eos_id, "tokenize"])
+        blocks_fingerprint = Hasher.hash([fingerprint, block_size, per_document_positions, pack_batch_size, "pack"])
+        in_memory = cache_dir is not None and not part.cache_files  # file-backed data is cached by datasets itself
         tokens = part.map(
             tokenize, batched=True, num_proc=num_proc, remove_columns=["text"], desc=f"Tokenizing {split}",
-            new_fingerprint=fingerprint,
+            new_fingerprint=fingerprint, cache_file_name=_cache_file(cache_dir, "tokens", fingerprint, in_memory),
         )
         packed[split] = tokens.map(
             pack, batched=True, batch_size=pack_batch_size, num_proc=num_proc, remove_columns=["input_ids"],
-            desc=f"Packing {split} into blocks of {block_size}",
+            desc=f"Packing {split} into blocks of {block_size}", new_fingerprint=blocks_fingerprint,
+            cache_file_name=_cache_file(cache_dir, "blocks", blocks_fingerprint, in_memory),
         )  # fmt: skip
         if len(packed[split]) == 0:
             available = sum(len(row) for row in tokens["input_ids"])
@@ -107,6 +119,14 @@ def tokenize_and_pack(
         return IterableDatasetDict(packed)
     packed["train"] = packed["train"].shuffle(seed=seed)
     return DatasetDict(packed)
+
+
+def _cache_file(cache_dir: str | Path | None, kind: str, fingerprint: str, use: bool) -> str | None:
+    """The Arrow file of one cached `map` result (None: datasets decides, i.e. no file for in-memory data)."""
+    if not use:
+        return None
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    return str(Path(cache_dir) / f"{kind}-{fingerprint}.arrow")
 
 
 def collate_blocks(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
@@ -146,3 +166,11 @@ def collate_flat_blocks(features: list[dict[str, list[int]]]) -> dict[str, torch
         "cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k,
         "max_length_q": int(max_length_q), "max_length_k": int(max_length_k),
     }
+
+
+def cut_blocks(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """A batch of (B, T) blocks as (B * T / length, length) rows, for sequence-length warmup: the same tokens, each
+    row attending only within itself. Position ids keep their values (RoPE is relative; a row starting mid-document
+    is still one sequence for the packed-sequence mask)."""
+    return {key: value.reshape(-1, length) if key in ("input_ids", "labels", "position_ids") else value
+            for key, value in batch.items()}

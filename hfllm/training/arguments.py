@@ -17,6 +17,7 @@ from ..errors import HfllmError
 from ..models import HfllmConfig
 from ..recipe import Recipe, load_recipe
 from .health import HEALTH_KEYS, HealthArguments
+from .optim import OWN_OPTIMIZERS
 
 # HfllmConfig fields a recipe may set at top level; vocab_size comes from the tokenizer, special ids too
 MODEL_CONFIG_KEYS = {
@@ -44,7 +45,7 @@ PRETRAINING_DEFAULTS: dict[str, Any] = {
 
 # Recipe keys that may change between a run and its resumption (everything else must match to reuse output_dir)
 SESSION_KEYS = frozenset({
-    "resume_from_checkpoint", "overwrite_output_dir", "stop_at_step", "report_to", "logging_steps",
+    "resume_from_checkpoint", "overwrite_output_dir", "stop_at_step", "stop_at_eval_loss", "report_to", "logging_steps",
     "logging_first_step", "disable_tqdm", "dataloader_num_workers", "preprocessing_num_workers", "num_samples",
     "sample_max_new_tokens", "samples_at_eval", "eval_steps", "save_steps", "save_total_limit", "run_name",
     "torch_num_threads", *HEALTH_KEYS,
@@ -107,9 +108,9 @@ class DataArguments:
 
 @dataclass
 class PretrainingArguments(TrainingArguments, HealthArguments):
-    """`TrainingArguments` plus pretraining keys and the training-health keys (`HealthArguments`). `optim: muon` trains the hidden matrices with Muon: Trainer only
-    knows its own optimizer names, so it is given `adamw_torch` and `use_muon` records the choice for
-    `PretrainTrainer.create_optimizer`."""
+    """`TrainingArguments` plus pretraining keys and the training-health keys (`HealthArguments`). `optim: muon` and
+    `optim: soap` are hfllm's own (hfllm/training/optim.py): Trainer only knows its own optimizer names, so it is
+    given `adamw_torch` and `own_optimizer` records the choice for `PretrainTrainer.create_optimizer`."""
 
     global_batch_size: int | None = field(
         default=None, metadata={"help": "sequences per optimizer step over all devices; sets gradient_accumulation_steps"}
@@ -123,6 +124,15 @@ class PretrainingArguments(TrainingArguments, HealthArguments):
     muon_lr: float | None = field(
         default=None, metadata={"help": "Muon's learning rate (default: learning_rate; Muon matches AdamW's update RMS)"}
     )
+    soap_precondition_frequency: int = field(
+        default=10, metadata={"help": "optim: soap: steps between updates of the preconditioner's eigenbasis"}
+    )
+    sequence_length_schedule: dict[int, int] | None = field(
+        default=None,
+        metadata={"help": "sequence-length warmup: {step: length, ...}; from each step on, every block of block_size "
+                          "tokens is cut into rows of that length (a divisor of block_size), so tokens per step stay "
+                          "the same; block_size after the last entry if it is shorter. E.g. {0: 16, 100: 32, 200: 64}"},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "delete a previous hfllm run in output_dir instead of refusing to start"}
     )
@@ -135,6 +145,10 @@ class PretrainingArguments(TrainingArguments, HealthArguments):
         metadata={"help": "tensor parallel: split every layer (attention heads, MLP and expert widths) over this many "
                           "processes with transformers' tp_plan; the processes of a group see the same batch, so the "
                           "data-parallel size is world_size / tp_size (docs/scaling.md#tensor-parallel)"},
+    )
+    stop_at_eval_loss: float | None = field(
+        default=None, metadata={"help": "end training at the first evaluation whose loss is at or below this (a "
+                                        "speedrun's target); the model is saved as at the end of training"},
     )
     torch_num_threads: int | None = field(
         default=None,
@@ -154,14 +168,15 @@ class PretrainingArguments(TrainingArguments, HealthArguments):
 
     optim: str = field(
         default="adamw_torch_fused",
-        metadata={"help": "optimizer: muon (Muon for hidden matrices, AdamW for the rest) or one of Trainer's "
-                          "OptimizerNames (adamw_torch_fused, adamw_torch, schedule_free_adamw, ...)"},
+        metadata={"help": "optimizer: muon (Muon for hidden matrices, AdamW for the rest), soap (SOAP, needs "
+                          "pytorch-optimizer) or one of Trainer's OptimizerNames (adamw_torch_fused, adamw_torch, "
+                          "schedule_free_adamw, ...)"},
     )
-    use_muon: bool = field(default=False, init=False, metadata={"help": "set from optim: muon"})
+    own_optimizer: str | None = field(default=None, init=False, metadata={"help": "set from optim: muon / soap"})
 
     def __post_init__(self):
-        if self.optim == "muon":
-            self.use_muon, self.optim = True, "adamw_torch"
+        if self.optim in OWN_OPTIMIZERS:
+            self.own_optimizer, self.optim = self.optim, "adamw_torch"
         super().__post_init__()
 
 
@@ -207,6 +222,21 @@ def gradient_accumulation(args: PretrainingArguments, block_size: int) -> int:
             f"{lower + per_step}, or change per_device_train_batch_size"
         )
     return sequences // per_step
+
+
+def sequence_lengths(args: PretrainingArguments, block_size: int) -> dict[int, int] | None:
+    """`sequence_length_schedule` checked against block_size, as {first step: length} sorted by step, from step 0
+    (block_size until the first entry)."""
+    if not args.sequence_length_schedule:
+        return None
+    schedule = {int(step): int(length) for step, length in sorted(args.sequence_length_schedule.items(), key=lambda i: int(i[0]))}
+    for step, length in schedule.items():
+        if step < 0 or length < 2 or block_size % length:
+            raise HfllmError(
+                f"sequence_length_schedule {{{step}: {length}}}: give steps >= 0 and lengths >= 2 that divide "
+                f"block_size {block_size} (e.g. {block_size // 4}, {block_size // 2}, {block_size})"
+            )
+    return {0: block_size, **schedule}
 
 
 def lr_scheduler_kwargs(args: PretrainingArguments) -> dict:

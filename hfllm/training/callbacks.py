@@ -36,12 +36,24 @@ class RouterLoadCallback(TrainerCallback):
 
 
 class StopAtStepCallback(TrainerCallback):
-    """End the session after `args.stop_at_step` with a checkpoint; the schedule still follows max_steps."""
+    """End the session after `args.stop_at_step` with a checkpoint (the schedule still follows max_steps), or at the
+    first evaluation whose loss is at or below `args.stop_at_eval_loss` (the run is then complete)."""
 
     def on_step_end(self, args, state, control, **kwargs):
         if args.stop_at_step is not None and state.global_step >= args.stop_at_step:
             control.should_save = True
             control.should_training_stop = True
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if reached_eval_loss(args, [metrics or {}]):
+            control.should_training_stop = True
+
+
+def reached_eval_loss(args, logs: list[dict]) -> dict | None:
+    """The first of `logs` whose eval_loss is at or below `args.stop_at_eval_loss` (None: none, or no target)."""
+    if args.stop_at_eval_loss is None:
+        return None
+    return next((log for log in logs if log.get("eval_loss", float("inf")) <= args.stop_at_eval_loss), None)
 
 
 class SamplesCallback(TrainerCallback):

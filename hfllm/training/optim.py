@@ -3,11 +3,18 @@
 AdamW (fused) and Schedule-Free AdamW are Trainer's `optim: adamw_torch_fused` / `optim: schedule_free_adamw`;
 learning-rate schedules are Trainer's `lr_scheduler_type` (cosine, cosine_with_min_lr, warmup_stable_decay,
 constant_with_warmup). This file adds `optim: muon`: `torch.optim.Muon` on the 2-D weight matrices of the hidden
-layers and AdamW on everything else (embeddings, head, norms, biases, routers, 3-D expert tensors).
+layers and AdamW on everything else (embeddings, head, norms, biases, routers, 3-D expert tensors); and `optim: soap`:
+SOAP (Adam in the eigenbasis of Shampoo's preconditioner, Vyas et al. 2024) from the `pytorch-optimizer` package on
+every parameter (1-D ones get plain Adam), with `adam_beta1/2`, `adam_epsilon`, `weight_decay` and
+`soap_precondition_frequency`.
 """
 
 import torch
 from torch import nn
+
+from ..errors import HfllmError
+
+OWN_OPTIMIZERS = ("muon", "soap")  # optimizers hfllm builds itself; Trainer builds all others from `optim`
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -70,3 +77,27 @@ def build_muon(model: nn.Module, args, decay_names: set[str]) -> MuonWithAdamW:
         eps=args.adam_epsilon,
     )
     return MuonWithAdamW(muon, adamw)
+
+
+def build_soap(model: nn.Module, args, decay_names: set[str]) -> torch.optim.Optimizer:
+    """SOAP on every parameter, weight decay on `decay_names` only (Trainer's rule: no decay for norms and biases)."""
+    try:
+        from pytorch_optimizer import SOAP
+    except ImportError:
+        raise HfllmError("optim: soap needs the pytorch-optimizer package; pip install 'hfllm[soap]'") from None
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return SOAP(
+        [
+            {"params": [p for n, p in named if n in decay_names], "weight_decay": args.weight_decay},
+            {"params": [p for n, p in named if n not in decay_names], "weight_decay": 0.0},
+        ],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        precondition_frequency=args.soap_precondition_frequency,
+    )
+
+
+def build_optimizer(name: str, model: nn.Module, args, decay_names: set[str]) -> torch.optim.Optimizer:
+    """One of `OWN_OPTIMIZERS` for `model`."""
+    return {"muon": build_muon, "soap": build_soap}[name](model, args, decay_names)

@@ -142,10 +142,12 @@ def optimizer_bytes(model: torch.nn.Module, optim: str) -> int:
         muon = sum(p.numel() for n, p in model.named_parameters() if n in names)
         rest = [p for n, p in model.named_parameters() if p.requires_grad and n not in names]
         return 4 * muon + 8 * sum(p.numel() for p in rest) + 4 * len(rest)
+    if optim == "soap":  # Adam's two moments, plus two d x d matrices (statistics, eigenbasis) per side of a matrix
+        return 8 * elements + 8 * sum(d * d for p in params if p.ndim == 2 for d in p.shape if d <= 10_000)
     if "8bit" in optim:
         return 2 * elements
     raise HfllmError(f"hfllm plan does not know the memory of optimizer '{optim}'; use adamw_torch, adamw_torch_fused, "
-                     "schedule_free_adamw, muon, sgd or an 8-bit AdamW")
+                     "schedule_free_adamw, muon, soap, sgd or an 8-bit AdamW")
 
 
 def layer_elements_per_token(config, attn_implementation: str, block_size: int) -> int:

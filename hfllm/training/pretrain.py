@@ -11,12 +11,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, set_seed
 
 from .. import data
+from ..assets import cache_dir
 from ..checkpoint import check_output_dir, clear_output_dir, load
 from ..data.text import load_text, resolve_tokenizer, save_tokenizer, take
 from ..errors import HfllmError, first_line
 from ..models import get_preset, parameter_counts
-from .arguments import SESSION_KEYS, data_parallel_size, gradient_accumulation, lr_scheduler_kwargs, parse_recipe
-from .callbacks import RouterLoadCallback, SamplesCallback, StopAtStepCallback, append_samples, generate_samples, plot_loss_curve
+from .arguments import SESSION_KEYS, data_parallel_size, gradient_accumulation, lr_scheduler_kwargs, parse_recipe, sequence_lengths
+from .callbacks import (RouterLoadCallback, SamplesCallback, StopAtStepCallback, append_samples, generate_samples,
+                        plot_loss_curve, reached_eval_loss)
 from .kernels import check_kernel_options, convert_to_fp8, is_flash_attention
 from .health import HealthCallback, PreemptionCallback, check_health_arguments, resume_command
 from .mfu import flops_per_token, peak_flops
@@ -35,6 +37,10 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
     check_kernel_options(args.use_liger_kernel, args.fp8, model_args.attn_implementation)
     args.gradient_accumulation_steps = gradient_accumulation(args, data_args.block_size)
     args.lr_scheduler_kwargs = lr_scheduler_kwargs(args)
+    lengths = sequence_lengths(args, data_args.block_size)
+    if lengths and is_flash_attention(model_args.attn_implementation):
+        raise HfllmError("sequence_length_schedule cuts padded rows, FlashAttention reads one flat row of documents: "
+                         "remove sequence_length_schedule or use attn_implementation sdpa")
     config = resolve_config(model_args.model, recipe.free, data_args.block_size)
     check_tensor_parallel(config, args)
     resume = check_output_dir(args.output_dir, run=recipe, resume=args.resume_from_checkpoint,
@@ -53,7 +59,7 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
             convert_to_fp8(model)  # before Trainer compiles the model and builds the optimizer
         packed = data.tokenize_and_pack(
             raw, tokenizer, data_args.block_size, num_proc=data_args.preprocessing_num_workers, seed=args.seed,
-            per_document_positions=data_args.per_document_positions,
+            per_document_positions=data_args.per_document_positions, cache_dir=cache_dir() / "tokenized",
         )
         if args.should_save:  # everything is checked: the output folder may be written
             if args.overwrite_output_dir and resume is None:
@@ -102,6 +108,7 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
         model=model, args=args, train_dataset=packed["train"], eval_dataset=eval_dataset, data_collator=collator,
         processing_class=tokenizer, callbacks=callbacks,
         flops_per_token=flops, peak_flops=peak, tokens_per_step=tokens_per_step, router_load=router_load,
+        sequence_lengths=lengths,
     )
     if args.should_save:
         write_run_info(args.output_dir, plan)
@@ -113,14 +120,18 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
             print(f"interrupted at step {trainer.state.global_step} of {args.max_steps}; checkpoint saved; resume "
                   f"with:\n{resume_command(prog, argv)}", flush=True)
         return preemption.exit_code
-    if trainer.state.global_step < args.max_steps:
+    reached = reached_eval_loss(args, trainer.state.log_history)
+    if reached is not None and args.should_save:
+        print(f"eval_loss {reached['eval_loss']:.4f} <= stop_at_eval_loss {args.stop_at_eval_loss} at step "
+              f"{reached['step']}: training ends here", flush=True)
+    if trainer.state.global_step < args.max_steps and reached is None:
         trainer.save_state()
         print(f"stopped at step {trainer.state.global_step} of {args.max_steps}; continue with "
               f"--resume_from_checkpoint true")
         return 0
 
     # ---- outputs: model + tokenizer, state, final validation, samples, loss curve
-    if args.eval_strategy != "no" and not any(e.get("step") == args.max_steps and "eval_loss" in e
+    if args.eval_strategy != "no" and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e
                                                 for e in trainer.state.log_history):
         trainer.evaluate()
     trainer.save_model()

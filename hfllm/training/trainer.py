@@ -1,25 +1,35 @@
-"""`PretrainTrainer`: transformers' Trainer with Muon and pretraining metrics in its logs.
+"""`PretrainTrainer`: transformers' Trainer with Muon/SOAP, sequence-length warmup and pretraining metrics in its logs.
 
 Every training log gets tokens/s (all devices), MFU and (for MoE models) router load; every evaluation log gets the
-validation perplexity; both get the wall time since this session's `train()` began. The metrics go through `Trainer.log`, so the progress bar, tensorboard/wandb/trackio and
+validation perplexity; both get the wall time since this session's `train()` began. The first training log (step 1
+with `logging_first_step`) gets `seconds_to_first_step`: from the process start (the command) to the end of that
+step, imports, data, model and compilation included. With `sequence_length_schedule`, training logs get the
+`sequence_length` of the step. The metrics go through `Trainer.log`, so the progress bar, tensorboard/wandb/trackio and
 `trainer_state.json` all see them. `HealthTrainerMixin` adds the training-health hooks (hfllm/training/health.py).
 """
 
 import math
 import time
 
+import psutil
 from transformers import Trainer
 
+from ..data.packing import cut_blocks
 from .callbacks import RouterLoadCallback
 from .health import HealthTrainerMixin
-from .optim import build_muon
+from .optim import build_optimizer
 
 
 class PretrainTrainer(HealthTrainerMixin, Trainer):
     def __init__(self, *args, flops_per_token: float, peak_flops: float, tokens_per_step: int,
-                 router_load: RouterLoadCallback | None = None, **kwargs):
-        """`router_load`: the MoE callback (also in `callbacks`) whose router load goes into the training logs."""
+                 router_load: RouterLoadCallback | None = None, sequence_lengths: dict[int, int] | None = None,
+                 **kwargs):
+        """`router_load`: the MoE callback (also in `callbacks`) whose router load goes into the training logs;
+        `sequence_lengths`: {first step: row length} (`arguments.sequence_lengths`), None for whole blocks."""
         super().__init__(*args, **kwargs)
+        self.sequence_lengths = sequence_lengths
+        self._sequence_length: int | None = None  # of the step being trained
+        self._first_step_logged = False
         self.router_load = router_load
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops  # per device
@@ -32,11 +42,26 @@ class PretrainTrainer(HealthTrainerMixin, Trainer):
         return super().train(*args, **kwargs)
 
     def create_optimizer(self, model=None):
-        if self.args.use_muon and self.optimizer is None:
+        if self.args.own_optimizer and self.optimizer is None:
             opt_model = self.model if model is None else model
-            self.optimizer = build_muon(opt_model, self.args, set(self.get_decay_parameter_names(opt_model)))
+            decay_names = set(self.get_decay_parameter_names(opt_model))
+            self.optimizer = build_optimizer(self.args.own_optimizer, opt_model, self.args, decay_names)
             return self.optimizer
         return super().create_optimizer(model)
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """The batches of one optimizer step; with a sequence-length schedule, their blocks cut into rows of the
+        step's length before Trainer counts the predicted tokens (the loss is averaged over those)."""
+        if self.sequence_lengths is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        step = self.state.global_step  # optimizer steps done so far: this is step `step` counted from 0
+        length = next(length for start, length in reversed(self.sequence_lengths.items()) if start <= step)
+        batches, num_items = super().get_batch_samples(
+            (cut_blocks(batch, length) for batch in epoch_iterator), num_batches, device
+        )
+        if batches:
+            self._sequence_length = batches[0]["input_ids"].shape[1]  # (rows, length): what the model is given
+        return batches, num_items
 
     def floating_point_ops(self, inputs: dict) -> float:
         """FLOPs of one forward + backward on `inputs` (for `total_flos`): from the FLOPs per token computed once at
@@ -53,6 +78,11 @@ class PretrainTrainer(HealthTrainerMixin, Trainer):
             self._last_log = (now, step)
             if self.router_load is not None:
                 logs.update(self.router_load.pop_metrics())
+            if self.sequence_lengths is not None:
+                logs["sequence_length"] = self._sequence_length
+            if not self._first_step_logged:  # the command's start-up: imports, data, model, compilation, step 1
+                logs["seconds_to_first_step"] = round(time.time() - psutil.Process().create_time(), 2)
+                self._first_step_logged = True
         if "eval_loss" in logs:
             logs["eval_perplexity"] = round(math.exp(min(logs["eval_loss"], 50.0)), 4)
         if "loss" in logs or "eval_loss" in logs:
