@@ -34,6 +34,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -162,7 +163,7 @@ class HealthCallback(TrainerCallback):
         for name, param in model.named_parameters():
             if param.grad is not None:
                 group = parameter_group(name)
-                value = param.grad.detach().float().pow(2).sum()
+                value = _whole(param.grad.detach().float().pow(2).sum())
                 squares[group] = squares[group] + value if group in squares else value
         self._grad_sq = squares
 
@@ -233,7 +234,8 @@ class HealthCallback(TrainerCallback):
             sums: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
             for name, param, before in self._before:
                 group = parameter_group(name)
-                sums[group].append(torch.stack([(param.detach().float() - before).pow(2).sum(), before.pow(2).sum()]))
+                sums[group].append(torch.stack([_whole((param.detach().float() - before).pow(2).sum()),
+                                                _whole(before.pow(2).sum())]))
             changes = {group: torch.stack(values).sum(0).tolist() for group, values in sums.items()}  # one sync each
             total = [sum(change[i] for change in changes.values()) for i in (0, 1)]
             self._metrics["update_ratio"] = _ratio(*total)
@@ -315,6 +317,11 @@ class HealthCallback(TrainerCallback):
             "  nothing holding non-finite values was saved; this step's update was not applied",
         ])
         self._say(state, self.report)
+
+
+def _whole(value: torch.Tensor) -> torch.Tensor:
+    """A sum over a sharded parameter (an FSDP2 DTensor: a partial sum on each rank) as the whole model's sum."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def _ratio(change_sq: float, weight_sq: float) -> float:

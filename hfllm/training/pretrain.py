@@ -16,6 +16,7 @@ from ..data.text import load_text, resolve_tokenizer, save_tokenizer, take
 from ..errors import HfllmError, first_line
 from ..models import get_preset, parameter_counts
 from .arguments import SESSION_KEYS, gradient_accumulation, lr_scheduler_kwargs, parse_recipe
+from .distributed import parameters_sharded
 from .callbacks import RouterLoadCallback, SamplesCallback, StopAtStepCallback, append_samples, generate_samples, plot_loss_curve
 from .health import HealthCallback, PreemptionCallback, check_health_arguments, resume_command
 from .mfu import flops_per_token, peak_flops
@@ -112,8 +113,11 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
         trainer.evaluate()
     trainer.save_model()
     trainer.save_state()
+    if args.num_samples > 0 and (args.should_save or parameters_sharded()):  # sharded: every process takes part
+        samples = generate_samples(model, tokenizer, args)
+        if args.should_save:
+            append_samples(samples, Path(args.output_dir) / "samples.txt", "end of training")
     if args.should_save and args.num_samples > 0:
-        append_samples(generate_samples(model, tokenizer, args), Path(args.output_dir) / "samples.txt", "end of training")
         plot_loss_curve(trainer.state.log_history, f"{args.output_dir}/loss_curve.png")
     return 0
 

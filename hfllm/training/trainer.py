@@ -2,7 +2,8 @@
 
 Every training log gets tokens/s (all devices), MFU and (for MoE models) router load; every evaluation log gets the
 validation perplexity; both get the wall time since this session's `train()` began. The metrics go through `Trainer.log`, so the progress bar, tensorboard/wandb/trackio and
-`trainer_state.json` all see them. `HealthTrainerMixin` adds the training-health hooks (hfllm/training/health.py).
+`trainer_state.json` all see them. `HealthTrainerMixin` adds the training-health hooks (hfllm/training/health.py), `EngineTrainerMixin` the
+engine's CPU workarounds and its check (hfllm/training/distributed.py).
 """
 
 import math
@@ -11,11 +12,12 @@ import time
 from transformers import Trainer
 
 from .callbacks import RouterLoadCallback
+from .distributed import EngineTrainerMixin
 from .health import HealthTrainerMixin
 from .optim import build_muon
 
 
-class PretrainTrainer(HealthTrainerMixin, Trainer):
+class PretrainTrainer(EngineTrainerMixin, HealthTrainerMixin, Trainer):
     def __init__(self, *args, flops_per_token: float, peak_flops: float, tokens_per_step: int,
                  router_load: RouterLoadCallback | None = None, **kwargs):
         """`router_load`: the MoE callback (also in `callbacks`) whose router load goes into the training logs."""
