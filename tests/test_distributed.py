@@ -134,8 +134,7 @@ def test_sft(engine, peft, tmp_path, tiny_llama_chat_dir, synth_dir):
     assert sft_main([str(recipe), "--output_dir", str(single), "--gradient_accumulation_steps", "2"]) == 0
 
     run = launch(engine, "sft", [str(recipe), "--output_dir", str(uninterrupted)])
-    assert_engine_ran(run.stdout, engine) if not peft else engine_reports(run.stdout)[0][:2] == (
-        engine, DISTRIBUTED_TYPE[engine])
+    assert_engine_ran(run.stdout, engine)  # LoRA: the frozen base is sharded too
     launch(engine, "sft", [str(recipe), "--output_dir", str(resumed),
                            "--resume_from_checkpoint", str(uninterrupted / "checkpoint-2")])
     assert len(losses(uninterrupted)) == 4
