@@ -180,7 +180,7 @@ def test_a_silent_fallback_is_an_error(env, trainer, message, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(EngineMismatch, match=re.escape(message)):
-        verify_engine(fake_trainer(**trainer), torch.zeros(2, 4, dtype=torch.long))
+        verify_engine(fake_trainer(**trainer), {"input_ids": torch.zeros(2, 4, dtype=torch.long)})
 
 
 def test_ranks_with_the_same_batch_are_an_error(monkeypatch):
@@ -192,7 +192,7 @@ def test_ranks_with_the_same_batch_are_an_error(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
     with pytest.raises(EngineMismatch, match="ranks received the same first batch"):
-        _check_ranks_see_different_data(torch.zeros(2, 4, dtype=torch.long), "ddp")
+        _check_ranks_see_different_data({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, "ddp")
 
 
 @pytest.mark.parametrize("config, engine", [("ddp", "ddp"), ("fsdp2", "fsdp2"), ("zero2", "zero2"),

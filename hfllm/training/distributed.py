@@ -86,7 +86,8 @@ class EngineTrainerMixin:
     """Trainer hooks of the engine: FSDP switched on under MULTI_CPU when it was asked for, and the engine checked
     at the first training step (`verify_engine`). Put it before the Trainer class (`with_engine(SFTTrainer)`)."""
 
-    engine_report: "EngineReport | None" = None
+    engine_report: "EngineReport | None" = None  # what runs, after the first training step of a launched run
+    _engine_checked = False
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -94,8 +95,9 @@ class EngineTrainerMixin:
             enable_fsdp_on_cpu(self)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.engine_report is None:
-            self.engine_report = verify_engine(self, inputs["input_ids"])
+        if not self._engine_checked:
+            self.engine_report = verify_engine(self, inputs)
+            self._engine_checked = True
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _save(self, output_dir=None, state_dict=None):
@@ -161,7 +163,7 @@ class EngineReport:
                 f"{self.backend}), parameter bytes {self.local_parameter_bytes} of {self.parameter_bytes}")
 
 
-def verify_engine(trainer, input_ids: torch.Tensor) -> EngineReport | None:
+def verify_engine(trainer, inputs: dict) -> EngineReport | None:
     """Check that the engine asked for runs (raises `EngineMismatch`), print what runs on this process, return it."""
     asked = requested_engine()
     if asked is None:
@@ -206,7 +208,7 @@ def verify_engine(trainer, input_ids: torch.Tensor) -> EngineReport | None:
         local = whole = sum(p.numel() * p.element_size() for p in parameters)
     if asked in ("fsdp2", "zero3", "zero3_offload") and world > 1 and local >= whole:
         raise EngineMismatch(f"{asked} was asked for but this process holds every parameter ({local} bytes)")
-    _check_ranks_see_different_data(input_ids, asked)
+    _check_ranks_see_different_data(inputs, asked)
     report = EngineReport(asked, kind.value, world, getattr(state, "backend", None), state.process_index, local, whole)
     print(report.line(), flush=True)
     return report
@@ -218,10 +220,13 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def _check_ranks_see_different_data(input_ids: torch.Tensor, engine: str) -> None:
+def _check_ranks_see_different_data(inputs: dict, engine: str) -> None:
     """The first micro-batch differs between ranks (a sampler that is not split hands every rank the same data)."""
-    digest = hashlib.sha256(input_ids.detach().cpu().numpy().tobytes()).hexdigest()
+    digest = hashlib.sha256()
+    for key, value in sorted(inputs.items()):
+        if isinstance(value, torch.Tensor):
+            digest.update(key.encode() + value.detach().cpu().numpy().tobytes())
     digests = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(digests, digest)
+    torch.distributed.all_gather_object(digests, digest.hexdigest())
     if len(set(digests)) < len(digests):
         raise EngineMismatch(f"{engine}: ranks received the same first batch; the data is not split across processes")
