@@ -24,8 +24,8 @@ from hfllm.training.plan import plan_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAINING_BY_DEFAULT = ("ddp", "fsdp2")  # the rest are slow
-REPORT = re.compile(r"^process (\d): engine (\S+) \((\w+), (\d) processes, (\w+)\), parameter bytes (\d+) of (\d+)$",
-                    re.MULTILINE)
+# not anchored: two processes writing to one pipe may run their lines together
+REPORT = re.compile(r"process (\d): engine (\S+) \((\w+), (\d) processes, (\w+)\), parameter bytes (\d+) of (\d+)")
 DISTRIBUTED_TYPE = {"ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED",
                     "zero3_offload": "DEEPSPEED"}
 

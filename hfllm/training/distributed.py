@@ -17,6 +17,7 @@ mismatch is an error (`EngineMismatch`), never a warning.
 import hashlib
 import json
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -210,7 +211,8 @@ def verify_engine(trainer, inputs: dict) -> EngineReport | None:
         raise EngineMismatch(f"{asked} was asked for but this process holds every parameter ({local} bytes)")
     _check_ranks_see_different_data(inputs, asked)
     report = EngineReport(asked, kind.value, world, getattr(state, "backend", None), state.process_index, local, whole)
-    print(report.line(), flush=True)
+    sys.stdout.write(report.line() + "\n")  # one write: the processes share the launcher's stdout
+    sys.stdout.flush()
     return report
 
 
