@@ -15,7 +15,8 @@ The rules are the same for every command (pretrain, sft/dpo/orpo/kto/grpo, eval)
   - values every command shares are checked against `VALUE_RULES` ("key 'learning_rate': got -0.001; allowed: a
     number >= 0"), so that no library fails on them after the run started;
   - hardware: without a GPU, the defaults that assume one (bf16, activation checkpointing, pinned memory) are off; an
-    explicit `bf16: true` trains on a CPU with bf16 instructions and otherwise falls back to float32 with a warning.
+    explicit `bf16: true` trains on a CPU with bf16 instructions and otherwise falls back to float32 with a warning;
+    processes of `accelerate launch` get gloo for every engine (hfllm/training/distributed.py).
 Every mistake raises `HfllmError` before any work is done.
 """
 
@@ -37,6 +38,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import HfllmError
+from .training.distributed import cpu_training_arguments
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -228,6 +230,7 @@ def apply_hardware(kwargs: dict[str, Any], explicit: set[str]) -> None:
         name = "bf16" if kwargs.get("bf16") else "fp16"
         print(f"warning: {name} needs a GPU or a CPU with bf16 instructions; training in float32", file=sys.stderr)
         kwargs["bf16"] = kwargs["fp16"] = False
+    cpu_training_arguments(kwargs)  # `accelerate launch` on CPU processes: gloo for every engine
 
 
 def check_type(key: str, value: Any, annotation: Any) -> Any:

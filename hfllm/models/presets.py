@@ -73,15 +73,22 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     head = model.get_output_embeddings()
     experts = getattr(model.config, "num_experts", 0) or 0
     top_k = getattr(model.config, "num_experts_per_tok", 0) or 0
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_numel(p) for p in model.parameters())
     active = 0
     for p in model.parameters():
-        is_experts = experts and p.ndim == 3 and p.shape[0] == experts
-        active += p.numel() * top_k // experts if is_experts else p.numel()
+        shape = getattr(p, "ds_shape", p.shape)
+        is_experts = experts and len(shape) == 3 and shape[0] == experts
+        active += _numel(p) * top_k // experts if is_experts else _numel(p)
     tied_head = head is not None and head.weight is embedding_weight
-    active_matmul = active - embedding_weight.numel() + (head.weight.numel() if tied_head else 0)
-    return {"total": total, "embedding": embedding_weight.numel(), "non_embedding": total - embedding_weight.numel(),
+    embedding = _numel(embedding_weight)
+    active_matmul = active - embedding + (_numel(head.weight) if tied_head else 0)
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
             "active": active, "active_matmul": active_matmul}
+
+
+def _numel(parameter: torch.Tensor) -> int:
+    """Elements of a parameter, also when DeepSpeed ZeRO-3 partitioned it (its own tensor is then empty)."""
+    return getattr(parameter, "ds_numel", None) or parameter.numel()
 
 
 def preset_parameter_counts(config: HfllmConfig) -> dict[str, int]:

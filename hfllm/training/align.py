@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HfllmError
+from .distributed import with_engine
 from .health import (HEALTH_KEYS, HealthArguments, HealthCallback, PreemptionCallback, check_health_arguments,
                      resume_command, with_health)
 
@@ -79,7 +80,7 @@ def run(method: str, argv: list[str], prog: str) -> int:
 
     module_name, config_name, trainer_name = TRAINERS[method]
     module = importlib.import_module(module_name)
-    Config, Trainer = getattr(module, config_name), with_health(getattr(module, trainer_name))
+    Config, Trainer = getattr(module, config_name), with_engine(with_health(getattr(module, trainer_name)))
 
     # ---- recipe and output folder
     extra = (GRPOArguments,) if method == "grpo" else ()

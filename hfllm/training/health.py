@@ -82,8 +82,8 @@ def check_health_arguments(args) -> None:
 
 
 def _whole(value: torch.Tensor) -> torch.Tensor:
-    """A sum over a tensor-parallel parameter (a DTensor, partial on each rank) summed over the ranks; a plain tensor
-    as it is. A collective for a DTensor: every rank calls it."""
+    """A sum over a sharded parameter (a DTensor of tensor parallel or FSDP2, partial on each rank) summed over the
+    ranks; a plain tensor as it is. A collective for a DTensor: every rank calls it."""
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 

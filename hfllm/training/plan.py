@@ -25,6 +25,7 @@ import torch
 from ..errors import ArgumentParser, HfllmError
 from ..models import HfllmForCausalLM, parameter_counts
 from .arguments import global_batch_sequences, parse_recipe
+from .distributed import ENGINES, SHARDED
 from .mfu import flops_per_token
 
 GIB = 1024**3
@@ -46,7 +47,6 @@ DEVICES = {
     "4090": Device(24, 165e12),
     "5090": Device(32, 209e12),
 }
-ENGINES = ("ddp", "fsdp2", "zero2", "zero3", "zero3_offload")
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ class Plan:
     gradients: float
     optimizer: float
     host_memory: float  # what ZeRO-3 offload keeps in CPU RAM
+    parameters_held: float  # the parameters a device holds between steps: its shard (zero3_offload: in CPU RAM)
     activation_per_sequence: float
     activation_per_sequence_checkpointed: float
     transient_per_sequence: float
@@ -245,6 +246,8 @@ def plan_recipe(argv: list[str], *, engine: str, device: str, devices: int, mfu:
     global_batch = _global_batch(args, data_args.block_size, devices)
     optim = str(recipe.value("optim") or "adamw_torch")
     weights, gradients, optimizer, host = state_bytes(model, optim, precision, engine, devices)
+    parameters_held = PRECISION[precision].weights * sum(p.numel() for p in model.parameters()) / (
+        devices if engine in SHARDED else 1)
     attn, block = model_args.attn_implementation, data_args.block_size
     per_token = activation_bytes_per_token(config, attn, block, precision, False)
     per_token_checkpointed = activation_bytes_per_token(config, attn, block, precision, True)
@@ -253,6 +256,7 @@ def plan_recipe(argv: list[str], *, engine: str, device: str, devices: int, mfu:
         counts=parameter_counts(model), layers=config.num_hidden_layers, block_size=block,
         flops_per_token=flops_per_token(model, block), tokens_planned=global_batch * block * args.max_steps,
         global_batch=global_batch, weights=weights, gradients=gradients, optimizer=optimizer, host_memory=host,
+        parameters_held=parameters_held,
         activation_per_sequence=block * per_token, activation_per_sequence_checkpointed=block * per_token_checkpointed,
         transient_per_sequence=block * transient_bytes_per_token(config, attn, block, precision),
         usable_memory=memory, peak_flops=flops, mfu=mfu,

@@ -19,6 +19,7 @@ from ..models import get_preset, parameter_counts
 from .arguments import SESSION_KEYS, data_parallel_size, gradient_accumulation, lr_scheduler_kwargs, parse_recipe, sequence_lengths
 from .callbacks import (RouterLoadCallback, SamplesCallback, StopAtStepCallback, append_samples, generate_samples,
                         plot_loss_curve, reached_eval_loss)
+from .distributed import parameters_sharded
 from .kernels import check_kernel_options, convert_to_fp8, is_flash_attention
 from .health import HealthCallback, PreemptionCallback, check_health_arguments, resume_command
 from .mfu import flops_per_token, peak_flops
@@ -49,14 +50,12 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
         torch.set_num_threads(args.torch_num_threads)
     set_seed(args.seed)
 
-    # ---- data: raw text -> tokenizer -> model sized to it -> packed blocks of block_size tokens. The main process
-    # goes first and saves the tokenizer in output_dir; the others then load it (hfllm/data/text.py)
+    # ---- data: raw text -> tokenizer -> packed blocks of block_size tokens -> model sized to the tokenizer. The main
+    # process goes first and saves the tokenizer in output_dir; the others then load it (hfllm/data/text.py)
     with args.main_process_first(local=False, desc="tokenizer and data"):
         raw = load_text(data_args, args.seed)
         tokenizer = resolve_tokenizer(data_args, raw["train"], args.output_dir, args.should_save, resume is not None)
-        model = build_model(model_args.model, config, tokenizer, model_args.attn_implementation)
-        if args.fp8:
-            convert_to_fp8(model)  # before Trainer compiles the model and builds the optimizer
+        check_vocabulary(model_args.model, config, tokenizer)
         packed = data.tokenize_and_pack(
             raw, tokenizer, data_args.block_size, num_proc=data_args.preprocessing_num_workers, seed=args.seed,
             per_document_positions=data_args.per_document_positions, cache_dir=cache_dir() / "tokenized",
@@ -67,9 +66,13 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             recipe.save(args.output_dir, leave_out=("resume_from_checkpoint", "overwrite_output_dir", "stop_at_step"))
             save_tokenizer(tokenizer, args.output_dir)
-    if args.tp_size > 1:  # a collective: every rank at once, after the main process went first
+    # every process at once: ZeRO-3 partitions the parameters as they are created (collectives across processes)
+    model = build_model(model_args.model, config, tokenizer, model_args.attn_implementation)
+    if args.tp_size > 1:  # a collective too
         model = shard_model(model, args.tp_size)
         trainer_parallelism(args)
+    if args.fp8:
+        convert_to_fp8(model)  # before Trainer compiles the model and builds the optimizer
     eval_dataset = take(packed["validation"], data_args.max_eval_samples)
     if args.world_size > 1:
         source = tokenizer.name_or_path or "trained here"  # a loaded tokenizer knows its folder
@@ -136,8 +139,11 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
         trainer.evaluate()
     trainer.save_model()
     trainer.save_state()
+    if args.num_samples > 0 and (args.should_save or parameters_sharded()):  # sharded: every process takes part
+        samples = generate_samples(model, tokenizer, args)
+        if args.should_save:
+            append_samples(samples, Path(args.output_dir) / "samples.txt", "end of training")
     if args.should_save and args.num_samples > 0:
-        append_samples(generate_samples(model, tokenizer, args), Path(args.output_dir) / "samples.txt", "end of training")
         plot_loss_curve(trainer.state.log_history, f"{args.output_dir}/loss_curve.png")
     return 0
 
@@ -184,14 +190,18 @@ def resolve_config(model: str, overrides: dict[str, Any], block_size: int) -> Pr
     return config
 
 
+def check_vocabulary(model: str, config: PreTrainedConfig, tokenizer) -> None:
+    """A model folder must cover the tokenizer's ids (a preset is sized to the tokenizer)."""
+    if Path(model).is_dir() and len(tokenizer) > config.vocab_size:
+        raise HfllmError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model {model} has vocab_size {config.vocab_size}; "
+            "use the model's own tokenizer (tokenizer: <model folder>)"
+        )
+
+
 def build_model(model: str, config: PreTrainedConfig, tokenizer, attn_implementation: str):
-    """A preset gets new weights sized to the tokenizer; a folder is loaded and must cover the tokenizer's ids."""
+    """A preset gets new weights sized to the tokenizer; a folder is loaded (`check_vocabulary` first)."""
     if Path(model).is_dir():
-        if len(tokenizer) > config.vocab_size:
-            raise HfllmError(
-                f"the tokenizer has {len(tokenizer)} tokens but the model {model} has vocab_size {config.vocab_size}; "
-                "use the model's own tokenizer (tokenizer: <model folder>)"
-            )
         return load(model, config=config, attn_implementation=attn_implementation, with_tokenizer=False)[0].train()
     config.vocab_size = len(tokenizer)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = (
