@@ -34,6 +34,7 @@ import math
 import os
 import pickle
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -311,7 +312,7 @@ def run_hfllm(name: str, recipe: Path, flags: list[str], target: float, threads:
 
 def run_speedrun(nanogpt: Path, rounds: int, threads: int, variants: list[str], out: Path) -> list[dict]:
     runs = [("speedrun", SPEEDRUN, [])]
-    runs += [(v.split(":", 1)[0], SPEEDRUN, v.split(":", 1)[1].split()) for v in variants]
+    runs += [(v.split(":", 1)[0], SPEEDRUN, shlex.split(v.split(":", 1)[1])) for v in variants]
     runs.append(("shakespeare-char", RECIPE, []))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
