@@ -141,9 +141,9 @@ def test_plan_names_only_modules_the_config_builds():
     assert "base_model_tp_plan" not in HfllmConfig(**VARIANTS["moe"]).to_json_string()
 
 
-def run_args(tp_size=2, world_size=2, save_strategy="no", save_only_model=False, use_muon=False):
+def run_args(tp_size=2, world_size=2, save_strategy="no", save_only_model=False, own_optimizer=None):
     return SimpleNamespace(tp_size=tp_size, world_size=world_size, save_strategy=save_strategy,
-                           save_only_model=save_only_model, use_muon=use_muon)
+                           save_only_model=save_only_model, own_optimizer=own_optimizer)
 
 
 @pytest.mark.parametrize("changes, args, message", [
@@ -156,7 +156,8 @@ def run_args(tp_size=2, world_size=2, save_strategy="no", save_only_model=False,
     ({}, run_args(world_size=4), r"^tp_size 2 needs exactly 2 processes, got 4"),
     ({}, run_args(save_strategy="steps"), r"set save_only_model: true .* or save_strategy: no$"),
     ({}, run_args(tp_size=0), r"^tp_size must be 1 or more"),
-    ({}, run_args(use_muon=True), r"^optim: muon .* use optim: adamw_torch_fused with tp_size > 1$"),
+    ({}, run_args(own_optimizer="muon"), r"^optim: muon .* use optim: adamw_torch_fused with tp_size > 1$"),
+    ({}, run_args(own_optimizer="soap"), r"^optim: soap .* use optim: adamw_torch_fused with tp_size > 1$"),
 ])
 def test_refused_in_one_line(changes, args, message):
     with pytest.raises(HfllmError, match=message) as error:

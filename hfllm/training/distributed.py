@@ -192,10 +192,9 @@ def verify_engine(trainer, inputs: dict) -> EngineReport | None:
         whole = sum(p.numel() * p.element_size() for p in parameters)
     elif asked.startswith("zero"):
         engine = trainer.model_wrapped
-        stage = int(asked[4])
-        if getattr(engine, "zero_optimization_stage", lambda: None)() != stage:
-            raise EngineMismatch(f"{asked} was asked for but DeepSpeed runs ZeRO stage "
-                                 f"{getattr(engine, 'zero_optimization_stage', lambda: None)()}")
+        stage, running = int(asked[4]), getattr(engine, "zero_optimization_stage", lambda: None)()
+        if running != stage:
+            raise EngineMismatch(f"{asked} was asked for but DeepSpeed runs ZeRO stage {running}")
         if asked.endswith("_offload") and not (engine.zero_offload_param() or engine.zero_cpu_offload()):
             raise EngineMismatch(f"{asked} was asked for but DeepSpeed offloads neither parameters nor optimizer")
         if stage == 3:
@@ -207,9 +206,10 @@ def verify_engine(trainer, inputs: dict) -> EngineReport | None:
             local = whole = sum(p.numel() * p.element_size() for p in parameters)
     else:
         local = whole = sum(p.numel() * p.element_size() for p in parameters)
-    if asked in ("fsdp2", "zero3", "zero3_offload") and world > 1 and local >= whole:
+    if asked in SHARDED and world > 1 and local >= whole:
         raise EngineMismatch(f"{asked} was asked for but this process holds every parameter ({local} bytes)")
-    _check_ranks_see_different_data(inputs, asked)
+    if getattr(trainer.args, "tp_size", 1) == 1:  # the ranks of a tensor-parallel group share their batches
+        _check_ranks_see_different_data(inputs, asked)
     report = EngineReport(asked, kind.value, world, getattr(state, "backend", None), state.process_index, local, whole)
     sys.stdout.write(report.line() + "\n")  # one write: the processes share the launcher's stdout
     sys.stdout.flush()

@@ -35,9 +35,9 @@ def check_tensor_parallel(config: PreTrainedConfig, args) -> None:
             f"tp_size {tp_size} needs exactly {tp_size} processes, got {world_size}: launch {tp_size} (torchrun "
             f"--nproc_per_node / accelerate launch --num_processes {tp_size}); tensor x data parallel is not supported"
         )
-    if args.use_muon:
-        raise HfllmError("optim: muon orthogonalizes whole matrices, not tensor-parallel shards: use optim: "
-                         "adamw_torch_fused with tp_size > 1")
+    if args.own_optimizer:  # muon, soap
+        raise HfllmError(f"optim: {args.own_optimizer} transforms whole matrices, not tensor-parallel shards: use "
+                         "optim: adamw_torch_fused with tp_size > 1")
     if args.save_strategy != "no" and not args.save_only_model:
         raise HfllmError(
             "tp_size > 1: transformers cannot checkpoint the optimizer of a tensor-parallel model; set "
