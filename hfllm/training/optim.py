@@ -56,6 +56,14 @@ def muon_parameter_names(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and id(p) not in excluded}
 
 
+def decay_groups(named: list[tuple[str, nn.Parameter]], decay_names: set[str], weight_decay: float) -> list[dict]:
+    """Two param groups: weight decay on `decay_names` (Trainer's rule: not norms and biases), none on the rest."""
+    return [
+        {"params": [p for n, p in named if n in decay_names], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in decay_names], "weight_decay": 0.0},
+    ]
+
+
 def build_muon(model: nn.Module, args, decay_names: set[str]) -> MuonWithAdamW:
     """Muon (lr `args.muon_lr` or `args.learning_rate`, update RMS matched to AdamW's) + AdamW for the rest."""
     muon_names = muon_parameter_names(model)
@@ -68,10 +76,7 @@ def build_muon(model: nn.Module, args, decay_names: set[str]) -> MuonWithAdamW:
     )
     rest = [(n, p) for n, p in named if n not in muon_names]
     adamw = torch.optim.AdamW(
-        [
-            {"params": [p for n, p in rest if n in decay_names], "weight_decay": args.weight_decay},
-            {"params": [p for n, p in rest if n not in decay_names], "weight_decay": 0.0},
-        ],
+        decay_groups(rest, decay_names, args.weight_decay),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
@@ -87,10 +92,7 @@ def build_soap(model: nn.Module, args, decay_names: set[str]) -> torch.optim.Opt
         raise HfllmError("optim: soap needs the pytorch-optimizer package; pip install 'hfllm[soap]'") from None
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return SOAP(
-        [
-            {"params": [p for n, p in named if n in decay_names], "weight_decay": args.weight_decay},
-            {"params": [p for n, p in named if n not in decay_names], "weight_decay": 0.0},
-        ],
+        decay_groups(named, decay_names, args.weight_decay),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
