@@ -183,7 +183,7 @@ def test_pretrain_recipe_with_tp_size(tmp_path):
     write_recipe(tmp_path / "r.yaml", {"model": "llama-tiny", "max_steps": 3, "logging_steps": 1})
     tiny = list(TINY)
     tiny[tiny.index("--num_key_value_heads") + 1] = "2"
-    common = ["r.yaml", *tiny, *data_args(tmp_path), "--eval_steps", "100", "--num_samples", "0",
+    common = ["r.yaml", *tiny, *data_args(tmp_path), "--eval_steps", "100", "--num_samples", "1", "--sample_max_new_tokens", "4",
               "--learning_rate", "1e-2", "--warmup_steps", "0", "--save_only_model", "true"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     runs = {

@@ -139,7 +139,8 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
         trainer.evaluate()
     trainer.save_model()
     trainer.save_state()
-    if args.num_samples > 0 and (args.should_save or parameters_sharded()):  # sharded: every process takes part
+    # sharded or tensor-parallel weights: a forward pass needs every process, so every process generates
+    if args.num_samples > 0 and (args.should_save or parameters_sharded() or args.tp_size > 1):
         samples = generate_samples(model, tokenizer, args)
         if args.should_save:
             append_samples(samples, Path(args.output_dir) / "samples.txt", "end of training")
