@@ -22,7 +22,7 @@ from hfllm.models import parameter_counts
 from hfllm.training.arguments import gradient_accumulation, parse_recipe
 from hfllm.training.mfu import flops_per_token
 from hfllm.training.optim import MuonWithAdamW, build_muon, muon_parameter_names
-from hfllm.training.run_info import tokenizer_hash
+from hfllm.training.run_info import data_hash, tokenizer_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -391,3 +391,16 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     saved = tokenizer_hash(AutoTokenizer.from_pretrained(tmp_path / "out" / "tokenizer"))
     assert sorted(used) == [("0", saved, "trained here"), ("1", saved, "out/tokenizer")]
     assert info["tokenizer_sha256"] == saved
+
+
+def test_data_hash_is_the_sha256_of_the_token_ids_in_training_order():
+    import hashlib
+
+    from datasets import Dataset
+
+    blocks = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]]})
+    shuffled = blocks.select([2, 0, 3])  # as a shuffle leaves it: an index mapping over the stored rows
+    expected = hashlib.sha256(torch.tensor([7, 8, 9, 1, 2, 3, 10, 11, 12], dtype=torch.int64).numpy().tobytes())
+    streamed = hashlib.sha256(torch.arange(1, 13, dtype=torch.int64).numpy().tobytes())
+    hashes = data_hash({"train": shuffled, "validation": blocks.to_iterable_dataset()})
+    assert hashes == {"train": expected.hexdigest(), "validation": streamed.hexdigest()}

@@ -54,7 +54,9 @@ def _train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
 
 def _train_char(texts: list[str], vocab_size: int) -> Tokenizer:
     specials = SPECIAL_TOKENS + [UNK]
-    counts = Counter(char for text in texts for char in text)
+    counts = Counter()
+    for text in texts:
+        counts.update(text)  # counted in C, one text at a time (a generator of characters took 0.3 s on Shakespeare)
     chars = [char for char, _ in counts.most_common(max(vocab_size - len(specials), 0))]
     vocab = {token: i for i, token in enumerate(specials + sorted(chars))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))

@@ -10,6 +10,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.compute as pc
+from datasets import Dataset
+
 RUN_INFO_FILE = "run_info.json"
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "numpy", "schedulefree")
 
@@ -38,12 +42,18 @@ def package_versions() -> dict[str, str | None]:
 
 
 def data_hash(packed) -> dict[str, str]:
-    """sha256 of each split's token ids (so it covers the text, the tokenizer and the packing)."""
+    """sha256 of each split's token ids, row after row as int64 (so it covers the text, the tokenizer and the
+    packing). Read from the Arrow column directly: formatting rows as numpy batches took 1.5 s of start-up."""
     hashes = {}
     for split, dataset in packed.items():
         digest = hashlib.sha256()
-        for batch in dataset.with_format("numpy").iter(batch_size=4096):
-            digest.update(batch["input_ids"].astype("int64").tobytes())
+        if isinstance(dataset, Dataset):
+            # the rows as one flat array: the selected rows of the column, flattened (offsets and slices honoured)
+            column = dataset.with_format("arrow")[:]["input_ids"]
+            digest.update(pc.list_flatten(column).to_numpy().astype("int64").tobytes())
+        else:  # a stream (its validation rows, taken)
+            for row in dataset:
+                digest.update(np.asarray(row["input_ids"], dtype="int64").tobytes())
         hashes[split] = digest.hexdigest()
     return hashes
 
