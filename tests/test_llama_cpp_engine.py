@@ -106,6 +106,17 @@ def test_missing_llama_cpp_is_one_line(capsys, tmp_path, monkeypatch, tiny_chat_
     assert not (tmp_path / "wheels").exists() and not (tmp_path / "gguf").exists()
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_bad_model_is_one_line_and_exit_2(capsys, tmp_path, command):
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00")
+    for model, message in (("/no/such/model", "does not exist"), (truncated, "is truncated or corrupt")):
+        prompt = ["--prompt", "x"] if command == "generate" else []
+        code, out, err = run(capsys, command, model, "--engine", "llama.cpp", *prompt)
+        assert code == 2 and out == "", err
+        assert err.startswith(f"hfllm {command}: error:") and err.count("\n") == 1 and message in err, err
+
+
 def test_content_key_follows_the_files_not_the_path(tmp_path, tiny_chat_dir):
     import shutil
 

@@ -226,8 +226,11 @@ def _finish(run: Generator[str, None, Completion], out: TextIO | None = None) ->
 def open_engine(args: argparse.Namespace, threads: int) -> LlamaCppEngine:
     """The checked flags, then MODEL's GGUF file loaded by llama.cpp to decode on `threads` threads."""
     from ..assets import llama_cpp
+    from ..checkpoint import check_gguf, spec_kind
 
     check_llama_cpp_args(args)
+    if spec_kind(args.model) == "gguf":  # one line for a missing model or a broken file before anything else
+        check_gguf(args.model)
 
     llama_cpp(build=False)  # one line before an export when llama.cpp is not there
     return LlamaCppEngine(gguf_file(args.model, args.gguf_quant), threads)
