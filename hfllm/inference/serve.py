@@ -444,8 +444,8 @@ def serve_vllm(spec: str, host: str, port: int, api_key: str | None, max_concurr
 def native_checkpoint(spec: str) -> str:
     """A checkpoint vLLM reads: MODEL itself when it is a native folder or a Hub id, else `hfllm export --to
     transformers` of it (adapters merged, GGUF dequantized) in ~/.cache/hfllm/vllm."""
-    from ..checkpoint import load, spec_kind
-    from ..models.convert import export, to_native
+    from ..checkpoint import spec_kind
+    from ..models.convert import export, load_as_native
 
     kind = spec_kind(spec)
     is_hfllm_folder = kind == "folder" and json.loads((Path(spec) / "config.json").read_text()).get("model_type") == "hfllm"
@@ -460,8 +460,7 @@ def native_checkpoint(spec: str) -> str:
         return str(export(spec, out))
     from ..checkpoint import atomic_output
 
-    model, tokenizer = load(spec, merge_adapter=True)
-    native = to_native(model) if model.config.model_type == "hfllm" else model
+    native, tokenizer = load_as_native(spec)
     with atomic_output(out) as tmp:
         native.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -12,6 +12,7 @@ model). Every copy is checked: a missing or unexpected tensor is an error, never
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -259,6 +260,13 @@ def to_native(model: HfllmForCausalLM) -> PreTrainedModel:
     copy_weights(model, native)
     native.generation_config = model.generation_config
     return native
+
+
+def load_as_native(spec: str | Path, dtype: str | torch.dtype = "auto") -> tuple[PreTrainedModel, Any]:
+    """Any model spec (`hfllm.checkpoint.load`, an adapter merged) as a native transformers model, and its
+    tokenizer: hfllm's family through `to_native`."""
+    model, tokenizer = load(spec, dtype=dtype, merge_adapter=True)
+    return (to_native(model) if model.config.model_type == "hfllm" else model), tokenizer
 
 
 def convert(src: str | Path, out: str | Path, dtype: str = "auto") -> Path:
