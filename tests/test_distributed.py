@@ -114,13 +114,17 @@ def initial_model(argv: list[str], folder: Path) -> Path:
 @pytest.mark.parametrize("engine", engines(PRETRAINING_BY_DEFAULT))
 def test_pretraining(engine, tmp_path):
     argv = pretraining_argv(tmp_path)
+    single, uninterrupted, resumed = tmp_path / "single", tmp_path / "uninterrupted", tmp_path / "resumed"
+    assert pretrain_main([*argv, "--output_dir", str(single)]) == 0
     if engine.startswith("zero3"):
         # under ZeRO-3 transformers creates a preset's model inside deepspeed.zero.Init (the DeepSpeed config is known
         # when the arguments are), whose random init draws other numbers than one process: both start from one folder
+        # holding the preset's own init, which one process continues with the preset run's very losses
         init = initial_model(argv, tmp_path / "init")
         argv += ["--model", str(init), "--tokenizer", str(init)]
-    single, uninterrupted, resumed = tmp_path / "single", tmp_path / "uninterrupted", tmp_path / "resumed"
-    assert pretrain_main([*argv, "--output_dir", str(single)]) == 0
+        from_preset, single = single, tmp_path / "single_from_init"
+        assert pretrain_main([*argv, "--output_dir", str(single)]) == 0
+        assert losses(single) == losses(from_preset)
 
     run = launch(engine, "pretrain", [*argv, "--output_dir", str(uninterrupted)])
     held, whole = assert_engine_ran(run.stdout, engine)
