@@ -36,7 +36,7 @@ def engines(by_default: tuple[str, ...] = ()) -> list:
     return [pytest.param(engine, marks=() if engine in by_default else pytest.mark.slow) for engine in ENGINES]
 
 
-def launch(engine: str, entry: str, argv: list[str], **env: str) -> subprocess.CompletedProcess:
+def launch(engine: str, entry: str, argv: list[str], timeout: int = 1800, **env: str) -> subprocess.CompletedProcess:
     """`accelerate launch` of hfllm/run_<entry>.py with the shipped config of `engine` on 2 CPU processes, from the
     repository root (zero3_offload's config names its DeepSpeed JSON relative to it)."""
     command = ["accelerate", "launch", "--config_file", f"accelerate_configs/{engine}.yaml", "--num_processes", "2",
@@ -45,7 +45,7 @@ def launch(engine: str, entry: str, argv: list[str], **env: str) -> subprocess.C
         command += ["--mixed_precision", "no"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     result = subprocess.run([*command, f"hfllm/run_{entry}.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                            env={k: v for k, v in environment.items() if v != ""}, timeout=1800)
+                            env={k: v for k, v in environment.items() if v != ""}, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -145,6 +145,19 @@ def test_pretraining(engine, tmp_path):
     assert final_loss == pytest.approx(losses(uninterrupted)[-1], abs=0.5)
     assert losses(uninterrupted) == pytest.approx(losses(single), rel=1e-4)
     assert final_loss == pytest.approx(fixed_data_loss(single), rel=1e-4)
+
+
+def test_samples_at_eval_with_sharded_weights(tmp_path):
+    """samples_at_eval under FSDP2: each process holds half of the weights, so every process takes part in generating
+    (a sample from the main process alone waited forever for the other's shards); only the main one writes them."""
+    argv = pretraining_argv(tmp_path)
+    for flag, value in (("--max_steps", "2"), ("--eval_steps", "2")):
+        argv[argv.index(flag) + 1] = value
+    out = tmp_path / "out"
+    launch("fsdp2", "pretrain", [*argv, "--output_dir", str(out), "--samples_at_eval", "true", "--num_samples", "1",
+                                 "--sample_max_new_tokens", "4"], timeout=600)
+    titles = re.findall(r"^----- sample 1 \((.+)\) -----$", (out / "samples.txt").read_text(), flags=re.MULTILINE)
+    assert titles == ["step 2", "end of training"]
 
 
 # ----------------------------------------------------------------------------- SFT (LoRA and full)

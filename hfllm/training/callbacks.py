@@ -7,6 +7,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ..checkpoint import eval_mode
+from .distributed import parameters_sharded
 
 
 class RouterLoadCallback(TrainerCallback):
@@ -63,9 +64,17 @@ class SamplesCallback(TrainerCallback):
         self.tokenizer, self.output_dir = tokenizer, output_dir
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
+        if generates_here(args):
             samples = generate_samples(model, self.tokenizer, args)
-            append_samples(samples, Path(self.output_dir) / "samples.txt", f"step {state.global_step}")
+            if state.is_world_process_zero:
+                append_samples(samples, Path(self.output_dir) / "samples.txt", f"step {state.global_step}")
+
+
+def generates_here(args) -> bool:
+    """Whether this process generates the samples: the main process, or every process when each holds only a part
+    of the weights (a sharded engine, tensor parallel), since a forward pass then needs them all. Every process
+    seeds the same sampling stream, so they draw the same tokens and make the same number of forward passes."""
+    return args.should_save or parameters_sharded() or args.tp_size > 1
 
 
 @torch.no_grad()

@@ -16,12 +16,31 @@ from ..checkpoint import check_output_dir, clear_output_dir, load
 from ..data.text import load_text, resolve_tokenizer, save_tokenizer, take
 from ..errors import HfllmError, first_line
 from ..models import get_preset, parameter_counts
-from .arguments import SESSION_KEYS, data_parallel_size, gradient_accumulation, lr_scheduler_kwargs, parse_recipe, sequence_lengths
-from .callbacks import (RouterLoadCallback, SamplesCallback, StopAtStepCallback, append_samples, generate_samples,
-                        plot_loss_curve, reached_eval_loss)
-from .distributed import parameters_sharded
+from .arguments import (
+    SESSION_KEYS,
+    data_parallel_size,
+    gradient_accumulation,
+    lr_scheduler_kwargs,
+    parse_recipe,
+    sequence_lengths,
+)
+from .callbacks import (
+    RouterLoadCallback,
+    SamplesCallback,
+    StopAtStepCallback,
+    append_samples,
+    generate_samples,
+    generates_here,
+    plot_loss_curve,
+    reached_eval_loss,
+)
+from .health import (
+    HealthCallback,
+    PreemptionCallback,
+    check_health_arguments,
+    resume_command,
+)
 from .kernels import check_kernel_options, convert_to_fp8, is_flash_attention
-from .health import HealthCallback, PreemptionCallback, check_health_arguments, resume_command
 from .mfu import flops_per_token, peak_flops
 from .run_info import data_hash, tokenizer_hash, write_run_info
 from .tensor_parallel import check_tensor_parallel, shard_model, trainer_parallelism
@@ -139,8 +158,7 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
         trainer.evaluate()
     trainer.save_model()
     trainer.save_state()
-    # sharded or tensor-parallel weights: a forward pass needs every process, so every process generates
-    if args.num_samples > 0 and (args.should_save or parameters_sharded() or args.tp_size > 1):
+    if args.num_samples > 0 and generates_here(args):
         samples = generate_samples(model, tokenizer, args)
         if args.should_save:
             append_samples(samples, Path(args.output_dir) / "samples.txt", "end of training")
