@@ -286,12 +286,13 @@ def prepare_nanogpt(nanogpt: Path, work: Path) -> Path:
 
 
 def run_nanogpt(folder: Path, threads: int) -> dict:
-    marks, load = timed_lines([sys.executable, *NANOGPT_COMMAND], folder, threads, r"^step \d+: train loss")
+    marks, load = timed_lines([sys.executable, *NANOGPT_COMMAND], folder, threads, r"^step \d+: train loss|^iter 0:")
     evals = [(int(re.search(r"step (\d+)", line)[1]), float(re.search(r"val loss ([\d.]+)", line)[1]), t)
-             for t, line in marks]
+             for t, line in marks if line.startswith("step")]
     step, loss, seconds = evals[-1]
+    first_step = next(t for t, line in marks if line.startswith("iter 0:"))  # its step-0 evaluation included
     return {"run": "nanoGPT train.py", "target": loss, "seconds_to_target": round(seconds, 2), "step_at_target": step,
-            "load_average": load}
+            "seconds_to_first_step": round(first_step, 2), "load_average": load}
 
 
 def run_hfllm(name: str, recipe: Path, flags: list[str], target: float, threads: int, out: Path) -> dict:
