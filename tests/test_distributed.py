@@ -12,6 +12,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from helpers import CORPUS, TINY, adaptation_recipe, data_args, free_port, losses, write_recipe
@@ -44,8 +45,18 @@ def launch(engine: str, entry: str, argv: list[str], timeout: int = 1800, **env:
     if engine != "zero3_offload":  # its precision comes from the recipe through DeepSpeed's "auto"
         command += ["--mixed_precision", "no"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    result = subprocess.run([*command, f"hfllm/run_{entry}.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                            env={k: v for k, v in environment.items() if v != ""}, timeout=timeout)
+    process = subprocess.Popen([*command, f"hfllm/run_{entry}.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={k: v for k, v in environment.items() if v != ""})
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # a hung run is killed whole, not left beside the rest of the suite: the workers are accelerate's children,
+        # each in a session of its own (torch elastic), so a process group would miss them
+        for child in [*psutil.Process(process.pid).children(recursive=True), process]:
+            child.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{engine} run still going after {timeout} s; killed\n{stdout[-2000:]}{stderr[-4000:]}")
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
