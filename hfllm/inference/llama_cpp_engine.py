@@ -224,15 +224,15 @@ def _finish(run: Generator[str, None, Completion], out: TextIO | None = None) ->
 
 
 def open_engine(args: argparse.Namespace, threads: int) -> LlamaCppEngine:
-    """The checked flags, then MODEL's GGUF file loaded by llama.cpp to decode on `threads` threads."""
+    """The checked flags, then MODEL's GGUF file loaded by llama.cpp to decode on `threads` threads. A missing model
+    or a broken GGUF file is one line before llama.cpp is looked for (`gguf_file` checks it, then the engine loads
+    llama.cpp); a model to export is not exported when llama.cpp is not there."""
     from ..assets import llama_cpp
-    from ..checkpoint import check_gguf, spec_kind
+    from ..checkpoint import spec_kind
 
     check_llama_cpp_args(args)
-    if spec_kind(args.model) == "gguf":  # one line for a missing model or a broken file before anything else
-        check_gguf(args.model)
-
-    llama_cpp(build=False)  # one line before an export when llama.cpp is not there
+    if spec_kind(args.model) != "gguf":  # one line for a missing model; then one before a long export
+        llama_cpp(build=False)
     return LlamaCppEngine(gguf_file(args.model, args.gguf_quant), threads)
 
 

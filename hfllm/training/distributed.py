@@ -185,11 +185,11 @@ def verify_engine(trainer, inputs: dict) -> EngineReport | None:
         raise EngineMismatch(f"{asked} was asked for but accelerate runs {kind.value}; see docs/scaling.md#engines")
     model = trainer.model
     parameters = list(model.parameters())
+    local = whole = sum(p.numel() * p.element_size() for p in parameters)  # a DTensor's numel is the whole one
     if asked == "fsdp2":
         if not state.is_fsdp2 or not all(_is_dtensor(p) for p in parameters):
             raise EngineMismatch("fsdp2 was asked for but the parameters are not FSDP2 DTensor shards")
         local = sum(p.to_local().numel() * p.element_size() for p in parameters)
-        whole = sum(p.numel() * p.element_size() for p in parameters)
     elif asked.startswith("zero"):
         engine = trainer.model_wrapped
         stage, running = int(asked[4]), getattr(engine, "zero_optimization_stage", lambda: None)()
@@ -202,10 +202,6 @@ def verify_engine(trainer, inputs: dict) -> EngineReport | None:
                 raise EngineMismatch("zero3 was asked for but the parameters are not partitioned by DeepSpeed")
             local = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in parameters)
             whole = sum(p.ds_numel * p.ds_tensor.element_size() for p in parameters)
-        else:
-            local = whole = sum(p.numel() * p.element_size() for p in parameters)
-    else:
-        local = whole = sum(p.numel() * p.element_size() for p in parameters)
     if asked in SHARDED and world > 1 and local >= whole:
         raise EngineMismatch(f"{asked} was asked for but this process holds every parameter ({local} bytes)")
     if getattr(trainer.args, "tp_size", 1) == 1:  # the ranks of a tensor-parallel group share their batches
