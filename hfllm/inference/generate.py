@@ -23,7 +23,7 @@ from transformers import BatchEncoding, GenerationConfig, PreTrainedModel, set_s
 
 from ..errors import HfllmError
 from .options import (Decoding, Parser, add_decoding_arguments, add_engine_arguments, add_model_arguments,
-                      decoding_threads, load_assistant, load_for_inference, quantization_from_args,
+                      engine_threads, load_assistant, load_for_inference, quantization_from_args,
                       require_chat_template)
 from .stream import DECODE_KWARGS, FirstTokenClock, StreamedGeneration, cut_at_stop
 
@@ -167,7 +167,7 @@ def main(argv: list[str], prog: str) -> int:
     """`hfllm generate MODEL [--prompt TEXT ... | --prompt_file FILE] [options]` (stdin when no prompt is given)."""
     args = _parser(prog).parse_args(argv)
     decoding = Decoding.from_args(args)
-    threads = decoding_threads(args)
+    threads = engine_threads(args)
     if args.stream and args.json:
         raise HfllmError("--stream prints text as it comes and --json prints a record per prompt; choose one")
     if args.stream and decoding.num_return_sequences > 1:

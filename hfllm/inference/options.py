@@ -101,8 +101,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="CPU threads for decoding (default: torch's thread count, e.g. from OMP_NUM_THREADS)")
 
 
-def decoding_threads(args: argparse.Namespace) -> int:
-    """The checked `--threads`, or torch's thread count; the torch engine is set to it."""
+def engine_threads(args: argparse.Namespace) -> int:
+    """Checks the engine arguments (`--gguf_quant` only with `--engine llama.cpp`, `--threads` >= 1) and returns the
+    thread count: `--threads`, which the torch engine is set to, or torch's own."""
     if args.threads is not None and args.threads < 1:
         raise HfllmError(f"--threads must be at least 1 (got {args.threads})")
     if args.gguf_quant is not None and args.engine != "llama.cpp":
