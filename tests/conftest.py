@@ -29,6 +29,9 @@ import hfllm
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Subprocesses (hfllm commands, launchers, scripts run with -c) import this checkout's hfllm, whatever is installed.
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_checkout, os.environ.get("PYTHONPATH")]))
 
 # hfllm commands run as subprocesses by the tests get the rule of pyproject.toml's filterwarnings: a deprecation
 # triggered by hfllm's own modules is an error. PYTHONWARNINGS matches module names literally, hence the list.

@@ -26,7 +26,7 @@ from hfllm.training.callbacks import StopAtStepCallback
 from hfllm.training.health import PreemptionCallback, resume_command
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # the CLI with every micro-batch slowed down, so a signal sent after a few steps lands mid-run
 SLOW_CLI = ("import sys, time, torch, transformers\ntorch.set_num_threads(1)\nstep = transformers.Trainer.training_step\n"
             "transformers.Trainer.training_step = lambda self, *a, **k: (time.sleep(0.1), step(self, *a, **k))[1]\n"

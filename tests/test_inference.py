@@ -393,7 +393,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, bad_inputs, case):
 
 
 def hfllm_process(*argv, stdin: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     return subprocess.run([sys.executable, "-m", "hfllm", *map(str, argv)], input=stdin, capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=timeout)
 

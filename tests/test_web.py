@@ -34,7 +34,7 @@ SYSTEM = "You answer briefly."
 def start_page(*argv: str, log: Path, timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
     """`hfllm chat ... --web` as a process; returns it and its URL once Gradio says it is running."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
         process = subprocess.Popen([sys.executable, "-m", "hfllm", "chat", *argv, "--web", "--port", str(port)],
                                    stdout=out, stderr=err, cwd=ROOT, env=env)
