@@ -37,6 +37,7 @@ class PretrainTrainer(EngineTrainerMixin, HealthTrainerMixin, Trainer):
         self.peak_flops = peak_flops  # per device
         self.tokens_per_step = tokens_per_step  # over all devices
         self._last_log: tuple[float, int] | None = None  # (time, global step) of the previous training log
+        self._eval_seconds = 0.0  # spent evaluating since that log: not training throughput
         self._train_start = time.perf_counter()
 
     def train(self, *args, **kwargs):
@@ -74,10 +75,11 @@ class PretrainTrainer(EngineTrainerMixin, HealthTrainerMixin, Trainer):
         if "loss" in logs:
             now, step = time.perf_counter(), self.state.global_step
             if self._last_log is not None and step > self._last_log[1]:
-                tokens_per_second = (step - self._last_log[1]) * self.tokens_per_step / (now - self._last_log[0])
+                seconds = now - self._last_log[0] - self._eval_seconds
+                tokens_per_second = (step - self._last_log[1]) * self.tokens_per_step / seconds
                 logs["tokens_per_second"] = round(tokens_per_second, 1)
                 logs["mfu"] = round(tokens_per_second * self.flops_per_token / (self.peak_flops * self.args.world_size), 4)
-            self._last_log = (now, step)
+            self._last_log, self._eval_seconds = (now, step), 0.0
             if self.router_load is not None:
                 logs.update(self.router_load.pop_metrics())
             if self.sequence_lengths is not None:
@@ -92,7 +94,7 @@ class PretrainTrainer(EngineTrainerMixin, HealthTrainerMixin, Trainer):
         super().log(logs, start_time)
 
     def _evaluate(self, *args, **kwargs):
+        start = time.perf_counter()
         metrics = super()._evaluate(*args, **kwargs)
-        if self._last_log is not None:  # evaluation time is not training throughput
-            self._last_log = (time.perf_counter(), self._last_log[1])
+        self._eval_seconds += time.perf_counter() - start
         return metrics
