@@ -14,6 +14,7 @@ after another (no batching); the results are `hfllm.inference.generate.Completio
 
 import argparse
 import codecs
+import functools
 import hashlib
 import json
 import time
@@ -48,13 +49,12 @@ TRANSFORMERS_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p":
 
 
 def check_llama_cpp_args(args: argparse.Namespace) -> None:
-    """One line for a flag of the torch engine given with `--engine llama.cpp`, or a GGUF MODEL given --gguf_quant."""
+    """One line for a flag of the torch engine given with `--engine llama.cpp` (a GGUF MODEL given --gguf_quant is
+    `gguf_file`'s line)."""
     for name, (default, reason) in TORCH_ONLY_FLAGS.items():
         if getattr(args, name, default) != default:
             raise HfllmError(f"--{name} is not available with --engine llama.cpp ({reason}); drop it, or use "
                              "--engine torch")
-    if args.gguf_quant is not None and str(args.model).endswith(".gguf"):
-        raise HfllmError(f"'{args.model}' is a GGUF file already, run as it is; drop --gguf_quant")
 
 
 # ----------------------------------------------------------------------------- the GGUF file
@@ -93,6 +93,8 @@ def gguf_file(spec: str, quant: str | None) -> Path:
     from ..models.gguf_export import export_gguf
 
     if spec_kind(spec) == "gguf":
+        if quant is not None:
+            raise HfllmError(f"'{spec}' is a GGUF file already, run as it is; drop --gguf_quant")
         check_gguf(spec)
         return Path(spec)
     quant = quant or "f16"
@@ -130,15 +132,19 @@ class LlamaCppEngine:
             raise HfllmError(f"model '{spec}' has no chat template (its GGUF file holds no tokenizer.chat_template); "
                              "drop --chat, or use a chat model")
 
-    def render_messages(self, messages: list[dict[str, str]]) -> str:
-        """The conversation through the file's chat template, ready for the assistant's answer."""
+    @functools.cached_property
+    def _chat_formatter(self):
+        """The file's chat template, parsed once (a chat renders it at every turn)."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         model = self.llama._model
         eos, bos = self.llama.token_eos(), self.llama.token_bos()
-        formatter = Jinja2ChatFormatter(self.chat_template, eos_token=model.token_get_text(eos) if eos >= 0 else "",
-                                        bos_token=model.token_get_text(bos) if bos >= 0 else "")
-        return formatter(messages=messages).prompt
+        return Jinja2ChatFormatter(self.chat_template, eos_token=model.token_get_text(eos) if eos >= 0 else "",
+                                   bos_token=model.token_get_text(bos) if bos >= 0 else "")
+
+    def render_messages(self, messages: list[dict[str, str]]) -> str:
+        """The conversation through the file's chat template, ready for the assistant's answer."""
+        return self._chat_formatter(messages=messages).prompt
 
     def render(self, prompt: str, chat: bool, system: str | None = None) -> str:
         """What the model reads: `prompt`, or a user turn (after `system`) in the chat template."""
