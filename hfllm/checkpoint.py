@@ -166,16 +166,22 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-def check_gguf(path: str | Path) -> None:
-    """Read a .gguf file's header and tensor table (not its weights); a file of another format or a truncated one is
-    one line."""
+def check_gguf(path: str | Path):
+    """Read a .gguf file's header and tensor table (not its weights) -> its `gguf.GGUFReader`; a file of another
+    format, a truncated one or one whose header is garbage is one line. Every GGUF read in hfllm goes through here."""
     from gguf import GGUFReader
 
     try:
-        GGUFReader(path)
-    except (ValueError, OSError) as error:  # gguf raises ValueError for a bad magic, a short file, a bad table
-        problem = "is not a GGUF file" if "magic" in str(error) else f"is truncated or corrupt ({first_line(error)})"
-        raise HfllmError(f"'{path}' {problem}; give a complete .gguf file (e.g. from llama.cpp)") from None
+        reader = GGUFReader(path)
+        missing = "no general.architecture" if "general.architecture" not in reader.fields else (
+            "no tensors" if not reader.tensors else None)
+    except Exception as error:  # gguf raises ValueError for a bad magic or a short file; garbage in the header gives
+        # IndexError, KeyError, struct or numpy errors, MemoryError for absurd counts: all mean a corrupt file
+        missing = "magic" if "magic" in str(error) else first_line(error)
+    if missing is not None:
+        problem = "is not a GGUF file" if missing == "magic" else f"is truncated or corrupt ({missing})"
+        raise HfllmError(f"'{path}' {problem}; give a complete .gguf file (e.g. from llama.cpp)")
+    return reader
 
 
 def _load_adapter(path: Path, base: str | None, merge: bool, kwargs: dict, tokenizer_kwargs: dict, with_tokenizer: bool):

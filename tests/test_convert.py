@@ -139,3 +139,39 @@ def test_convert_refuses_unsupported_architecture(tmp_path):
 
     with pytest.raises(HfllmError, match="cannot convert architecture 'GPT2LMHeadModel'.*supported: LlamaForCausalLM"):
         convert(tmp_path, tmp_path / "out")
+
+
+def _gguf_with_garbage_header(path):
+    """The right magic and version, then counts and key/value bytes that mean nothing (gguf-py: IndexError)."""
+    import random
+    import struct
+
+    rng = random.Random(0)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2, 3) + bytes(rng.getrandbits(8) for _ in range(200)))
+
+
+def _gguf_without_tensors(path):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("llama.block_count", 1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("make, problem", [
+    (_gguf_with_garbage_header, "is truncated or corrupt (index 0 is out of bounds"),
+    (_gguf_without_tensors, "is truncated or corrupt (no tensors)"),  # transformers would build a default 7B model
+    (lambda path: path.write_bytes(b"GGUF\x03\x00\x00\x00"), "is truncated or corrupt"),
+    (lambda path: path.write_bytes(b"GGXF" + bytes(40)), "is not a GGUF file"),
+])
+def test_convert_of_a_corrupt_gguf_is_one_line(tmp_path, capsys, make, problem):
+    from hfllm.cli import main
+
+    make(tmp_path / "model.gguf")
+    assert main(["convert", str(tmp_path / "model.gguf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hfllm convert: error: ") and err.count("\n") == 1 and problem in err, err
+    assert not (tmp_path / "out").exists()
