@@ -29,6 +29,7 @@ from hfllm.inference.serve import Gate, batchable
 API_KEY = "test-key-123"
 WORDS = ["cat", "river", "moon", "apple", "seven", "green", "window", "metre", "stone", "tiger", "paper", "cloud", "music",
          "orange", "bridge", "lemon"]
+BATCHED, ALONE = ", continuous batching, stream", ", generate, stream"  # transformers' line per request: its path
 QUESTIONS = [f"reverse the word {word}" if i % 2 else f"{word}? {i * 7} + {i}" for i, word in enumerate(WORDS)]
 
 
@@ -36,7 +37,7 @@ QUESTIONS = [f"reverse the word {word}" if i % 2 else f"{word}? {i * 7} + {i}" f
 def server(tiny_chat_dir, tmp_path_factory):
     """`hfllm serve tiny_chat_dir --port 0 --api_key ...` as a subprocess -> (base URL, model name, log file)."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="warning")  # its "CB: True" lines
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="warning")
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "hfllm", "serve", str(tiny_chat_dir), "--port", "0", "--api_key", API_KEY,
@@ -132,7 +133,8 @@ def test_streamed_chat_equals_non_streamed_with_usage(client, server, reference)
                                                  max_tokens=12, temperature=0, stream=True))
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     assert len(chunks) > 3 and text == reference[0](QUESTIONS[2], 12)[0]
-    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 12  # the last chunk: usage alone, as in OpenAI's API
+    assert [chunk for chunk in chunks if chunk.choices][-1].choices[0].finish_reason == "length"
 
 
 def test_completions_streamed_and_not_equal_generate(client, server, reference):
@@ -141,7 +143,7 @@ def test_completions_streamed_and_not_equal_generate(client, server, reference):
     assert answer.choices[0].text == expected
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (prompt_tokens, completion_tokens)
     chunks = list(client.completions.create(model=server[1], prompt="To be, or not", max_tokens=10, stream=True))
-    assert "".join(chunk.choices[0].text for chunk in chunks) == expected
+    assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == expected
     assert chunks[-1].usage.completion_tokens == completion_tokens
 
 
@@ -152,19 +154,20 @@ def test_sixteen_concurrent_clients_get_the_single_client_answers(server):
         return openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
 
     single = [ask(new_client(), model, question, max_tokens=16) for question in QUESTIONS]
-    requests_before = log.read_text().count("CB: True")
+    requests_before = log.read_text().count(BATCHED)
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
         concurrent = list(pool.map(lambda q: ask(new_client(), model, q, max_tokens=16), QUESTIONS))
     assert concurrent == single
     assert len(set(single)) > 6, "the tiny model should answer different questions differently"
-    assert log.read_text().count("CB: True") - requests_before == len(QUESTIONS)  # transformers' continuous batching
+    assert log.read_text().count(BATCHED) - requests_before == len(QUESTIONS)  # transformers' continuous batching
 
 
 def test_stop_ends_the_text_before_the_stop_string_streamed_or_not(client, server, reference):
     """Continuous batching would ignore `stop`: such a request is answered by generate(), which halts at it; the text
     ends before the stop string, as in OpenAI's API (transformers serve keeps it), for chat and completions, streamed
     or not."""
-    model = server[1]
+    _, model, log = server
+    alone_before = log.read_text().count(ALONE)
     full = reference[0](QUESTIONS[3], 16)[0]
     stop = full[len(full) // 2: len(full) // 2 + 2]
     expected = full[: full.index(stop)]
@@ -182,7 +185,8 @@ def test_stop_ends_the_text_before_the_stop_string_streamed_or_not(client, serve
     assert answer.choices[0].text == expected and answer.choices[0].finish_reason == "stop"
     chunks = list(client.completions.create(model=model, prompt="To be, or not", max_tokens=12, temperature=0,
                                             stop=[stop], stream=True))
-    assert "".join(chunk.choices[0].text for chunk in chunks) == expected
+    assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == expected
+    assert log.read_text().count(ALONE) - alone_before == 4  # not continuous batching
 
 
 def test_batchable_only_when_the_decoding_is_the_models():

@@ -19,22 +19,21 @@ import hashlib
 import hmac
 import importlib.util
 import json
+import logging
 import math
 import os
 import socket
 import subprocess
 import sys
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
+from transformers import ContinuousBatchingConfig, GenerationConfig, PretrainedConfig
 
 from ..errors import HfllmError
 from .options import Parser, add_model_arguments, quantization_from_args
-from .stream import StopFilter, cut_at_stop
 
 ROLES = ("system", "user", "assistant", "tool")
 GENERATION_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
@@ -81,7 +80,8 @@ class Served:
 
 def check_request(route: str, body: dict, served: Served) -> None:
     """Raise `ApiError` (4xx) for a request transformers' handlers would fail on or answer wrongly; fill in
-    `max_tokens` when it is absent (what is left of the context, at most DEFAULT_MAX_TOKENS)."""
+    `max_tokens` when it is absent (what is left of the context, at most DEFAULT_MAX_TOKENS), and ask for `usage` in
+    a streamed answer's last chunk unless `stream_options` says otherwise."""
     model = body.get("model")
     if model is not None and model != served.name:
         raise ApiError(404, f"The model '{model}' does not exist; this server serves '{served.name}' (GET /v1/models)",
@@ -90,6 +90,8 @@ def check_request(route: str, body: dict, served: Served) -> None:
         raise ApiError(400, f"n must be 1 (got {body['n']!r}); send several requests instead", param="n")
     if body.get("stream") not in (None, True, False):
         raise ApiError(400, f"stream must be true or false (got {body['stream']!r})", param="stream")
+    if body.get("stream") and body.get("stream_options") is None:
+        body["stream_options"] = {"include_usage": True}
     for name, low, high in (("temperature", 0, 2), ("top_p", 0, 1)):
         value = body.get(name)
         if value is not None and not (_is_number(value) and low <= value <= high and (name != "top_p" or value > 0)):
@@ -126,7 +128,7 @@ def _is_number(value: Any) -> bool:
 
 def _chat_prompt_ids(body: dict, served: Served) -> list[int]:
     """The chat prompt's token ids, rendered as transformers' handler renders it; 400 on bad messages."""
-    from transformers.cli.serving.utils import BaseHandler, Modality
+    from .transformers_serving import chat_template_messages
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -148,7 +150,7 @@ def _chat_prompt_ids(body: dict, served: Served) -> list[int]:
                        param="messages")
     try:
         rendered = served.tokenizer.apply_chat_template(
-            BaseHandler.get_processor_inputs_from_messages(messages, Modality.LLM), add_generation_prompt=True,
+            chat_template_messages(messages), add_generation_prompt=True,
             tools=body.get("tools"), tokenize=True, return_dict=True)
     except Exception as error:  # a template may raise anything (jinja's TemplateError, a template's own checks)
         raise ApiError(400, f"the chat template rejected these messages: {error}", param="messages") from None
@@ -211,144 +213,59 @@ class Gate:
 class Endpoint:
     """One generation route: the request checked, then handed to transformers' handler, batched when it can be."""
 
-    def __init__(self, route: str, served: Served, batched, sequential):
-        self.route, self.served, self.batched, self.sequential = route, served, batched, sequential
+    def __init__(self, route: str, served: Served, batched, alone):
+        self.route, self.served, self.batched, self.alone = route, served, batched, alone
 
     async def handle_request(self, body: dict, request_id: str):
         check_request(self.route, body, self.served)
-        handler = self.batched if batchable(body, self.served.default_decoding) else self.sequential
+        handler = self.batched if batchable(body, self.served.default_decoding) else self.alone
         return await handler.handle_request(body, request_id)
 
 
-def _openai_semantics(handler_class: type) -> type:
-    """A transformers handler class that answers as OpenAI's API does where transformers differs: temperature > 0
-    (or top_p alone) samples (transformers keeps the model's do_sample, so a greedy model answers greedily at any
-    temperature), and the text ends before the `stop` string (transformers keeps it), streamed or not."""
-
-    class Handler(handler_class):
-        def _build_generation_config(self, body: dict, model_generation_config, use_cb: bool = False):
-            config = super()._build_generation_config(body, model_generation_config, use_cb=use_cb)
-            temperature = body.get("temperature")
-            if (temperature or 0) > 0 or (temperature is None and body.get("top_p") is not None):
-                config.do_sample = True
-            return config
-
-        def _streaming(self, request_id, model, processor, model_id, inputs, gen_config, gen_manager, *args, **kwargs):
-            return super()._streaming(request_id, model, processor, model_id, inputs, gen_config,
-                                      _stop_cutting(gen_manager, gen_config), *args, **kwargs)
-
-        async def _non_streaming(self, request_id, model, processor, model_id, inputs, gen_config, gen_manager, *args,
-                                 **kwargs):
-            return await super()._non_streaming(request_id, model, processor, model_id, inputs, gen_config,
-                                                _stop_cutting(gen_manager, gen_config), *args, **kwargs)
-
-    Handler.__name__ = Handler.__qualname__ = handler_class.__name__
-    return Handler
-
-
-def _stop_cutting(manager, config: GenerationConfig):
-    """`manager` (transformers' generate manager), its text cut before the first stop string of `config`."""
-    stop = config.stop_strings
-    return _StopCutManager(manager, [stop] if isinstance(stop, str) else list(stop)) if stop else manager
-
-
-class _StopCutManager:
-    """A generate manager whose text (whole, or streamed through an asyncio queue) ends before the first stop string;
-    the cutting is `hfllm.inference.stream`'s, as in `hfllm generate`."""
-
-    def __init__(self, manager, stop: list[str]):
-        self.manager, self.stop = manager, stop
-
-    def __getattr__(self, name: str):
-        return getattr(self.manager, name)
-
-    async def generate_non_streaming(self, *args, **kwargs):
-        text, input_len, generated_ids = await self.manager.generate_non_streaming(*args, **kwargs)
-        return cut_at_stop(text, self.stop)[0], input_len, generated_ids
-
-    def generate_streaming(self, *args, **kwargs):
-        queue, streamer = self.manager.generate_streaming(*args, **kwargs)
-        return _StopCutQueue(queue, StopFilter(self.stop)), streamer
-
-
-class _StopCutQueue:
-    """The `get` / `get_nowait` of transformers' text queue, with text pieces passed through a `StopFilter` (a tail
-    that could begin a stop string is held back; nothing after a stop). Other items (the end, errors, tool calls)
-    pass as they are."""
-
-    def __init__(self, queue, stop_filter: StopFilter):
-        self.queue, self.filter, self.ready = queue, stop_filter, deque()
-
-    def _take(self, item) -> None:
-        if item is None:  # the end: what was held back, then the end
-            self.ready.extend(piece for piece in (self.filter.flush(), None) if piece != "")
-        elif type(item) is str:
-            if piece := self.filter.feed(item):
-                self.ready.append(piece)
-        else:
-            self.ready.append(item)
-
-    async def get(self):
-        while not self.ready:
-            self._take(await self.queue.get())
-        return self.ready.popleft()
-
-    def get_nowait(self):
-        while not self.ready:
-            self._take(self.queue.get_nowait())  # asyncio.QueueEmpty when nothing is waiting
-        return self.ready.popleft()
-
-
-def batching_config(model: PreTrainedModel, max_concurrency: int) -> ContinuousBatchingConfig:
-    """Continuous batching for up to `max_concurrency` requests. On a GPU transformers sizes the paged cache from
-    free memory; on a CPU it would take 90% of the RAM, so it holds max_concurrency full contexts, at most 1 GiB."""
-    if model.device.type != "cpu":
+def batching_config(config: PretrainedConfig, dtype: torch.dtype, on_cpu: bool,
+                    max_concurrency: int) -> ContinuousBatchingConfig:
+    """Continuous batching for up to `max_concurrency` requests of a model (`config`, weights in `dtype`). On a GPU
+    transformers sizes the paged cache from free memory; on a CPU it would take 90% of the RAM, so it holds
+    max_concurrency full contexts, at most 1 GiB."""
+    if not on_cpu:
         return ContinuousBatchingConfig(max_requests_per_batch=max_concurrency)
-    config = model.config.get_text_config()
+    config = config.get_text_config()
     context = getattr(config, "max_position_embeddings", None) or 4096
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    bytes_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize  # keys + values
+    bytes_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize  # keys + values
     tokens = min(max_concurrency * context, max(CPU_KV_CACHE_BYTES // bytes_per_token, context))
     page_size = ContinuousBatchingConfig().page_size
     return ContinuousBatchingConfig(num_blocks=math.ceil(tokens / page_size), max_batch_tokens=CPU_MAX_BATCH_TOKENS,
                                     max_requests_per_batch=max_concurrency)
 
 
-def build_app(model: PreTrainedModel, tokenizer: Any, name: str, *, api_key: str | None = None,
-              max_concurrency: int = 64):
-    """The FastAPI app of transformers serve for one preloaded model, behind `Gate` and `check_request`. Continuous
-    batching starts here (its warm-up included), not on the first request."""
+def weights_dtype(dtype: str | torch.dtype, config: PretrainedConfig) -> torch.dtype:
+    """The dtype `hfllm.checkpoint.load(dtype=dtype)` gives the weights: `dtype`, or for "auto" the config's (float32
+    when it names none)."""
+    if dtype == "auto":
+        dtype = getattr(config.get_text_config(), "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def build_app(spec: str, *, dtype: str | torch.dtype = "auto", quantization_config: Any = None,
+              api_key: str | None = None, max_concurrency: int = 64, log_level: str = "info"):
+    """(The FastAPI app of transformers serve for MODEL behind `Gate` and `check_request`, transformers' server). The
+    model's process starts here and loads MODEL with `hfllm.checkpoint.load`; continuous batching starts there too
+    (its warm-up included), not on the first request."""
     from fastapi import HTTPException
     from fastapi.exceptions import RequestValidationError
-    from transformers.cli.serving.chat_completion import ChatCompletionHandler
-    from transformers.cli.serving.completion import CompletionHandler
-    from transformers.cli.serving.model_manager import ModelManager, TimedModel
-    from transformers.cli.serving.server import build_server
-    from transformers.cli.serving.utils import GenerationState, split_model_id
 
-    manager = ModelManager(device=str(model.device))
-    manager.force_model, manager.model_timeout = name, -1  # pinned to this model, never unloaded
-    repo, gguf_file = split_model_id(name)
-    model_key = manager.process_model_name(repo)  # the name transformers' handlers look the model up by
-    manager.loaded_models[model_key if gguf_file is None else f"{model_key}:{gguf_file}"] = TimedModel(
-        model, timeout_seconds=-1, processor=tokenizer)
+    from .transformers_serving import HfllmModelLoader, TransformersServer
 
-    batched = GenerationState(continuous_batching=True, cb_config=batching_config(model, max_concurrency))
-    sequential = GenerationState(continuous_batching=False)
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    chat_class, completion_class = _openai_semantics(ChatCompletionHandler), _openai_semantics(CompletionHandler)
-    chat_batched = chat_class(model_manager=manager, generation_state=batched)
-    default_decoding = chat_batched._build_generation_config({}, model.generation_config, use_cb=True)
-    batched.get_manager(model_key, use_cb=True).init_cb(model, default_decoding)
-    served = Served(name, tokenizer, context, default_decoding)
-    chat = Endpoint("chat", served, chat_batched, chat_class(model_manager=manager, generation_state=sequential))
-    completion = Endpoint("completion", served, completion_class(model_manager=manager, generation_state=batched),
-                          completion_class(model_manager=manager, generation_state=sequential))
-    # the other routes of build_server (responses, audio, system one, load_model, reset) are closed by Gate
-    app = build_server(manager, chat, completion_handler=completion, response_handler=None,
-                       transcription_handler=None, systemone_handler=None,
-                       generation_state=batched)
+    loader = HfllmModelLoader(spec, dtype=dtype, quantization_config=quantization_config)
+    config = loader.load_config(spec)[0]
+    on_cpu = quantization_config is None or not torch.cuda.is_available()  # where hfllm.checkpoint.load puts it
+    cb_config = batching_config(config, weights_dtype(dtype, config), on_cpu, max_concurrency)
+    server = TransformersServer(loader, spec, cb_config, log_level=logging.getLevelName(log_level.upper()))
+    context = getattr(server.config.get_text_config(), "max_position_embeddings", None)
+    served = Served(spec, server.tokenizer, context, server.generation_config)
+    app = server.app(lambda route, batched, alone: Endpoint(route, served, batched, alone))
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, error: ApiError):
@@ -368,8 +285,12 @@ def build_app(model: PreTrainedModel, tokenizer: Any, name: str, *, api_key: str
         status = 400 if error.status_code == 422 else error.status_code
         return ApiError(status, str(error.detail)).response()
 
+    @app.exception_handler(ValueError)
+    async def _bad_value(_request, error: ValueError):  # transformers' handlers: a value the request cannot have
+        return ApiError(400, str(error)).response()
+
     app.add_middleware(Gate, api_key=api_key, max_concurrency=max_concurrency)
-    return app
+    return app, server
 
 
 # ----------------------------------------------------------------------------- the command
@@ -385,26 +306,33 @@ def main(argv: list[str], prog: str) -> int:
     api_key = args.api_key or os.environ.get("HFLLM_API_KEY") or None
     if args.engine == "vllm":
         return serve_vllm(args.model, args.host, args.port, api_key, args.max_concurrency, args.dtype)
-    from transformers.utils import logging as transformers_logging
     from transformers.utils.import_utils import is_serve_available
 
     if not is_serve_available():
         raise HfllmError("hfllm serve needs fastapi, uvicorn and openai: pip install 'hfllm[serve]'")
     import uvicorn
 
-    from ..checkpoint import load, spec_kind
+    from ..checkpoint import spec_kind
 
     spec_kind(args.model)  # one line when MODEL names nothing, before the port is taken
     listener = _listen(args.host, args.port)
-    transformers_logging.disable_progress_bar()
-    model, tokenizer = load(args.model, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype),
-                            merge_adapter=True, quantization_config=quantization_from_args(args))
-    app = build_app(model, tokenizer, args.model, api_key=api_key, max_concurrency=args.max_concurrency)
+    app, server = build_app(args.model, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype),
+                            quantization_config=quantization_from_args(args), api_key=api_key,
+                            max_concurrency=args.max_concurrency, log_level=args.log_level)
     host, port = listener.getsockname()[:2]
     print(f"serving '{args.model}' on http://{host}:{port}/v1 (OpenAI API; continuous batching; up to "
           f"{args.max_concurrency} requests at once{'; API key required' if api_key else ''})", file=sys.stderr,
           flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[listener])
+
+    async def stop_if_the_model_died() -> None:
+        uvicorn_server.should_exit |= server.model_died
+
+    uvicorn_server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, callback_notify=stop_if_the_model_died,
+                                                   timeout_notify=5))
+    uvicorn_server.run(sockets=[listener])
+    if server.model_died:
+        print("hfllm serve: the model's process died (see the error above); the server stopped", file=sys.stderr)
+        return 1
     return 0
 
 
