@@ -10,6 +10,7 @@ import importlib
 import inspect
 import json
 import os
+import pickle
 import re
 import socket
 import subprocess
@@ -146,6 +147,38 @@ def test_upstream_serving_names():
     problems = upstream_serving_problems()
     assert not problems, ("transformers' serving internals changed; update hfllm/inference/transformers_serving.py "
                           "and UPSTREAM:\n" + "\n".join(problems))
+
+
+@pytest.fixture
+def tiny_adapter_dir(tiny_chat_dir, tmp_path):
+    """A LoRA adapter (random, non-zero) over `tiny_chat_dir`, saved without a tokenizer."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_dir)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("fixture", ["tiny_chat_dir", "tiny_adapter_dir", "tiny_llama_shakespeare_gguf"])
+def test_loader_reads_each_kind_of_model_as_hfllm_loads_it(fixture, request):
+    """The served model's config, generation config and tokenizer, which the API server reads, are those of the model
+    that hfllm's loader loads (pickled into the model's process): a folder, a PEFT adapter (merged), a GGUF file."""
+    if upstream_serving_problems():
+        pytest.skip("transformers' serving internals changed: see test_upstream_serving_names")
+    from hfllm.inference.transformers_serving import HfllmModelLoader
+
+    spec = str(request.getfixturevalue(fixture))
+    loader = pickle.loads(pickle.dumps(HfllmModelLoader(spec)))
+    config, generation_config = loader.load_config(spec)
+    tokenizer = loader.load_processor(spec)
+    model, loaded_tokenizer = loader.load_model_and_processor(spec)
+    assert not model.training and not hasattr(model, "peft_config")  # in eval mode, an adapter merged
+    essentials = ("model_type", "vocab_size", "max_position_embeddings", "num_hidden_layers")
+    assert [getattr(config, name) for name in essentials] == [getattr(model.config, name) for name in essentials]
+    assert generation_config.to_diff_dict() == model.generation_config.to_diff_dict()
+    assert tokenizer("To be, or not")["input_ids"] == loaded_tokenizer("To be, or not")["input_ids"]
 
 
 @pytest.fixture(scope="module")
