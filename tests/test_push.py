@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def staged(run: Path, tmp_path: Path, repo_id: str = "me/tiny-shakespeare", *ext
 
 
 def test_dry_run_stages_model_code_tokenizer_and_a_card_with_the_runs_facts(run_dir, tmp_path):
-    out = staged(run_dir, tmp_path)
+    out = staged(run_dir, tmp_path, "me/tiny-shakespeare", "--format", "hfllm")
     names = {path.name for path in out.iterdir()}
     assert {"README.md", "config.json", "model.safetensors", "modeling_hfllm.py", "configuration_hfllm.py",
             "generation_config.json", "tokenizer.json", "tokenizer_config.json", "recipe.yaml", "run_info.json",
@@ -67,7 +68,7 @@ def test_dry_run_stages_model_code_tokenizer_and_a_card_with_the_runs_facts(run_
     weights_sha = hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
     for fact in (run_info["git"]["commit"], run_info["data_sha256"]["train"], run_info["tokenizer_sha256"], weights_sha,
                  "![loss curve](loss_curve.png)", 'from_pretrained("me/tiny-shakespeare", trust_remote_code=True)',
-                 "learning_rate: 0.003"):
+                 "learning_rate: 0.003", "Published with hfllm's own model code (`--format hfllm`)"):
         assert str(fact) in card.text, fact
 
 
@@ -100,9 +101,99 @@ def _logits(folder: Path) -> list[float]:
 
 
 def test_staged_folder_loads_with_its_own_code_where_hfllm_is_not_installed(run_dir, tmp_path):
-    loaded = _load_elsewhere(staged(run_dir, tmp_path), "remote", tmp_path)
+    loaded = _load_elsewhere(staged(run_dir, tmp_path, "me/tiny-shakespeare", "--format", "hfllm"), "remote", tmp_path)
     assert loaded["module"].startswith("transformers_modules")
     assert loaded["logits"] == pytest.approx(_logits(run_dir), abs=1e-5)
+
+
+def test_auto_publishes_the_exact_native_class_that_loads_without_hfllm_or_remote_code(run_dir, tmp_path):
+    out = staged(run_dir, tmp_path)  # --format auto
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert "auto_map" not in config and not list(out.glob("*.py"))
+    card = ModelCard.load(out / "README.md")
+    assert "Published as the native transformers class `LlamaForCausalLM` (`--format auto`)" in card.text
+    assert "bit for bit" in card.text and "trust_remote_code=True" not in card.text
+    assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() in card.text  # the staged weights
+    loaded = _load_elsewhere(out, "native", tmp_path)
+    assert loaded["module"] == "transformers.models.llama.modeling_llama"
+    assert loaded["logits"] == _logits(run_dir)  # identical, not close
+
+
+@pytest.fixture(scope="module")
+def unmappable_dir(run_dir, tmp_path_factory):
+    """An hfllm checkpoint no native class computes (a bias on the attention output projection alone), with the
+    run's tokenizer."""
+    from hfllm import HfllmForCausalLM
+    from hfllm.checkpoint import load
+
+    folder = tmp_path_factory.mktemp("unmappable") / "model"
+    model, tokenizer = load(run_dir)
+    torch.manual_seed(0)
+    HfllmForCausalLM(model.config.__class__(**{**model.config.to_dict(), "attention_out_bias": True})).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_auto_publishes_hfllm_code_with_the_reason_when_no_native_class_is_exact(unmappable_dir, tmp_path, capsys):
+    out = staged(unmappable_dir, tmp_path)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "hfllm"
+    assert (out / "modeling_hfllm.py").is_file()
+    card = ModelCard.load(out / "README.md")
+    assert "Published with hfllm's own model code" in card.text
+    assert "a bias on the output projection alone exists in no native architecture" in card.text
+    assert 'trust_remote_code=True' in card.text
+
+    capsys.readouterr()
+    assert main(["push", str(unmappable_dir), "me/x", "--format", "native", "--dry_run", str(tmp_path / "n")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--format native: no native transformers architecture matches this model: a " \
+        "bias on the output projection alone" in err, err
+    assert not (tmp_path / "n").exists()
+
+
+def _corrupting(stage, edit):
+    """`push.stage`, then `edit(out)` on the staged folder: a broken artifact."""
+    def corrupt(run_dir, repo_id, out, license_id, fmt="auto"):
+        names = stage(run_dir, repo_id, out, license_id, fmt)
+        edit(out)
+        return names
+    return corrupt
+
+
+def _alter_template(out: Path) -> None:
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    if "chat_template" in config:
+        config["chat_template"] = config["chat_template"].replace("<|im_start|>", "<|im_start|> ")
+        (out / "tokenizer_config.json").write_text(json.dumps(config))
+    else:
+        template = out / "chat_template.jinja"
+        template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+
+
+def _swap_eos(out: Path) -> None:
+    config = json.loads((out / "generation_config.json").read_text())
+    (out / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": 7}))
+
+
+@pytest.mark.parametrize("edit, fmt, message", [
+    (_alter_template, "auto", r"the staged folder \(tokenizer.json, tokenizer_config.json(, chat_template.jinja)?\) does not "
+                      r"reproduce the source model: chat 1's rendered prompt differs at token 2: the staged model has "
+                      r"' ' \(id \d+\), the source 'u' \(id \d+\); nothing was pushed"),
+    (_swap_eos, "hfllm", r"the staged folder \(generation_config.json\) does not reproduce the source model: the staged model "
+                r"ends a sequence at token ids \[7\], the source at \[\d+\]"),
+])
+def test_a_staged_folder_that_answers_differently_stops_the_push(run_dir, tmp_path, monkeypatch, capsys, fake_hub,
+                                                                  edit, fmt, message):
+    monkeypatch.setattr(push, "stage", _corrupting(push.stage, edit))
+    out = tmp_path / "out"
+    assert main(["push", str(run_dir), "me/x", "--format", fmt, "--dry_run", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))  # nothing half-written
+    assert main(["push", str(run_dir), "me/x", "--format", fmt]) == 2  # and nothing uploaded
+    assert fake_hub.commits == [] and re.search(message, capsys.readouterr().err)
 
 
 def test_native_export_stages_without_remote_code(run_dir, tmp_path):
@@ -234,14 +325,64 @@ def test_hub_refusal_is_one_line(run_dir, fake_hub, status, hint):
         push.main([str(run_dir), "me/tiny"])
 
 
-def test_gguf_files_and_modelfile_go_up_and_are_named_in_the_card(run_dir, tmp_path):
-    run = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoint-*"))
-    (run / "tiny-q8_0.gguf").write_bytes(b"GGUF" + bytes(60))
-    (run / "Modelfile").write_text("FROM ./tiny-q8_0.gguf\n")
+def with_gguf(model_dir: Path, tmp_path: Path, quant: str = "f16", edit_template=None) -> Path:
+    """A copy of a model folder (tiny_chat_dir: a ChatML BPE that GGUF can hold) with its `hfllm export --to gguf`
+    file and Modelfile beside the weights; `edit_template` alters the chat template that goes into the GGUF only."""
+    run = shutil.copytree(model_dir, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoint-*"))
+    source = run
+    if edit_template is not None:
+        source = shutil.copytree(run, tmp_path / "altered")
+        edit_template(source)
+    assert main(["export", str(source), str(tmp_path / "gguf"), "--to", "gguf", "--quant", quant]) == 0
+    for path in (tmp_path / "gguf").iterdir():
+        shutil.copy2(path, run / path.name)
+    return run
+
+
+def test_gguf_files_and_modelfile_go_up_and_are_named_in_the_card(tiny_chat_dir, tmp_path, monkeypatch, capsys):
+    run = with_gguf(tiny_chat_dir, tmp_path, "q8_0")
+    monkeypatch.setenv("HFLLM_CACHE", str(tmp_path / "no-cache"))  # no llama.cpp wheel: that check is skipped
+    capsys.readouterr()
     out = staged(run, tmp_path)
-    assert {"tiny-q8_0.gguf", "Modelfile"} <= {p.name for p in out.iterdir()}
+    assert {"run.Q8_0.gguf", "Modelfile"} <= {p.name for p in out.iterdir()}
     card = ModelCard.load(out / "README.md")
-    assert "gguf" in card.data.to_dict()["tags"] and "llama-cli -m tiny-q8_0.gguf" in card.text
+    assert "gguf" in card.data.to_dict()["tags"] and "llama-cli -m run.Q8_0.gguf" in card.text
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: GGUF check skipped for run.Q8_0.gguf: llama.cpp is not built here (no llama-cpp-python"
+                     f"==0.3.36 wheel in {tmp_path / 'no-cache' / 'wheels'}); its build command is in docs/push.md"]
+
+    (run / "run.Q8_0.gguf").write_bytes(b"GGUF" + bytes(60))  # every GGUF's header is read, llama.cpp or not
+    with pytest.raises(HfllmError, match="run.Q8_0.gguf' is truncated or corrupt"):
+        push.main([str(run), "me/x", "--dry_run", str(tmp_path / "broken")])
+    assert not (tmp_path / "broken").exists()
+
+
+@pytest.fixture
+def cached_llama_cpp():
+    """llama-cpp-python from hfllm's cached wheel; skipped where it is not built (building it takes minutes; the
+    test without it asserts the 'skipped' notice instead)."""
+    from hfllm.assets import llama_cpp
+
+    try:
+        return llama_cpp(build=False)
+    except HfllmError as error:
+        pytest.skip(f"the GGUF check needs llama.cpp, which is not built here: {error}")
+
+
+def test_llama_cpp_passes_a_faithful_gguf_and_refuses_one_with_an_altered_template(tiny_chat_dir, tmp_path, capsys,
+                                                                                   cached_llama_cpp):
+    run = with_gguf(tiny_chat_dir, tmp_path / "good", "f16")
+    capsys.readouterr()
+    out = staged(run, tmp_path / "good")
+    assert "run.F16.gguf" in {p.name for p in out.iterdir()} and "note:" not in capsys.readouterr().err
+
+    run = with_gguf(tiny_chat_dir, tmp_path / "bad", "f16", edit_template=_alter_template)
+    capsys.readouterr()
+    assert main(["push", str(run), "me/x", "--dry_run", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("hfllm push: error: run.F16.gguf does not answer as the source "
+                                                   "model: chat 1's rendered prompt differs at token 2: llama.cpp has "), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_input_is_one_line_and_writes_nothing(run_dir, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ state-dict copy; hfllm's only extra tensor is the MoE routing bias (`mlp.gate.ex
 model). Every copy is checked: a missing or unexpected tensor is an error, never a silently random weight.
 """
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,23 @@ def to_native(model: HfllmForCausalLM) -> PreTrainedModel:
     native = AutoModelForCausalLM.from_config(native_config, dtype=model.dtype)
     copy_weights(model, native)
     native.generation_config = model.generation_config
+    return native
+
+
+def exact_native(model: HfllmForCausalLM, batches: int = 3) -> PreTrainedModel:
+    """`to_native(model)`, checked exact: the weights are copies and the native model's float32 logits equal the hfllm
+    model's bit for bit on a few random inputs (float32, so bf16 kernels' rounding does not count); an HfllmError
+    saying why otherwise."""
+    native = to_native(model)
+    hfllm32 = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
+    native32 = native if hfllm32 is model else to_native(hfllm32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for length in range(batches):
+            ids = torch.randint(0, model.config.vocab_size, (2, 5 + 7 * length), generator=generator)
+            if not torch.equal(hfllm32.eval()(ids).logits, native32.eval()(ids).logits):
+                raise HfllmError(f"the native {type(native).__name__} does not compute the same logits as the hfllm "
+                                 "model (a feature it lacks)")
     return native
 
 

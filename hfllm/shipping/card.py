@@ -37,6 +37,7 @@ class RunFacts:
     gguf_files: list[str] = field(default_factory=list)
     has_loss_curve: bool = False
     samples: str | None = None
+    published: str | None = None  # which format `hfllm push --format` published, and why
 
     @property
     def method(self) -> str:
@@ -104,7 +105,10 @@ def build_card(facts: RunFacts, repo_id: str, license_id: str) -> ModelCard:
 
 
 def card_body(facts: RunFacts, repo_id: str) -> str:
-    sections = [f"# {repo_id.split('/')[-1]}\n\n{summary(facts)}", usage(facts, repo_id)]
+    sections = [f"# {repo_id.split('/')[-1]}\n\n{summary(facts)}"]
+    if facts.published:
+        sections.append(f"**Format.** {facts.published}")
+    sections.append(usage(facts, repo_id))
     if facts.has_loss_curve:
         sections.append("## Training\n\n![loss curve](loss_curve.png)")
     else:

@@ -3,18 +3,24 @@
     hfllm push runs/sft me/tiny-sft --dry_run staged/     # write exactly the folder that would be uploaded
     hfllm push runs/sft me/tiny-sft --private             # create the repo (if needed) and upload that folder
 
-What goes up: the weights (safetensors, or a PEFT adapter), the model code a checkpoint carries
-(`modeling_hfllm.py`, `configuration_hfllm.py`), config and generation config, the tokenizer and chat template, GGUF
-files with their Ollama `Modelfile`, the recipe, run metadata, samples, evaluation results, the loss curve, and a
-model card (hfllm/shipping/card.py). Optimizer states, intermediate checkpoints and logs stay home.
+What goes up: the weights (safetensors, or a PEFT adapter), config and generation config, the tokenizer and chat
+template, GGUF files with their Ollama `Modelfile`, the recipe, run metadata, samples, evaluation results, the loss
+curve, and a model card (hfllm/shipping/card.py). Optimizer states, intermediate checkpoints and logs stay home.
+
+`--format auto` (the default) publishes an hfllm checkpoint as the native transformers class it maps to exactly
+(`exact_native`: no remote code needed), and with its own model code (`modeling_hfllm.py`) when none does; `native`
+and `hfllm` force one. Before anything leaves, the staged folder is loaded by transformers alone in a fresh process
+and every GGUF file by llama.cpp, and both must answer a few chats as the source model does (verify.py).
 
 The token comes from huggingface_hub (`HF_TOKEN` or `hf auth login`), is handed only to the Hub client, and is never
 written to a file or printed; a staged file that contains it stops the upload.
 """
 
+import dataclasses
 import fnmatch
 import hashlib
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,6 +28,7 @@ import yaml
 
 from ..checkpoint import HUB_ID, atomic_output, check_output_dir, find_checkpoint, spec_kind
 from ..errors import ArgumentParser, HfllmError
+from . import verify
 from .card import RunFacts, build_card, read_json
 
 # files of a run folder that are uploaded (top level only); anything else stays home
@@ -31,6 +38,9 @@ UPLOAD = (
     "chat_template.jinja", "*.gguf", "Modelfile", "recipe.yaml", "run_info.json", "samples.txt", "loss_curve.png",
     "eval_results.json", "all_results.json", "results.json", "results.md",
 )
+MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+               "configuration_*.py", "modeling_*.py")  # replaced by the native model's own when publishing native
+FORMATS = ("auto", "native", "hfllm")
 LICENSES = ("apache-2.0", "mit", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "openrail", "llama3", "other")
 
 
@@ -38,7 +48,7 @@ def run_facts(run_dir: Path, name: str) -> RunFacts:
     """Read what the run folder says about itself (see RunFacts)."""
     adapter = read_json(run_dir / "adapter_config.json")
     config = read_json(run_dir / "config.json") or {}
-    kind = "adapter" if adapter else "hfllm" if config.get("model_type") == "hfllm" else "transformers"
+    kind = folder_kind(run_dir)
     recipe_file = run_dir / "recipe.yaml"
     recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else {}
     state_dir = run_dir if (run_dir / "trainer_state.json").is_file() else find_checkpoint(run_dir, warn=False)
@@ -62,19 +72,74 @@ def run_facts(run_dir: Path, name: str) -> RunFacts:
     )
 
 
-def stage(run_dir: Path, repo_id: str, out: Path, license_id: str) -> list[str]:
-    """Write into the empty folder `out` exactly what is uploaded; returns the file names."""
+def native_model(run_dir: Path, fmt: str):
+    """The native transformers model to publish an hfllm checkpoint as (None: publish hfllm's own code), and the
+    sentence for the card saying which and why. Other folders are published as they are."""
+    kind = folder_kind(run_dir)
+    if kind != "hfllm":
+        if fmt != "auto" and (kind == "adapter" or fmt == "hfllm"):
+            raise HfllmError(f"--format {fmt} applies to hfllm checkpoints; '{run_dir}' is a "
+                             f"{'PEFT adapter' if kind == 'adapter' else 'native transformers'} folder, published as "
+                             "it is: drop --format")
+        return None, None
+    if fmt == "hfllm":
+        return None, "Published with hfllm's own model code (`--format hfllm`); it loads with `trust_remote_code=True`."
+    from ..checkpoint import load
+    from ..models.convert import exact_native
+
+    model, _ = load(run_dir, with_tokenizer=False)
+    try:
+        native = exact_native(model)
+    except HfllmError as error:
+        if fmt == "native":
+            raise HfllmError(f"--format native: {error}; publish it with --format hfllm (or auto)") from None
+        return None, (f"Published with hfllm's own model code (it loads with `trust_remote_code=True`), not as a native "
+                      f"transformers class: {error}.")
+    return native, (f"Published as the native transformers class `{type(native).__name__}` (`--format {fmt}`): the "
+                    "same weights, and its float32 logits equal the hfllm model's bit for bit on the checked inputs, "
+                    "so it loads without `trust_remote_code` and without hfllm.")
+
+
+def folder_kind(run_dir: Path) -> str:
+    """"adapter", "hfllm" (remote code) or "transformers" (a native architecture)."""
+    if (run_dir / "adapter_config.json").is_file():
+        return "adapter"
+    return "hfllm" if (read_json(run_dir / "config.json") or {}).get("model_type") == "hfllm" else "transformers"
+
+
+def stage(run_dir: Path, repo_id: str, out: Path, license_id: str, fmt: str = "auto") -> list[str]:
+    """Write into the empty folder `out` exactly what is uploaded, in format `fmt` (FORMATS); returns the names."""
+    native, published = native_model(run_dir, fmt)
     names = sorted(path.name for path in run_dir.iterdir()
-                   if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in UPLOAD))
+                   if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in UPLOAD)
+                   and not (native is not None and any(fnmatch.fnmatch(path.name, p) for p in MODEL_FILES)))
     for name in names:
         shutil.copy2(run_dir / name, out / name)
     facts = run_facts(run_dir, repo_id.split("/")[-1])
+    if native is not None:
+        native.save_pretrained(out)
+        facts = dataclasses.replace(facts, kind="transformers", config=read_json(out / "config.json"),
+                                    weight_hashes={path.name: sha256(path) for path in sorted(out.glob("*.safetensors"))})
+    facts.published = published
     if facts.has_loss_curve and not (out / "loss_curve.png").is_file():
         from ..training.callbacks import plot_loss_curve
 
         plot_loss_curve(facts.log_history, out / "loss_curve.png")
     build_card(facts, repo_id, license_id).save(out / "README.md")
     return sorted(path.name for path in out.iterdir())
+
+
+def stage_checked(run_dir: Path, repo_id: str, out: Path, license_id: str, fmt: str) -> list[str]:
+    """`stage`, then the checks of verify.py on what was staged (one line on a mismatch); returns the names."""
+    names = stage(run_dir, repo_id, out, license_id, fmt)
+    source = None
+    if folder_kind(run_dir) != "adapter" and (run_dir / "config.json").is_file():
+        source = verify.source_transcript(run_dir)
+        verify.check_staged(out, source, remote=any(out.glob("modeling_*.py")))
+    notice = verify.check_gguf_files(sorted(out.glob("*.gguf")), source)
+    if notice:
+        print(f"note: {notice}", file=sys.stderr, flush=True)
+    return names
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -144,15 +209,21 @@ def main(argv: list[str], prog: str = "hfllm push") -> int:
     parser.add_argument("--revision", default=None, help="branch to upload to (created if missing; default main)")
     parser.add_argument("--license", default="apache-2.0", choices=LICENSES, help="the card's license (default apache-2.0)")
     parser.add_argument("--dry_run", metavar="OUT", default=None, help="write the folder that would be uploaded to OUT; upload nothing")
+    parser.add_argument("--format", default="auto", choices=FORMATS,
+                        help="hfllm checkpoints: auto (default) publishes the native transformers class when it is "
+                             "exact, else hfllm's own code; native or hfllm force one")
     args = parser.parse_args(argv)
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # the checks load models: their bars are noise here
     run_dir = Path(args.run_dir)
     check_run_dir(run_dir)
     check_repo_id(args.repo_id)
     if args.dry_run:
         check_output_dir(args.dry_run)
         with atomic_output(args.dry_run) as out:
-            names = stage(run_dir, args.repo_id, out, args.license)
+            names = stage_checked(run_dir, args.repo_id, out, args.license, args.format)
         print(f"staged {len(names)} files for {args.repo_id} in {args.dry_run}: {', '.join(names)}")
         return 0
 
@@ -164,7 +235,7 @@ def main(argv: list[str], prog: str = "hfllm push") -> int:
     if token is None:
         raise HfllmError("no Hugging Face token found; run `hf auth login` or set HF_TOKEN (or use --dry_run OUT)")
     with tempfile.TemporaryDirectory(prefix="hfllm-push-") as folder:
-        names = stage(run_dir, args.repo_id, Path(folder), args.license)
+        names = stage_checked(run_dir, args.repo_id, Path(folder), args.license, args.format)
         leaks = leaked_token(Path(folder), token)
         if leaks:
             raise HfllmError(f"your Hub token is written in {', '.join(leaks)}; remove it from {run_dir} before pushing")
