@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -461,6 +462,21 @@ def test_port_in_use_is_one_line(capsys, tiny_chat_dir):
         code, err = run(capsys, tiny_chat_dir, "--port", port)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err
+
+
+def test_a_load_error_in_the_models_process_is_one_line(tiny_chat_dir, tmp_path, capfd):
+    """MODEL loads in transformers' model process: hfllm's one-line error there (truncated weights) reaches the command
+    line as one line, exit code 2, no traceback."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_chat_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code = cli(["serve", str(broken), "--port", "0"])
+    err = capfd.readouterr().err  # this process's and the model process's
+    lines = [line for line in err.splitlines()  # less the warning of bitsandbytes' kernels (imported with peft) under
+             if line.strip() and not line.startswith("Skipping publisher trust check")]  # HF_HUB_OFFLINE
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"hfllm serve: error: could not serve '{broken}': could not load model"), lines[0]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -4,17 +4,18 @@
     hfllm serve runs/sft --engine vllm                      # vLLM on the exported native checkpoint (CUDA GPU)
 
 The routes, streaming (SSE), `usage` counts and continuous batching are transformers' (`transformers serve`,
-`transformers/cli/serving/`); hfllm hands them the model loaded by `hfllm.checkpoint.load` and adds what they lack:
+`transformers/cli/serving/`, reached only through `transformers_serving.py`); the model runs in transformers' model
+process, loaded there by `hfllm.checkpoint.load`. hfllm adds what they lack:
 - requests checked first, answered with an OpenAI-style JSON error and a 4xx (malformed JSON, unknown model,
   max_tokens <= 0 or beyond the context, empty messages, unsupported role, prompt longer than the context);
 - an API key (401 without it), at most `--max_concurrency` requests at once (429 beyond), only the OpenAI routes;
 - a paged KV cache sized for a CPU (transformers sizes it from free GPU memory, on a CPU from the whole RAM);
 - temperature > 0 samples, and the text ends before a `stop` string (streamed or not), as in OpenAI's API;
-- continuous batching applies one decoding (the model's generation config) to every request in the batch, so a
-  request that changes the decoding (temperature, top_p, stop, seed, ...) runs through `generate()` on its own.
+- `usage` in a streamed answer's last chunk unless the request's `stream_options` says otherwise;
+- continuous batching decodes the requests of a batch with the model's generation config, so a request that changes
+  the decoding (temperature, top_p, stop, seed, ...) runs through `generate()` on its own, in the model's process.
 """
 
-import argparse
 import hashlib
 import hmac
 import importlib.util
@@ -166,7 +167,8 @@ def _completion_prompt_ids(body: dict, served: Served) -> list[int]:
 
 def batchable(body: dict, default: GenerationConfig) -> bool:
     """Whether continuous batching decodes this request as `generate()` would: it applies the model's generation
-    config to every request and honours only max_tokens per request (transformers 5.24)."""
+    config to every request and honours only max_tokens and, where the model's config sets them, temperature, top_k
+    and top_p per request (transformers 5.25)."""
     given = {name for name in DECODING_FIELDS if body.get(name) is not None}
     return not given or (given == {"temperature"} and body["temperature"] == 0 and not default.do_sample)
 
@@ -327,8 +329,8 @@ def main(argv: list[str], prog: str) -> int:
     async def stop_if_the_model_died() -> None:
         uvicorn_server.should_exit |= server.model_died
 
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, callback_notify=stop_if_the_model_died,
-                                                   timeout_notify=5))
+    uvicorn_server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_notify=5,
+                                                   callback_notify=stop_if_the_model_died))
     uvicorn_server.run(sockets=[listener])
     if server.model_died:
         print("hfllm serve: the model's process died (see the error above); the server stopped", file=sys.stderr)

@@ -10,6 +10,7 @@ way (`hfllm.checkpoint.load`) in that process.
 """
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from transformers.cli.serving.utils import BaseHandler, GenerationState, Modalit
 from transformers.utils import logging as transformers_logging
 
 from ..checkpoint import check_gguf, load, spec_kind
-from ..errors import HfllmError, first_line
+from ..errors import HfllmError, debug, first_line
 from .stream import StopFilter, cut_at_stop
 
 # ----------------------------------------------------------------------------- the model, loaded the hfllm way
@@ -42,8 +43,13 @@ class HfllmModelLoader(ModelLoader):
 
     def load_model_and_processor(self, model_id: str, on_progress: Callable | None = None) -> tuple[Any, Any]:
         transformers_logging.disable_progress_bar()
-        return load(self.spec, dtype=self.weights_dtype, merge_adapter=True,
-                    quantization_config=self.quantization_config)
+        try:
+            return load(self.spec, dtype=self.weights_dtype, merge_adapter=True,
+                        quantization_config=self.quantization_config)
+        except HfllmError:
+            if not debug():  # the process ends with this error, which the API server prints as one line: no traceback
+                logging.disable(logging.CRITICAL)
+            raise
 
     def load_config(self, model_id: str) -> tuple[PretrainedConfig, GenerationConfig]:
         from transformers import AutoConfig
@@ -133,7 +139,8 @@ class TransformersServer:
 # ----------------------------------------------------------------------------- generate() on its own
 
 
-def generate_alone(model: Any, processor: Any, inputs: dict, generation_kwargs: dict, streamer: Any = None) -> list[int]:
+def generate_alone(model: Any, processor: Any, inputs: dict, generation_kwargs: dict,
+                   streamer: Any = None) -> list[int]:
     """Runs in the model's process (transformers' `EngineClient.submit`): `model.generate()` for one request, with all
     its decoding settings; returns the new tokens (streamed to `streamer` as they come when it is given)."""
     kwargs = {name: value for name, value in generation_kwargs.items() if value is not None}
