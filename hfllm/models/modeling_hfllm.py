@@ -8,13 +8,15 @@ Attention kernels (eager / sdpa / flash_attention_2 / flex_attention) are swappe
 `ALL_ATTENTION_FUNCTIONS`, KV caches through its `Cache` classes, experts kernels through `use_experts_implementation`.
 Shapes: B batch, T new tokens, S key length (cache included), H hidden, nh / nkv heads, hd head dim, E experts.
 
-This file is copied next to saved checkpoints (`trust_remote_code=True`): it imports only torch and transformers,
-and it checks at import that the reader's transformers is one it was tested on (`SUPPORTED_TRANSFORMERS`).
+This file is copied next to saved checkpoints (`trust_remote_code=True`): it imports only torch and transformers.
+It checks the transformers it runs under by the upstream contracts it relies on, not by version number (see
+`check_upstream_contracts`): older than the oldest tested release it refuses; newer than the newest tested release it
+runs, with one warning, unless one of the contracts is missing.
 """
 
-import os
+import dataclasses
+import inspect
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,43 +26,100 @@ import torch.nn.functional as F
 from torch import nn
 
 import transformers
-from transformers import initialization as init
-from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, TensorParallelLayer
-from transformers.generation import GenerationMixin
-from transformers.integrations import use_experts_implementation
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+# The transformers releases this file was tested on: the oldest and the newest (minor versions). Below the oldest the
+# model refuses to load; above the newest it loads after `check_upstream_contracts`, and warns once.
+TESTED_TRANSFORMERS = ((5, 23), (5, 25))
+TRANSFORMERS_VERSION = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", transformers.__version__).groups())
+_FIX = "pip install 'transformers>={}.{},<{}.{}'".format(*TESTED_TRANSFORMERS[0], TESTED_TRANSFORMERS[1][0],
+                                                          TESTED_TRANSFORMERS[1][1] + 1)
+if TRANSFORMERS_VERSION < TESTED_TRANSFORMERS[0]:
+    raise ImportError(f"this hfllm model code needs transformers>={TESTED_TRANSFORMERS[0][0]}.{TESTED_TRANSFORMERS[0][1]}"
+                      f", but transformers {transformers.__version__} is installed: {_FIX}")
+
+try:
+    from transformers import initialization as init
+    from transformers.activations import ACT2FN
+    from transformers.cache_utils import Cache, DynamicCache
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, TensorParallelLayer
+    from transformers.generation import GenerationMixin
+    from transformers.integrations import use_experts_implementation
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+    from transformers.processing_utils import Unpack
+    from transformers.utils import TransformersKwargs, can_return_tuple, logging
+    from transformers.utils.generic import merge_with_config_defaults
+    from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+except ImportError as error:  # a name this file imports was moved or removed upstream
+    raise ImportError(f"this hfllm model code cannot run on transformers {transformers.__version__} "
+                      f"({str(error).split(' (')[0]}): {_FIX}") from None
 
 from .configuration_hfllm import HfllmConfig
 
-# The transformers minor versions this file was tested on: [first, first not yet tested). Checkpoints carry this file
-# to readers with any transformers; outside the range the cache and mask contracts may differ and generation could
-# go wrong without an error, so loading refuses instead. HFLLM_LATEST=1 (trying new upstream releases) only warns.
-SUPPORTED_TRANSFORMERS = ((5, 23), (5, 25))
-TRANSFORMERS_VERSION = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", transformers.__version__).groups())
-if not SUPPORTED_TRANSFORMERS[0] <= TRANSFORMERS_VERSION < SUPPORTED_TRANSFORMERS[1]:
-    _requirement = "transformers>={}.{},<{}.{}".format(*SUPPORTED_TRANSFORMERS[0], *SUPPORTED_TRANSFORMERS[1])
-    _message = (
-        f"this hfllm model code supports {_requirement}, but transformers {transformers.__version__} is installed: "
-        f"pip install '{_requirement}'"
-    )
-    if os.environ.get("HFLLM_LATEST") != "1":
-        raise ImportError(_message)
-    warnings.warn(f"{_message} (continuing because HFLLM_LATEST=1)", stacklevel=2)
+# under transformers' own logger, so that TRANSFORMERS_VERBOSITY governs this file's warning as it does transformers'
+logger = logging.get_logger("transformers.hfllm")
 
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache`: generate() passes it under that name, the mask
 # functions take it, and model outputs carry it. This file uses `cache` inside and speaks the installed version's name
 # at those boundaries.
-CACHE_NAME = "cache" if TRANSFORMERS_VERSION >= (5, 24) else "past_key_values"
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def _fields(output_class: type) -> set[str]:
+    return {field.name for field in dataclasses.fields(output_class)}
+
+
+def _parameters(function: Callable) -> set[str]:
+    return set(inspect.signature(function).parameters)
+
+
+def upstream_contracts() -> tuple[str | None, dict[str, bool]]:
+    """The installed transformers' name for the KV cache (None when it has neither known name), and every upstream
+    contract this file relies on, described in words, with whether it holds."""
+    cache_name = next((name for name in CACHE_NAMES if name in _fields(MoeModelOutputWithPast)), None)
+    name = cache_name or "cache"
+    mask_arguments = {"config", "inputs_embeds", "attention_mask", name, "position_ids"}
+    return cache_name, {
+        "model outputs carry the KV cache as `cache` or `past_key_values` (MoeModelOutputWithPast)": cache_name is not None,
+        f"generate() passes the KV cache as `{name}` (GenerationMixin.prepare_inputs_for_generation)":
+            name in _parameters(GenerationMixin.prepare_inputs_for_generation),
+        f"the mask functions take {', '.join(sorted(mask_arguments))} (create_causal_mask)":
+            mask_arguments <= _parameters(create_causal_mask),
+        f"the mask functions take {', '.join(sorted(mask_arguments))} (create_sliding_window_causal_mask)":
+            mask_arguments <= _parameters(create_sliding_window_causal_mask),
+        f"MoeModelOutputWithPast has last_hidden_state, {name}, hidden_states, attentions, router_logits":
+            {"last_hidden_state", name, "hidden_states", "attentions", "router_logits"} <= _fields(MoeModelOutputWithPast),
+        f"MoeCausalLMOutputWithPast has loss, aux_loss, logits, {name}, hidden_states, attentions, router_logits":
+            {"loss", "aux_loss", "logits", name, "hidden_states", "attentions", "router_logits"}
+            <= _fields(MoeCausalLMOutputWithPast),
+        "attention kernels are looked up by name (ALL_ATTENTION_FUNCTIONS has 'sdpa')": "sdpa" in ALL_ATTENTION_FUNCTIONS,
+        "KV caches update by layer (Cache.update(key_states, value_states, layer_idx, ...))":
+            {"key_states", "value_states", "layer_idx"} <= _parameters(Cache.update),
+        "tensor-parallel styles install a forward (TensorParallelLayer.install_forward(module, mesh, ...))":
+            {"module", "mesh"} <= _parameters(TensorParallelLayer.install_forward),
+    }
+
+
+def check_upstream_contracts() -> str:
+    """The KV cache's name in the installed transformers, once every contract of `upstream_contracts` holds. A broken
+    one raises ImportError naming it and the fix; a release newer than the newest tested one warns once."""
+    cache_name, contracts = upstream_contracts()
+    broken = [contract for contract, holds in contracts.items() if not holds]
+    if broken:
+        raise ImportError(f"this hfllm model code needs an upstream contract that transformers {transformers.__version__}"
+                          f" breaks: {broken[0]}; {_FIX}")
+    if TRANSFORMERS_VERSION > TESTED_TRANSFORMERS[1]:
+        logger.warning_once(
+            f"hfllm model code: transformers {transformers.__version__} is newer than the releases it was tested on "
+            "({}.{} to {}.{}); the upstream contracts it needs hold, so it runs".format(*TESTED_TRANSFORMERS[0],
+                                                                                       *TESTED_TRANSFORMERS[1]))
+    return cache_name
+
+
+CACHE_NAME = check_upstream_contracts()
 
 
 def _cache_argument(cache: Cache | None, kwargs: dict) -> Cache | None:
@@ -78,7 +137,7 @@ class HfllmGradSumParallel(TensorParallelLayer):
     it is accumulated. transformers' `replicated_with_grad_allreduce` sums the accumulated `.grad` after every
     backward instead, which counts earlier micro-batches tp_size times under gradient accumulation."""
 
-    def install_forward(self, module: nn.Module, mesh) -> nn.Module:
+    def install_forward(self, module: nn.Module, mesh, **_) -> nn.Module:  # 5.25 added config=, mesh_manager=
         original_forward, hooked = module.forward, {}
 
         def sum_over_ranks(grad: torch.Tensor) -> torch.Tensor:
