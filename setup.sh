@@ -2,9 +2,9 @@
 # Installs hfllm into the active Python. Usage: bash setup.sh [dev]
 #   - By default every package is installed at the exact version the test suite passed on (constraints.txt), so the
 #     README's commands behave the same months from now.
-#   - HFLLM_LATEST=1 bash setup.sh dev installs the newest releases instead, past setup.cfg's upper bounds, to check
-#     upstream before users meet it; run the tests with HFLLM_LATEST=1 too (then a transformers outside the tested
-#     range only warns). constraints.txt is rewritten with `python3 .ci/freeze_constraints.py > constraints.txt`.
+#   - HFLLM_LATEST=1 bash setup.sh dev installs the newest releases instead, to check upstream before users meet it;
+#     then run the suite as usual (`python3 -m pytest -q`, or `-m upstream` for the contracts alone).
+#     constraints.txt is rewritten with `python3 .ci/freeze_constraints.py > constraints.txt`.
 #   - On a machine without an NVIDIA GPU it first installs the CPU build of torch (torch==2.13.0) so that nothing
 #     pulls a multi-GB CUDA build; where torch is already importable (your own CUDA build, say) it is kept.
 set -euo pipefail
@@ -26,7 +26,7 @@ extras=""
 [ "${1:-}" = "dev" ] && extras="[dev]"
 if [ "${HFLLM_LATEST:-0}" = "1" ]; then
   "$PY" -m pip install -q -e ".${extras}"
-  # the fast-moving dependencies at their newest releases, even past setup.cfg's upper bounds (pip may say so)
+  # the fast-moving dependencies at their newest releases
   latest="transformers trl peft accelerate datasets"
   [ -n "$extras" ] && latest="$latest lm-eval bitsandbytes"
   "$PY" -m pip show -q deepspeed >/dev/null 2>&1 && latest="$latest deepspeed"

@@ -21,6 +21,7 @@ from hfllm.training.tensor_parallel import check_tensor_parallel
 
 from helpers import TINY, data_args, losses, write_recipe
 
+pytestmark = pytest.mark.upstream  # transformers' tensor-parallel plan and accelerate's parallelism config
 ROOT = Path(__file__).resolve().parents[1]
 
 TOLERANCE = 1e-5  # float32
