@@ -142,6 +142,7 @@ def upstream_serving_problems() -> tuple[str, ...]:
     return tuple(problems)
 
 
+@pytest.mark.upstream  # also in the pre-flight of upstream contracts (pytest -m upstream)
 def test_upstream_serving_names():
     """Every name of transformers' serving internals that hfllm serve uses, where the adapter expects it: a rename
     upstream fails here, by name (the server tests then skip)."""
