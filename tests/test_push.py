@@ -380,8 +380,9 @@ def test_llama_cpp_passes_a_faithful_gguf_and_refuses_one_with_an_altered_templa
     capsys.readouterr()
     assert main(["push", str(run), "me/x", "--dry_run", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("hfllm push: error: run.F16.gguf does not answer as the source "
-                                                   "model: chat 1's rendered prompt differs at token 2: llama.cpp has "), err
+    assert err.count("\n") == 1 and err.startswith("hfllm push: error: altered.F16.gguf does not answer as the "
+                                                   "source model: chat 1's rendered prompt differs at token 1: llama.cpp "
+                                                   "has 'Ġ' (id 223), the source 's' (id 85); nothing was pushed"), err
     assert not (tmp_path / "out").exists()
 
 
