@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from hfllm.evaluation.report import markdown_table
-from hfllm.shipping.push import sha256
-from hfllm.training.callbacks import plot_loss_curve
+from hfllm.files import sha256
+from hfllm.plots import plot_loss_curve
 
 STAGES = {"BASE": "base", "SFT": "sft", "DPO": "dpo"}  # report column -> run folder
 

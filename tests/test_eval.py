@@ -15,7 +15,8 @@ import torch
 from helpers import write_recipe
 
 from hfllm.errors import HfllmError
-from hfllm.evaluation import evaluate_model, load_model, scores, strided_perplexity
+from hfllm.checkpoint import load
+from hfllm.evaluation import evaluate_model, scores, strided_perplexity
 from hfllm.evaluation.run import main
 from hfllm.evaluation.tasks import next_line_items, shakespeare_passages, synth_data
 from hfllm.evaluation.metrics import load_metric
@@ -88,7 +89,7 @@ def test_per_sample_loglikelihoods_equal_lm_eval_cli(tiny_llama_shakespeare_dir,
                   "--include_path", str(ROOT / "hfllm" / "evaluation" / "tasks"), "--limit", "3", "--log_samples",
                   "--output_path", str(tmp_path), module="lm_eval")
     assert cli.returncode == 0, cli.stderr[-2000:]
-    model, tokenizer = load_model(str(tiny_llama_shakespeare_dir))
+    model, tokenizer = load(str(tiny_llama_shakespeare_dir))
     ours = evaluate_model(model, tokenizer, tasks.split(","), limit=3, log_samples=True)["samples"]
     for task in tasks.split(","):
         [path] = tmp_path.rglob(f"samples_{task}_*.jsonl")
@@ -109,7 +110,7 @@ def next_line_accuracy(samples: list[dict]) -> float:
 
 
 def test_next_line_accuracy_is_the_share_of_documents_whose_gold_line_scores_highest(tiny_llama_shakespeare_dir):
-    model, tokenizer = load_model(str(tiny_llama_shakespeare_dir))
+    model, tokenizer = load(str(tiny_llama_shakespeare_dir))
     results = evaluate_model(model, tokenizer, ["hfllm_shakespeare_next_line"], limit=10, log_samples=True)
     samples = results["samples"]["hfllm_shakespeare_next_line"]
     expected = next_line_accuracy(samples)
@@ -118,7 +119,7 @@ def test_next_line_accuracy_is_the_share_of_documents_whose_gold_line_scores_hig
 
 
 def test_strided_perplexity_matches_lm_eval_rolling(tiny_llama_shakespeare_dir):
-    model, tokenizer = load_model(str(tiny_llama_shakespeare_dir))
+    model, tokenizer = load(str(tiny_llama_shakespeare_dir))
     results = evaluate_model(model, tokenizer, ["hfllm_shakespeare_ppl"], limit=2)
     lm_eval = scores(results)["hfllm_shakespeare_ppl"]
     texts = shakespeare_passages()[:2]
@@ -194,7 +195,7 @@ def test_hfllm_checkpoint_evaluates_without_trust_remote_code(tiny_hfllm_shakesp
     main([str(tiny_hfllm_shakespeare_dir), "--tasks", "hfllm_shakespeare_next_line", "--limit", "2", "--output_path", str(tmp_path)])
     [run] = json.loads((tmp_path / "results.json").read_text())["models"]
     assert run["architecture"] == "HfllmForCausalLM"
-    model, tokenizer = load_model(str(tiny_hfllm_shakespeare_dir))
+    model, tokenizer = load(str(tiny_hfllm_shakespeare_dir))
     assert type(model) is HfllmForCausalLM  # hfllm's own class, not a copy loaded from the folder's .py files
     expected = scores(evaluate_model(model, tokenizer, ["hfllm_shakespeare_next_line"], limit=2))
     assert run["scores"] == expected and expected["hfllm_shakespeare_next_line"]["sample_len"] == 2
@@ -203,7 +204,7 @@ def test_hfllm_checkpoint_evaluates_without_trust_remote_code(tiny_hfllm_shakesp
 def test_adapter_folder_is_merged_into_its_base(tiny_llama_shakespeare_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    base, tokenizer = load_model(str(tiny_llama_shakespeare_dir))
+    base, tokenizer = load(str(tiny_llama_shakespeare_dir))
     torch.manual_seed(0)  # init_lora_weights=False: a random, non-zero update, so the adapter changes the outputs
     lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(tmp_path / "adapter")  # adapter_config.json names tiny_llama_shakespeare_dir as the base; no tokenizer
@@ -212,7 +213,7 @@ def test_adapter_folder_is_merged_into_its_base(tiny_llama_shakespeare_dir, tmp_
         expected = lora(ids).logits  # (1, T, V)
         with lora.disable_adapter():
             plain = lora(ids).logits
-    merged, merged_tokenizer = load_model(str(tmp_path / "adapter"))
+    merged, merged_tokenizer = load(str(tmp_path / "adapter"), merge_adapter=True)
     assert type(merged).__name__ == "LlamaForCausalLM" and merged_tokenizer.get_vocab() == tokenizer.get_vocab()
     with torch.no_grad():
         got = merged(ids).logits
@@ -262,7 +263,7 @@ def test_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(HfllmError, match=rf"^'{tmp_path}' is not a model checkpoint \(no config.json or adapter"):
         main([str(tmp_path), "--tasks", "hfllm_synth"])
     with pytest.raises(HfllmError, match=r"^model './missing' does not exist; give an hfllm or transformers checkpoint folder, a PEFT adapter folder, a \.gguf file or a Hub id$"):
-        load_model("./missing")
+        load("./missing")
 
 
 def test_task_file_with_a_broken_template(tiny_llama_shakespeare_dir, tmp_path):
@@ -295,7 +296,7 @@ def test_callback_logs_task_scores_and_regression_prompts_with_the_loss(tiny_lla
 
     from hfllm.evaluation.callback import EvalCallback
 
-    model, tokenizer = load_model(str(tiny_llama_shakespeare_dir))
+    model, tokenizer = load(str(tiny_llama_shakespeare_dir))
     greedy = {}
     for prompt in ("What is 2 + 2?", "Hello", "To be, or not"):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, T), with BOS like the callback

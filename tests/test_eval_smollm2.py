@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from hfllm.evaluation import evaluate_model, load_model, scores, strided_perplexity
+from hfllm.checkpoint import load
+from hfllm.evaluation import evaluate_model, scores, strided_perplexity
 from hfllm.evaluation.run import main
 from hfllm.evaluation.tasks import shakespeare_passages
 
@@ -53,7 +54,7 @@ def test_offline_suite_on_smollm2_hfllm_checkpoint_limit_20(smollm2_hfllm_dir, t
 
 @pytest.mark.slow
 def test_strided_perplexity_within_one_percent_of_lm_eval_on_smollm2(smollm2_hfllm_dir):
-    model, tokenizer = load_model(str(smollm2_hfllm_dir))
+    model, tokenizer = load(str(smollm2_hfllm_dir))
     lm_eval = scores(evaluate_model(model, tokenizer, ["hfllm_shakespeare_ppl"], limit=4))["hfllm_shakespeare_ppl"]
     ours = strided_perplexity(model, tokenizer, shakespeare_passages()[:4], max_length=2048, stride=512)
     assert ours["byte_perplexity"] == pytest.approx(lm_eval["byte_perplexity"], rel=0.01)

@@ -17,10 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfllm.cli import main as cli
-from hfllm.inference.chat import ChatSession
 from hfllm.inference.generate import complete
 from hfllm.inference.options import Decoding, load_for_inference
+from hfllm.inference.session import ChatSession
 from hfllm.inference.stream import StopFilter, cut_at_stop
+from hfllm.inference.transformers_engine import TransformersEngine
 
 PROMPTS = ["What is 3 + 4?", "You", "reverse the word cat please"]  # different lengths: padding
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +189,7 @@ def test_stop_string_in_a_padded_batch(capsys, tmp_path, tiny_chat_dir):
 
 def test_completion_rows_end_at_eos_or_at_the_stop_string(reference):
     """A batch row is padded after its end (pad == eos here): its length and finish reason are still right."""
-    from hfllm.inference.generate import _completion
+    from hfllm.inference.transformers_engine import _completion
 
     model, tokenizer = reference
     eos = tokenizer.eos_token_id
@@ -466,7 +467,7 @@ def test_chat_warns_and_trims_when_the_history_outgrows_the_context(capsys, monk
 
 def test_chat_session_trim_keeps_the_last_user_turn(reference):
     model, tokenizer = reference
-    session = ChatSession(model, tokenizer, Decoding(max_new_tokens=120))
+    session = ChatSession(TransformersEngine(model, tokenizer), Decoding(max_new_tokens=120))
     session.turns = [{"role": r, "content": "word " * 20} for r in ("user", "assistant") * 3]
     session.turns.append({"role": "user", "content": "last"})
     assert not session.fits()

@@ -12,9 +12,10 @@ import torch
 from helpers import chat_bpe_tokenizer
 
 from hfllm.cli import main as cli
-from hfllm.inference.chat import ChatSession
 from hfllm.inference.generate import complete, stream
 from hfllm.inference.options import Decoding, load_assistant, load_for_inference
+from hfllm.inference.session import ChatSession
+from hfllm.inference.transformers_engine import TransformersEngine
 
 PROMPTS = ["What is 3 + 4? What is 3 + 4? What is", "reverse the word cat, then reverse the word dog", "You"]
 
@@ -115,7 +116,7 @@ def test_stream_and_chat_with_an_assistant(tiny_llama_chat_dir, draft_dir, singl
     out = io.StringIO()
     streamed = stream(model, tokenizer, PROMPTS[0], decoding, out, chat=True, assistant_model=draft)
     assert out.getvalue() == streamed.text == expected.text
-    session = ChatSession(model, tokenizer, decoding, assistant_model=draft)
+    session = ChatSession(TransformersEngine(model, tokenizer, assistant_model=draft), decoding)
     assert session.reply(PROMPTS[0], io.StringIO()) == expected.text
 
 

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hfllm.cli import main as cli
 from hfllm.inference.options import Decoding, load_for_inference
 from hfllm.inference.stream import StreamedGeneration
+from hfllm.inference.transformers_engine import TransformersEngine
 from hfllm.inference.web import WebChat, build_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +132,7 @@ def tuned_dir(tiny_llama_chat_dir, tmp_path_factory):
 def compare_page(tiny_llama_chat_dir, tuned_dir):
     """The page with the base and the "tuned" model side by side, served in this process."""
     decoding = Decoding(max_new_tokens=MAX_NEW_TOKENS)
-    chats = [WebChat(str(spec), *load_for_inference(str(spec), "auto"), decoding)
+    chats = [WebChat(str(spec), TransformersEngine(*load_for_inference(str(spec), "auto")), decoding)
              for spec in (tiny_llama_chat_dir, tuned_dir)]
     app = build_app(chats)
     port = free_port()
@@ -151,7 +152,7 @@ def test_compare_gives_one_answer_per_model(compare_page):
         assert [m["role"] for m in history] == ["user", "assistant"]
         assert history[0]["content"][0]["text"] == message
         answers.append(history[1]["content"][0]["text"])
-        expected = greedy_answer((chat.model, chat.tokenizer), [{"role": "user", "content": message}])
+        expected = greedy_answer((chat.engine.model, chat.engine.tokenizer), [{"role": "user", "content": message}])
         assert answers[-1] == expected.strip()  # the Chatbot strips the ends of its messages
     assert all(answers) and answers[0] != answers[1]  # two different models answered
     # the next message goes to each model with its own history

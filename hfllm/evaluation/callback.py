@@ -10,9 +10,9 @@ Scores go through `trainer.log`, so they reach every logger in `report_to` (tens
 
 import re
 
-import torch
 from transformers import TrainerCallback
 
+from ..generation import generate_texts
 from .harness import evaluate_model, load_tasks, scores
 
 
@@ -54,20 +54,7 @@ class EvalCallback(TrainerCallback):
             logs["eval/regression/pass_rate"] = sum(passed) / len(passed)
         return logs
 
-    @torch.no_grad()
     def generate(self, model, tokenizer, prompts: list[str]) -> list[str]:
         """Greedy completions of each prompt, one at a time (no padding to get wrong)."""
-        was_training = model.training
-        model.eval()
-        outputs = []
-        for prompt in prompts:
-            if self.apply_chat_template:  # the template writes its own special tokens
-                messages = [{"role": "user", "content": prompt}]
-                prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not self.apply_chat_template)
-            inputs = inputs.to(model.device)
-            ids = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # (1, T + new)
-            outputs.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
-        model.train(was_training)
-        return outputs
+        return generate_texts(model, tokenizer, prompts, chat=self.apply_chat_template,
+                              max_new_tokens=self.max_new_tokens, do_sample=False)

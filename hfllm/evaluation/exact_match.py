@@ -8,13 +8,13 @@ items through lm-eval's prompt format (`exact_match` in its results, chat templa
     hfllm score MODEL TEST.jsonl [--limit N] [--json OUT]
 """
 
-import copy
 import json
 from pathlib import Path
 
 from ..checkpoint import eval_mode
 from ..data.synth import read_jsonl
 from ..errors import ArgumentParser, HfllmError
+from ..generation import chat_messages, generate_texts, render_chat
 
 
 def parse_answer(text: str) -> str:
@@ -36,27 +36,10 @@ def exact_match_reward(completions: list, answer: list[str], **kwargs) -> list[f
 
 def chat_exact_match(model, tokenizer, items: list[dict], max_new_tokens: int = 8, batch_size: int = 16) -> float:
     """Greedy-generate an answer for each {"prompt", "answer"} item with the tokenizer's chat template (prompts
-    left-padded into batches); the share answered exactly."""
-    import torch
-
-    if tokenizer.pad_token is None:  # batches need padding: pad with EOS on a copy, leaving the caller's tokenizer
-        tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.pad_token = tokenizer.eos_token
-    correct = 0
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": item["prompt"]}], tokenize=False, add_generation_prompt=True)
-            for item in batch
-        ]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        with torch.no_grad(), eval_mode(model):
-            output = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]  # (B, <=max_new_tokens)
-        generations = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        correct += sum(exact_match(g, item["answer"]) for g, item in zip(generations, batch))
-    return correct / len(items)
+    left-padded into batches, EOS as padding where the tokenizer has none); the share answered exactly."""
+    generations = generate_texts(model, tokenizer, [item["prompt"] for item in items], chat=True,
+                                 batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=False)
+    return sum(exact_match(g, item["answer"]) for g, item in zip(generations, items)) / len(items)
 
 
 def preference_accuracy(model, tokenizer, items: list[dict]) -> tuple[float, float]:
@@ -65,7 +48,7 @@ def preference_accuracy(model, tokenizer, items: list[dict]) -> tuple[float, flo
 
     margins = []
     for item in items:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": item["prompt"]}], tokenize=False, add_generation_prompt=True)
+        prompt = render_chat(tokenizer, chat_messages(item["prompt"]))
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         logps = []
         for reply in (item["answer"], item["rejected"]):

@@ -1,4 +1,5 @@
-"""Run lm-evaluation-harness in process on a model object: load a model, resolve tasks, evaluate, collect scores.
+"""Run lm-evaluation-harness in process on a model object: resolve tasks, evaluate, collect scores (models come from
+`hfllm.checkpoint.load`).
 
 `evaluate_model(model, tokenizer, tasks, ...)` wraps the object in lm-eval's `HFLM(pretrained=model, ...)`, so the
 same call scores a checkpoint from disk (`hfllm eval`) and a model in the middle of training (`EvalCallback`).
@@ -11,18 +12,9 @@ import jinja2
 import torch
 from transformers import PreTrainedModel
 
-from ..checkpoint import eval_mode, load
+from ..checkpoint import eval_mode
 from ..errors import HfllmError
 from .tasks import TASKS_DIR
-
-
-# ---------------------------------------------------------------- models
-
-
-def load_model(spec: str, dtype: str = "auto", quantization=None) -> tuple[PreTrainedModel, object]:
-    """MODEL -> (model in eval mode, tokenizer): `hfllm.checkpoint.load` with a PEFT adapter merged into its base;
-    `quantization`: a bitsandbytes config (`hfllm.checkpoint.quantization_config`) or None."""
-    return load(spec, dtype=dtype, merge_adapter=True, quantization_config=quantization)
 
 
 # ---------------------------------------------------------------- tasks

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import COMPUTE_DTYPES, QUANT_TYPES, quantization_config, spec_kind
+from ..checkpoint import COMPUTE_DTYPES, QUANT_TYPES, load, quantization_config, spec_kind
 from ..errors import HfllmError
 from ..recipe import Recipe, load_recipe
-from .harness import evaluate_model, load_model, load_tasks, scores
+from .harness import evaluate_model, load_tasks, scores
 from .report import markdown_table, write_report, write_sample_logs
 
 
@@ -113,7 +113,7 @@ def main(argv: list[str], prog: str = "hfllm eval") -> int:
     runs, samples = [], {}
     quantization = args.quantization()
     for spec, name in zip(args.models, run_names(args.models)):
-        model, tokenizer = load_model(spec, quantization=quantization)
+        model, tokenizer = load(spec, merge_adapter=True, quantization_config=quantization)
         if args.apply_chat_template and not tokenizer.chat_template:
             raise HfllmError(f"model '{spec}' has no chat template; drop --apply_chat_template for it")
         if quantization is None:  # a quantized model is placed by its loader (bitsandbytes refuses moves)

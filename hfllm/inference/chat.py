@@ -9,100 +9,16 @@ Each line read from standard input is a user turn; lines starting with `/` are c
   /exit         leave (end of input does too)
 """
 
-import json
 import sys
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, TextIO
 
-from transformers import PreTrainedModel, set_seed
+from transformers import set_seed
 
 from ..errors import HfllmError
-from .options import (Decoding, Parser, add_decoding_arguments, add_engine_arguments, add_model_arguments,
-                      engine_threads, load_assistant, load_for_inference, quantization_from_args,
-                      require_chat_template)
-from .stream import StreamedGeneration
+from .generate import open_engine
+from .options import Decoding, Parser, add_decoding_arguments, add_engine_arguments, add_model_arguments, engine_threads
+from .session import ChatSession
 
 HELP = "commands: /reset, /system TEXT, /save FILE, /trim, /exit"
-
-
-class ChatSession:
-    """A conversation: the messages so far, rendered with the chat template, answered by streaming generate()."""
-
-    def __init__(self, model: PreTrainedModel, tokenizer: Any, decoding: Decoding, system: str | None = None,
-                 assistant_model: PreTrainedModel | None = None):
-        self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
-        self.assistant_model = assistant_model  # the draft model of decoding.assistant
-        self.config = decoding.generation_config(model, tokenizer)
-        self.context = getattr(model.config, "max_position_embeddings", None)
-        self.system: str | None = system
-        self.turns: list[dict[str, str]] = []  # user and assistant messages, oldest first
-
-    @property
-    def messages(self) -> list[dict[str, str]]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
-
-    def render(self) -> str:
-        """The conversation as the model reads it, ready for the assistant's answer."""
-        return self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
-
-    def prompt_tokens(self) -> int:
-        return len(self.tokenizer(self.render(), add_special_tokens=False)["input_ids"])
-
-    def fits(self) -> bool:
-        """Whether the rendered conversation plus max_new_tokens fits the context window (always without one)."""
-        return self.context is None or self.prompt_tokens() + self.decoding.max_new_tokens <= self.context
-
-    def trim(self) -> int:
-        """Drop the oldest exchanges until the conversation fits; the newest user turn (and its answer) stay.
-        Returns the number of messages dropped."""
-        dropped = 0
-        newest_user = max((i for i, m in enumerate(self.turns) if m["role"] == "user"), default=0)
-        while newest_user > 0 and not self.fits():
-            exchange = next((i + 1 for i, m in enumerate(self.turns) if m["role"] == "assistant"), 1)
-            exchange = min(exchange, newest_user)  # a user turn and its answer
-            del self.turns[:exchange]
-            dropped, newest_user = dropped + exchange, newest_user - exchange
-        return dropped
-
-    def reply(self, text: str, out: TextIO) -> str:
-        """Add the user turn, then `answer`."""
-        self.turns.append({"role": "user", "content": text})
-        return self.answer(out)
-
-    def prepare(self, trim: bool) -> list[str]:
-        """Before an answer: drop the oldest turns if `trim` and the conversation outgrows the context window.
-        Returns the notes for the user (what was dropped, or a warning that it does not fit)."""
-        notes = []
-        if trim and (dropped := self.trim()):
-            notes.append(f"dropped the {dropped} oldest messages to fit the context window of {self.context} tokens")
-        if not self.fits():
-            notes.append(f"warning: the conversation ({self.prompt_tokens()} tokens) plus --max_new_tokens "
-                         f"{self.decoding.max_new_tokens} outgrows the context window of {self.context} tokens; "
-                         "/trim drops the oldest turns (or start with --trim)")
-        return notes
-
-    def stream(self) -> Iterator[str]:
-        """The assistant's answer to the conversation, piece by piece as it is generated; added to the history once
-        complete. Generation stops when the iteration is abandoned."""
-        inputs = self.tokenizer([self.render()], return_tensors="pt", add_special_tokens=False).to(self.model.device)
-        answer = []
-        for piece in StreamedGeneration(self.model, self.tokenizer, dict(inputs), self.config, self.decoding.stop,
-                                        assistant_model=self.assistant_model):
-            answer.append(piece)
-            yield piece
-        self.turns.append({"role": "assistant", "content": "".join(answer)})
-
-    def answer(self, out: TextIO) -> str:
-        """Stream the assistant's answer to the conversation to `out`; add it to the history and return it."""
-        for piece in self.stream():
-            out.write(piece)
-            out.flush()
-        out.write("\n")
-        return self.turns[-1]["content"]
-
-    def save(self, path: str) -> None:
-        Path(path).write_text(json.dumps(self.messages, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str], prog: str) -> int:
@@ -118,19 +34,10 @@ def main(argv: list[str], prog: str) -> int:
         return serve(args, decoding)
     if given := [flag for flag in ("compare", "host", "port", "share") if getattr(args, flag)]:
         raise HfllmError(f"--{given[0]} is for the web page; add --web")
-    if args.engine == "llama.cpp":
-        from .llama_cpp_engine import LlamaCppChatSession, open_engine
-
-        engine = open_engine(args, threads)
-        engine.require_chat_template(args.model)
-        return _converse(LlamaCppChatSession(engine, decoding, system=args.system), args)
-    model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args),
-                                          float16_weights=decoding.float16_weights)
-    require_chat_template(tokenizer, args.model)
-    assistant = load_assistant(decoding.assistant, model, tokenizer, args.dtype) if decoding.assistant else None
-    if decoding.seed is not None:
+    engine = open_engine(args, decoding, threads, chat=True)
+    if decoding.seed is not None and args.engine == "torch":  # llama.cpp seeds each answer itself
         set_seed(decoding.seed)
-    return _converse(ChatSession(model, tokenizer, decoding, system=args.system, assistant_model=assistant), args)
+    return _converse(ChatSession(engine, decoding, system=args.system), args)
 
 
 def _converse(session: ChatSession, args) -> int:

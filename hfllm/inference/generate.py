@@ -8,156 +8,23 @@
     hfllm generate runs/sft --load_in_4bit --prompt "..."                   bitsandbytes 4-bit weights (also --load_in_8bit)
     hfllm generate runs/sft --prompt_lookup 10 --prompt "Fix the typos: ..." speculative decoding (also --assistant DRAFT)
 
-In Python: `complete(model, tokenizer, prompts, Decoding(...), chat=True)` -> a `Completion` per prompt and sequence.
+In Python: `complete(model, tokenizer, prompts, Decoding(...), chat=True)` (transformers_engine.py) -> a `Completion`
+per prompt and sequence.
 """
 
+import argparse
 import json
 import sys
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO
-
-import torch
-from transformers import BatchEncoding, GenerationConfig, PreTrainedModel, set_seed
 
 from ..errors import HfllmError
+from .engine import Engine
 from .options import (Decoding, Parser, add_decoding_arguments, add_engine_arguments, add_model_arguments,
                       engine_threads, load_assistant, load_for_inference, quantization_from_args,
                       require_chat_template)
-from .stream import DECODE_KWARGS, FirstTokenClock, StreamedGeneration, cut_at_stop
+from .transformers_engine import Completion, TransformersEngine, complete, stream
 
-
-@dataclass
-class Completion:
-    """One generated sequence: its text (cut at a stop string) and what it cost."""
-
-    prompt: str
-    rendered_prompt: str  # what the model read: the prompt, or the chat template applied to it
-    sequence: int  # 0 .. num_return_sequences - 1
-    text: str
-    prompt_tokens: int
-    completion_tokens: int  # tokens generated, the end-of-sequence token included
-    finish_reason: str  # "stop" (a stop string), "eos" (end-of-sequence token) or "length" (max_new_tokens)
-    time_to_first_token_s: float | None
-    seconds: float  # the whole generate() call (shared by the sequences of a batch)
-    completion_token_ids: list[int]  # the `completion_tokens` generated ids
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
-
-    def as_json(self) -> dict[str, Any]:
-        return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 2)}
-
-
-# ----------------------------------------------------------------------------- library
-
-
-def render(tokenizer: Any, prompt: str, chat: bool, system: str | None = None) -> str:
-    """The text the model reads: `prompt` as is, or as a user turn in the chat template (ready for the answer)."""
-    if not chat:
-        return prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def encode(tokenizer: Any, texts: list[str], chat: bool) -> BatchEncoding:
-    """Left-padded input_ids / attention_mask (B, T); a rendered chat already holds its special tokens."""
-    tokenizer.padding_side = "left"
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
-
-
-def complete(model: PreTrainedModel, tokenizer: Any, prompts: list[str], decoding: Decoding, *, chat: bool = False,
-             system: str | None = None, batch_size: int = 8,
-             assistant_model: PreTrainedModel | None = None) -> list[Completion]:
-    """Every prompt completed (in batches of `batch_size`; one at a time with speculative decoding, which transformers
-    runs on batch size 1), `num_return_sequences` completions each, in order. `assistant_model`: the draft model of
-    `decoding.assistant`."""
-    config = decoding.generation_config(model, tokenizer)
-    if decoding.speculative:
-        batch_size = 1
-    if decoding.seed is not None:
-        set_seed(decoding.seed)
-    completions: list[Completion] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start: start + batch_size]
-        rendered = [render(tokenizer, prompt, chat, system) for prompt in batch]
-        inputs = encode(tokenizer, rendered, chat).to(model.device)
-        clock = FirstTokenClock()
-        kwargs = {"tokenizer": tokenizer} if config.stop_strings else {}
-        if assistant_model is not None:
-            kwargs["assistant_model"] = assistant_model
-        sequences = model.generate(**inputs, generation_config=config, streamer=clock, **kwargs)  # (B * n, T + new)
-        seconds = time.perf_counter() - clock.start
-        new_tokens = sequences[:, inputs["input_ids"].shape[1]:]  # (B * n, new)
-        for row, generated in enumerate(new_tokens):
-            index = row // decoding.num_return_sequences
-            completions.append(_completion(
-                tokenizer, config, generated, batch[index], rendered[index], int(inputs["attention_mask"][index].sum()),
-                row % decoding.num_return_sequences, clock.first_token_s, seconds,
-            ))
-    return completions
-
-
-def stream(model: PreTrainedModel, tokenizer: Any, prompt: str, decoding: Decoding, out: TextIO, *, chat: bool = False,
-           system: str | None = None, assistant_model: PreTrainedModel | None = None) -> Completion:
-    """Complete one prompt, writing the text to `out` as it comes; the same text as `complete` gives."""
-    if decoding.num_return_sequences != 1:
-        raise HfllmError("--stream prints one sequence; drop --num_return_sequences or --stream")
-    config = decoding.generation_config(model, tokenizer)
-    if decoding.seed is not None:
-        set_seed(decoding.seed)
-    rendered = render(tokenizer, prompt, chat, system)
-    inputs = encode(tokenizer, [rendered], chat).to(model.device)
-    run = StreamedGeneration(model, tokenizer, dict(inputs), config, decoding.stop, assistant_model=assistant_model)
-    start = time.perf_counter()
-    for piece in run:
-        out.write(piece)
-        out.flush()
-    seconds = time.perf_counter() - start
-    generated = run.sequences[0, inputs["input_ids"].shape[1]:]  # (new,)
-    return _completion(tokenizer, config, generated, prompt, rendered, inputs["input_ids"].shape[1], 0,
-                       run.first_token_s, seconds)
-
-
-def _completion(tokenizer: Any, config: GenerationConfig, generated: torch.Tensor, prompt: str, rendered: str,
-                prompt_tokens: int, sequence: int, first_token_s: float | None, seconds: float) -> Completion:
-    """A row of new tokens (padded after its end in a batch) -> its text and length. A row ends at its first EOS
-    token, or at the fewest tokens that complete a stop string (what StopStringCriteria stopped on)."""
-    ids = generated.tolist()
-    eos = config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    eos_end = next((i + 1 for i, token in enumerate(ids) if token in eos), None)
-    end = eos_end or len(ids)
-    stop = config.stop_strings or []
-    text = cut_at_stop(tokenizer.decode(ids[:end], **DECODE_KWARGS), stop)[0]
-    stop_end = _stop_end(tokenizer, ids[:end], stop, rendered)
-    if stop_end is not None:
-        reason, end = "stop", stop_end
-    else:
-        reason = "eos" if eos_end else "length"
-    return Completion(prompt, rendered, sequence, text, prompt_tokens, end, reason, first_token_s, seconds, ids[:end])
-
-
-def _stop_end(tokenizer: Any, ids: list[int], stop: list[str], rendered: str) -> int | None:
-    """The fewest of `ids` whose text completes a stop string, or None. Like transformers' StopStringCriteria, a
-    stop string may begin in the prompt's last characters (then the text holds no stop string to cut)."""
-    if not stop:
-        return None
-    tail = rendered[-(max(map(len, stop)) - 1):] if max(map(len, stop)) > 1 else ""
-
-    def completes(count: int) -> bool:  # grows with count: bisect
-        text = tail + tokenizer.decode(ids[:count], **DECODE_KWARGS)
-        return any(text.find(s, max(0, len(tail) - len(s) + 1)) >= 0 for s in stop)
-
-    if not ids or not completes(len(ids)):
-        return None
-    low, high = 1, len(ids)
-    while low < high:
-        middle = (low + high) // 2
-        low, high = (low, middle) if completes(middle) else (middle + 1, high)
-    return high
+__all__ = ["Completion", "complete", "main", "read_prompts", "stream"]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -177,23 +44,12 @@ def main(argv: list[str], prog: str) -> int:
     prompts = read_prompts(args.prompt, args.prompt_file)
     if args.stream and len(prompts) > 1:
         raise HfllmError(f"--stream works on one prompt; got {len(prompts)} (drop --stream to complete them in batches)")
-    if args.engine == "llama.cpp":
-        completions = _complete_with_llama_cpp(args, decoding, prompts, threads)
-        if completions is None:  # streamed
-            return 0
-    else:
-        model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args),
-                                              float16_weights=decoding.float16_weights)
-        assistant = load_assistant(decoding.assistant, model, tokenizer, args.dtype) if decoding.assistant else None
-        if args.chat:
-            require_chat_template(tokenizer, args.model)
-        if args.stream:
-            stream(model, tokenizer, prompts[0], decoding, sys.stdout, chat=args.chat, system=args.system,
-                   assistant_model=assistant)
-            print()
-            return 0
-        completions = complete(model, tokenizer, prompts, decoding, chat=args.chat, system=args.system,
-                               batch_size=args.batch_size, assistant_model=assistant)
+    engine = open_engine(args, decoding, threads, chat=args.chat)
+    if args.stream:
+        engine.stream_to(prompts[0], decoding, sys.stdout, chat=args.chat, system=args.system)
+        print()
+        return 0
+    completions = engine.complete(prompts, decoding, chat=args.chat, system=args.system)
     for i, completion in enumerate(completions):
         if args.json:
             print(json.dumps(completion.as_json(), ensure_ascii=False))
@@ -202,18 +58,23 @@ def main(argv: list[str], prog: str) -> int:
     return 0
 
 
-def _complete_with_llama_cpp(args, decoding: Decoding, prompts: list[str], threads: int) -> list[Completion] | None:
-    """`--engine llama.cpp`: the completions, or None when the one prompt was streamed to stdout."""
-    from .llama_cpp_engine import open_engine
+def open_engine(args: argparse.Namespace, decoding: Decoding, threads: int, *, chat: bool) -> Engine:
+    """The engine of `--engine`: MODEL loaded for transformers' generate() (with the draft model of --assistant), or
+    its GGUF file loaded by llama.cpp on `threads` threads; `chat`: one line when MODEL has no chat template. Shared
+    by `hfllm generate` and `hfllm chat`."""
+    if args.engine == "llama.cpp":
+        from .llama_cpp_engine import open_engine as open_llama_cpp
 
-    engine = open_engine(args, threads)
-    if args.chat:
-        engine.require_chat_template(args.model)
-    if args.stream:
-        engine.stream(prompts[0], decoding, sys.stdout, chat=args.chat, system=args.system)
-        print()
-        return None
-    return engine.complete(prompts, decoding, chat=args.chat, system=args.system)
+        engine = open_llama_cpp(args, threads)
+        if chat:
+            engine.require_chat_template(args.model)
+        return engine
+    model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args),
+                                          float16_weights=decoding.float16_weights)
+    if chat:
+        require_chat_template(tokenizer, args.model)
+    assistant = load_assistant(decoding.assistant, model, tokenizer, args.dtype) if decoding.assistant else None
+    return TransformersEngine(model, tokenizer, assistant, getattr(args, "batch_size", 8))
 
 
 def _parser(prog: str) -> Parser:

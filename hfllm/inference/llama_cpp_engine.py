@@ -9,7 +9,7 @@ A `.gguf` MODEL is run as it is; any other MODEL spec is exported once with `hfl
 (`--gguf_quant`, default f16) into `$HFLLM_CACHE/gguf/`, in a folder keyed by the sha256 of the model's files. Prompts
 are tokenized by llama.cpp from the file's vocabulary, `--chat` renders the chat template stored in the file, and
 decoding takes hfllm's `Decoding` options; the flags llama.cpp cannot honour are refused in one line. Prompts run one
-after another (no batching); the results are `hfllm.inference.generate.Completion`s, as with the torch engine.
+after another (no batching); the results are `hfllm.inference.engine.Completion`s, as with the torch engine.
 """
 
 import argparse
@@ -18,13 +18,13 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from ..errors import HfllmError
-from .chat import ChatSession
-from .generate import Completion
+from ..files import sha256
+from .engine import Completion, Engine
 from .options import Decoding
 from .stream import StopFilter
 
@@ -64,7 +64,6 @@ def content_key(spec: str) -> str:
     """sha256 of what MODEL loads from: a folder's files (not its subfolders, e.g. checkpoints), an adapter's files
     with its base model's key, a Hub id with the commit of its cached snapshot."""
     from ..checkpoint import spec_kind
-    from ..shipping.push import sha256
 
     kind, digest = spec_kind(spec), hashlib.sha256()
     if kind == "hub":
@@ -114,9 +113,9 @@ def gguf_file(spec: str, quant: str | None) -> Path:
 # ----------------------------------------------------------------------------- the engine
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(Engine):
     """A GGUF file loaded by llama.cpp, with its own tokenizer and chat template; completes prompts with hfllm's
-    decoding options."""
+    decoding options, one after another."""
 
     def __init__(self, path: Path, threads: int):
         from ..assets import llama_cpp
@@ -142,22 +141,18 @@ class LlamaCppEngine:
         return Jinja2ChatFormatter(self.chat_template, eos_token=model.token_get_text(eos) if eos >= 0 else "",
                                    bos_token=model.token_get_text(bos) if bos >= 0 else "")
 
-    def render_messages(self, messages: list[dict[str, str]]) -> str:
+    def render(self, messages: list[dict[str, str]]) -> str:
         """The conversation through the file's chat template, ready for the assistant's answer."""
         return self._chat_formatter(messages=messages).prompt
 
-    def render(self, prompt: str, chat: bool, system: str | None = None) -> str:
-        """What the model reads: `prompt`, or a user turn (after `system`) in the chat template."""
-        if not chat:
-            return prompt
-        return self.render_messages(([{"role": "system", "content": system}] if system else [])
-                                    + [{"role": "user", "content": prompt}])
+    def count_tokens(self, text: str, chat: bool) -> int:
+        return len(self.tokenize(text, chat))
 
     def tokenize(self, text: str, chat: bool) -> list[int]:
         """Token ids of `text`, special tokens parsed; BOS added (where the file says so) unless a chat is rendered."""
         return self.llama.tokenize(text.encode("utf-8"), add_bos=not chat, special=True)
 
-    def run(self, prompt: str, rendered: str, decoding: Decoding, chat: bool) -> Generator[str, None, Completion]:
+    def stream(self, prompt: str, rendered: str, decoding: Decoding, chat: bool) -> Generator[str, None, Completion]:
         """Decode `rendered`, yielding the text as it comes (held back where a stop string may begin, cut before
         one); returns the `Completion`. The end-of-generation token counts as generated; its text is not shown."""
         import llama_cpp
@@ -194,16 +189,6 @@ class LlamaCppEngine:
         return Completion(prompt, rendered, 0, "".join(pieces), len(ids), len(generated), reason, first_token_s,
                           seconds, generated)
 
-    def complete(self, prompts: list[str], decoding: Decoding, *, chat: bool = False,
-                 system: str | None = None) -> list[Completion]:
-        """Every prompt completed, one after another."""
-        return [_finish(self.run(prompt, self.render(prompt, chat, system), decoding, chat)) for prompt in prompts]
-
-    def stream(self, prompt: str, decoding: Decoding, out: TextIO, *, chat: bool = False,
-               system: str | None = None) -> Completion:
-        """Complete one prompt, writing the text to `out` as it comes; the same text as `complete` gives."""
-        return _finish(self.run(prompt, self.render(prompt, chat, system), decoding, chat), out)
-
 
 def sampling(decoding: Decoding) -> dict[str, float]:
     """`Llama.generate`'s sampler arguments: greedy (temperature 0), or the sampling flags over transformers'
@@ -217,18 +202,6 @@ def sampling(decoding: Decoding) -> dict[str, float]:
             "min_p": values["min_p"], **penalty}
 
 
-def _finish(run: Generator[str, None, Completion], out: TextIO | None = None) -> Completion:
-    """Run `run` to its end (writing its text to `out`, if given) -> its Completion."""
-    while True:
-        try:
-            piece = next(run)
-        except StopIteration as done:
-            return done.value
-        if out is not None:
-            out.write(piece)
-            out.flush()
-
-
 def open_engine(args: argparse.Namespace, threads: int) -> LlamaCppEngine:
     """The checked flags, then MODEL's GGUF file loaded by llama.cpp to decode on `threads` threads. A missing model
     or a broken GGUF file is one line before llama.cpp is looked for (`gguf_file` checks it, then the engine loads
@@ -240,27 +213,3 @@ def open_engine(args: argparse.Namespace, threads: int) -> LlamaCppEngine:
     if spec_kind(args.model) != "gguf":  # one line for a missing model; then one before a long export
         llama_cpp(build=False)
     return LlamaCppEngine(gguf_file(args.model, args.gguf_quant), threads)
-
-
-# ----------------------------------------------------------------------------- chat
-
-
-class LlamaCppChatSession(ChatSession):
-    """`hfllm chat`'s conversation (history, /reset, /system, /trim, /save) answered by llama.cpp."""
-
-    def __init__(self, engine: LlamaCppEngine, decoding: Decoding, system: str | None = None):
-        self.engine, self.decoding = engine, decoding
-        self.context = engine.context
-        self.system: str | None = system
-        self.turns: list[dict[str, str]] = []
-
-    def render(self) -> str:
-        return self.engine.render_messages(self.messages)
-
-    def prompt_tokens(self) -> int:
-        return len(self.engine.tokenize(self.render(), chat=True))
-
-    def stream(self) -> Iterator[str]:
-        rendered = self.render()
-        completion = yield from self.engine.run(rendered, rendered, self.decoding, chat=True)
-        self.turns.append({"role": "assistant", "content": completion.text})

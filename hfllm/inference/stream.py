@@ -16,7 +16,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
-DECODE_KWARGS = {"skip_special_tokens": True}
+from ..generation import DECODE_KWARGS
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

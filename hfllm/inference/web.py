@@ -4,7 +4,7 @@
     hfllm chat runs/base --web --compare runs/sft --compare runs/dpo  # each message goes to every model
 
 One model is a `gr.ChatInterface`; with `--compare` the page has a chatbot per model, one message box, and every
-model streams its own answer at the same time. An answer is `ChatSession.stream` (chat.py) over the page's history
+model streams its own answer at the same time. An answer is `ChatSession.stream` (session.py) over the page's history
 and system prompt, with the decoding flags of the terminal chat. Nothing reaches the internet: Gradio's analytics and
 version check are off, the default theme's fonts are local, and `--share` (a public link through Gradio's servers)
 is off unless asked for.
@@ -23,15 +23,17 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import Any, TypeVar  # noqa: E402
+from typing import TypeVar  # noqa: E402
 
 import gradio as gr  # noqa: E402
-from transformers import PreTrainedModel, set_seed  # noqa: E402
+from transformers import set_seed  # noqa: E402
 
 from ..checkpoint import spec_kind  # noqa: E402
 from ..errors import HfllmError  # noqa: E402
-from .chat import ChatSession  # noqa: E402
-from .options import Decoding, load_for_inference, quantization_from_args, require_chat_template  # noqa: E402
+from .engine import Engine  # noqa: E402
+from .options import Decoding, load_for_inference, quantization_from_args  # noqa: E402
+from .session import ChatSession  # noqa: E402
+from .transformers_engine import TransformersEngine  # noqa: E402
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 T = TypeVar("T")
@@ -42,8 +44,7 @@ class WebChat:
     """One model on the page."""
 
     name: str  # the MODEL spec, shown above its answers
-    model: PreTrainedModel
-    tokenizer: Any
+    engine: Engine
     decoding: Decoding
     trim: bool = False  # drop the oldest turns when the conversation outgrows the context window
     show_prompt: bool = False  # print each rendered prompt on standard error
@@ -53,7 +54,7 @@ class WebChat:
         `gr.ChatInterface`. Notes about the context window appear as warnings on the page."""
         if not message.strip():
             raise gr.Error("empty message; type some text")
-        session = ChatSession(self.model, self.tokenizer, self.decoding, system=(system or "").strip() or None)
+        session = ChatSession(self.engine, self.decoding, system=(system or "").strip() or None)
         session.turns = [*plain_messages(history), {"role": "user", "content": message}]
         for note in session.prepare(self.trim):
             print(note, file=sys.stderr, flush=True)
@@ -186,10 +187,10 @@ def serve(args: argparse.Namespace, decoding: Decoding) -> int:
         spec_kind(spec)
     chats = []
     for spec in specs:
-        model, tokenizer = load_for_inference(spec, args.dtype, quantization_from_args(args),
-                                              float16_weights=decoding.float16_weights)
-        require_chat_template(tokenizer, spec)
-        chats.append(WebChat(spec, model, tokenizer, decoding, trim=args.trim, show_prompt=args.show_prompt))
+        engine = TransformersEngine(*load_for_inference(spec, args.dtype, quantization_from_args(args),
+                                                        float16_weights=decoding.float16_weights))
+        engine.require_chat_template(spec)
+        chats.append(WebChat(spec, engine, decoding, trim=args.trim, show_prompt=args.show_prompt))
     if decoding.seed is not None:
         set_seed(decoding.seed)
     app = build_app(chats, args.system)

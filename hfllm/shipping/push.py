@@ -18,7 +18,6 @@ written to a file or printed; a staged file that contains it stops the upload.
 
 import dataclasses
 import fnmatch
-import hashlib
 import shutil
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import yaml
 
 from ..checkpoint import HUB_ID, atomic_output, check_output_dir, find_checkpoint, spec_kind
 from ..errors import ArgumentParser, HfllmError
+from ..files import sha256
 from . import verify
 from .card import RunFacts, build_card, read_json
 
@@ -122,7 +122,7 @@ def stage(run_dir: Path, repo_id: str, out: Path, license_id: str, fmt: str = "a
                                     weight_hashes={path.name: sha256(path) for path in sorted(out.glob("*.safetensors"))})
     facts.published = published
     if facts.has_loss_curve and not (out / "loss_curve.png").is_file():
-        from ..training.callbacks import plot_loss_curve
+        from ..plots import plot_loss_curve
 
         plot_loss_curve(facts.log_history, out / "loss_curve.png")
     build_card(facts, repo_id, license_id).save(out / "README.md")
@@ -184,14 +184,6 @@ def upload(folder: Path, repo_id: str, *, private: bool, revision: str | None, t
         raise HfllmError(f"could not reach the Hugging Face Hub to upload {repo_id} ({type(error).__name__}); check "
                          "your connection, or use --dry_run OUT to stage the folder") from None
     return str(getattr(commit, "commit_url", commit))
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _last_samples(text: str, limit: int = 1500) -> str:

@@ -1,4 +1,4 @@
-"""Trainer callbacks for pretraining, plus the sample generator and the loss-curve plot they share with the script."""
+"""Trainer callbacks for pretraining, plus the sample generator they share with the script."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from ..checkpoint import eval_mode
+from ..generation import generate_texts
 from .distributed import parameters_sharded
 
 
@@ -77,31 +77,16 @@ def generates_here(args) -> bool:
     return args.should_save or parameters_sharded() or args.tp_size > 1
 
 
-@torch.no_grad()
 def generate_samples(model, tokenizer, args) -> list[str]:
     """`args.num_samples` texts of `args.sample_max_new_tokens` tokens (temperature 0.8, top-k 200), one per prompt
-    in `args.sample_prompts` (cycled; none means starting from the bos token). Uses its own RNG stream, so sampling
-    never changes the training run."""
+    in `args.sample_prompts` (cycled; none means starting from the bos token), the prompt included. Uses its own RNG
+    stream, so sampling never changes the training run."""
     prompts = args.sample_prompts or [""]
-    samples = []
-    with torch.random.fork_rng(devices=[]), eval_mode(model):
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        for i in range(args.num_samples):
-            prompt = prompts[i % len(prompts)]
-            input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, T)
-            if input_ids.shape[1] == 0:
-                input_ids = torch.tensor([[tokenizer.bos_token_id or tokenizer.eos_token_id]])
-            output = model.generate(
-                input_ids.to(model.device),
-                attention_mask=torch.ones_like(input_ids).to(model.device),
-                max_new_tokens=args.sample_max_new_tokens,
-                do_sample=True,
-                temperature=0.8,
-                top_k=200,
-                pad_token_id=tokenizer.pad_token_id,
-            )  # (1, T + new)
-            samples.append(tokenizer.decode(output[0], skip_special_tokens=True))
-    return samples
+        return generate_texts(model, tokenizer, [prompts[i % len(prompts)] for i in range(args.num_samples)],
+                              with_prompt=True, max_new_tokens=args.sample_max_new_tokens, do_sample=True,
+                              temperature=0.8, top_k=200)
 
 
 def append_samples(samples: list[str], path: Path, title: str) -> None:
@@ -110,26 +95,3 @@ def append_samples(samples: list[str], path: Path, title: str) -> None:
     print(text, flush=True)
     with open(path, "a", encoding="utf-8") as file:
         file.write(text)
-
-
-def plot_loss_curve(log_history: list[dict], path: Path) -> None:
-    """Training and validation loss against the optimizer step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
-    validation = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    if train:
-        axis.plot(*zip(*train), label="train")
-    if validation:
-        axis.plot(*zip(*validation), "o-", label="validation")
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)

@@ -16,6 +16,7 @@ from ..checkpoint import check_output_dir, clear_output_dir, load
 from ..data.text import load_text, resolve_tokenizer, save_tokenizer, take
 from ..errors import HfllmError, first_line
 from ..models import get_preset, parameter_counts
+from ..plots import plot_loss_curve
 from .arguments import (
     SESSION_KEYS,
     data_parallel_size,
@@ -31,7 +32,6 @@ from .callbacks import (
     append_samples,
     generate_samples,
     generates_here,
-    plot_loss_curve,
     reached_eval_loss,
 )
 from .health import (
