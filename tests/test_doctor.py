@@ -1,12 +1,14 @@
-"""`hfllm doctor` (hfllm/doctor.py): it passes on a healthy tiny recipe, and each check fails on something broken on
+"""`hfllm doctor` (hfllm/doctor/): it passes on a healthy tiny recipe, and each check fails on something broken on
 purpose (a leaking mask, unshifted labels, a tokenizer that drops newlines, overlapping splits, unseeded runs, ...)."""
 
 import pytest
 import torch
 from helpers import CORPUS, TINY, write_recipe
 from tokenizers import normalizers, processors
+from transformers import AutoModelForCausalLM
 
 from hfllm import doctor
+from hfllm.doctor import data_checks, model_checks, subjects
 from hfllm.cli import main as cli
 from hfllm.models import modeling_hfllm
 
@@ -30,7 +32,7 @@ def tiny_recipe(folder, validation: str = VALIDATION) -> list[str]:
 
 @pytest.fixture(scope="module")
 def subject(tmp_path_factory):
-    return doctor.pretraining_subject(tiny_recipe(tmp_path_factory.mktemp("doctor")), "hfllm doctor")
+    return subjects.pretraining_subject(tiny_recipe(tmp_path_factory.mktemp("doctor")), "hfllm doctor")
 
 
 def test_doctor_passes_on_a_tiny_recipe(tmp_path, capsys):
@@ -54,57 +56,60 @@ def test_contaminated_recipe_exits_with_the_doctor_code(tmp_path, capsys):
 
 
 def test_causal_mask_leak_fails(subject, monkeypatch):
-    assert doctor.check_causal_mask(subject.new_model(), subject.batch).status == "pass"
+    assert model_checks.check_causal_mask(subject.new_model(), subject.batch).status == "pass"
 
     def full_attention(inputs_embeds, **kwargs):  # every position sees every other: the future leaks
         batch, length = inputs_embeds.shape[:2]
         return torch.zeros(batch, 1, length, length)
 
     monkeypatch.setattr(modeling_hfllm, "create_causal_mask", full_attention)
-    check = doctor.check_causal_mask(subject.new_model(), subject.batch)
+    check = model_checks.check_causal_mask(subject.new_model(), subject.batch)
     assert check.status == "FAIL", check
 
 
 def test_label_shift_bug_fails(subject):
     model = subject.new_model()
-    assert doctor.check_label_shift(model, subject.batch).status == "pass"
+    assert model_checks.check_label_shift(model, subject.batch).status == "pass"
 
     def unshifted(logits, labels, vocab_size, **kwargs):  # scores each position on its own token
         return torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size).float(), labels.reshape(-1))
 
     model.loss_function = unshifted
-    check = doctor.check_label_shift(model, subject.batch)
+    check = model_checks.check_label_shift(model, subject.batch)
     assert check.status == "FAIL" and check.measured.startswith("copy-input loss 0.00"), check
 
 
 def test_init_loss_far_from_uniform_fails(subject):
     model = subject.new_model()
-    assert doctor.check_init_loss(model, subject.batch, subject.config.vocab_size).status == "pass"
+    assert model_checks.check_init_loss(model, subject.batch, subject.config.vocab_size).status == "pass"
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(300)  # confident random logits at init
-    assert doctor.check_init_loss(model, subject.batch, subject.config.vocab_size).status == "FAIL"
+    assert model_checks.check_init_loss(model, subject.batch, subject.config.vocab_size).status == "FAIL"
 
 
 def test_overfit_fails_when_nothing_learns(subject):
-    assert doctor.check_overfit(subject.new_model(), subject.batch, steps=60).status == "pass"
-    assert doctor.check_overfit(subject.new_model(), subject.batch, steps=60, lr=0.0).status == "FAIL"
+    assert model_checks.check_overfit(subject.new_model(), subject.batch, steps=60).status == "pass"
+    assert model_checks.check_overfit(subject.new_model(), subject.batch, steps=60, lr=0.0).status == "FAIL"
 
 
-def test_unseeded_runs_fail_reproducibility(subject, monkeypatch, tmp_path):
-    monkeypatch.setattr(doctor, "set_seed", lambda seed: None)  # the model is built from wherever the RNG is
-    check = doctor.check_reproducible(subject.train(str(tmp_path / "a"), None), subject.train(str(tmp_path / "b"), None))
+def test_unseeded_runs_fail_reproducibility(subject, tmp_path):
+    def unseeded():  # built from wherever the RNG is, as a run without set_seed would be
+        return AutoModelForCausalLM.from_config(subject.config)
+
+    check = model_checks.check_reproducible(subject.train(str(tmp_path / "a"), None, unseeded()),
+                                      subject.train(str(tmp_path / "b"), None, unseeded()))
     assert check.status == "FAIL" and "max |Δw| 0 " not in check.measured + " ", check
 
 
 def test_resume_without_optimizer_state_fails(subject, monkeypatch, tmp_path):
     full = subject.train(str(tmp_path / "a"), None)
-    resumed = subject.train(str(tmp_path / "b"), str(tmp_path / "a" / f"checkpoint-{doctor.STEPS // 2}"))
-    assert doctor.check_resume(full, resumed).status == "pass"
+    resumed = subject.train(str(tmp_path / "b"), str(tmp_path / "a" / f"checkpoint-{subjects.STEPS // 2}"))
+    assert model_checks.check_resume(full, resumed).status == "pass"
     from transformers import Trainer
 
     monkeypatch.setattr(Trainer, "_load_optimizer_and_scheduler", lambda self, checkpoint: None)  # fresh Adam moments
-    resumed = subject.train(str(tmp_path / "c"), str(tmp_path / "a" / f"checkpoint-{doctor.STEPS // 2}"))
-    assert doctor.check_resume(full, resumed).status == "FAIL"
+    resumed = subject.train(str(tmp_path / "c"), str(tmp_path / "a" / f"checkpoint-{subjects.STEPS // 2}"))
+    assert model_checks.check_resume(full, resumed).status == "FAIL"
 
 
 # ----------------------------------------------------------------------------- tokenizer and data checks
@@ -119,44 +124,44 @@ def fresh_tokenizer(subject):
 def test_tokenizer_that_drops_newlines_fails(subject):
     tokenizer = fresh_tokenizer(subject)
     texts = subject.validation_texts
-    assert doctor.check_newlines(tokenizer, texts[0]).status == doctor.check_round_trip(tokenizer, texts).status == "pass"
+    assert data_checks.check_newlines(tokenizer, texts[0]).status == data_checks.check_round_trip(tokenizer, texts).status == "pass"
     tokenizer.backend_tokenizer.normalizer = normalizers.Replace("\n", " ")
-    assert doctor.check_newlines(tokenizer, texts[0]).status == "FAIL"
-    assert doctor.check_round_trip(tokenizer, texts).status == "FAIL"
+    assert data_checks.check_newlines(tokenizer, texts[0]).status == "FAIL"
+    assert data_checks.check_round_trip(tokenizer, texts).status == "FAIL"
 
 
 def test_tokenizer_that_appends_eos_breaks_the_bos_eos_rules(subject):
     tokenizer = fresh_tokenizer(subject)
     texts = subject.validation_texts
-    assert doctor.check_bos_eos(tokenizer, texts).status == "pass"
+    assert data_checks.check_bos_eos(tokenizer, texts).status == "pass"
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<|bos|> $A <|endoftext|>", special_tokens=[("<|bos|>", 1), ("<|endoftext|>", 2)])
-    check = doctor.check_bos_eos(tokenizer, texts)
+    check = data_checks.check_bos_eos(tokenizer, texts)
     assert check.status == "FAIL" and "eos inside 1/1 documents" in check.measured, check
 
 
 def test_special_tokens_sharing_an_id_fail(subject):
     tokenizer = fresh_tokenizer(subject)
-    assert doctor.check_special_tokens(tokenizer).status == "pass"
+    assert data_checks.check_special_tokens(tokenizer).status == "pass"
     tokenizer.bos_token = tokenizer.eos_token
-    assert doctor.check_special_tokens(tokenizer).status == "FAIL"
+    assert data_checks.check_special_tokens(tokenizer).status == "FAIL"
 
 
 def test_unknown_and_unused_tokens(subject):
     tokenizer = subject.tokenizer
-    used, unknown = doctor.check_vocabulary(tokenizer, subject.train_texts, trained_on_texts=True)
+    used, unknown = data_checks.check_vocabulary(tokenizer, subject.train_texts, trained_on_texts=True)
     assert used.status == unknown.status == "pass"
-    used, unknown = doctor.check_vocabulary(tokenizer, ["All:\n" * 50 + "ĀāĂ"], trained_on_texts=True)
+    used, unknown = data_checks.check_vocabulary(tokenizer, ["All:\n" * 50 + "ĀāĂ"], trained_on_texts=True)
     assert used.status == "FAIL" and unknown.status == "FAIL"  # most characters unused; 3 of ~250 unknown
 
 
 def test_overlapping_splits_fail():
     plays = [" ".join(f"word{i}x{j}" for j in range(200)) for i in range(6)]
-    assert doctor.contamination(plays[:4], plays[4:]) == (0, 0)
-    assert doctor.contamination(plays[:4], [plays[1].upper()]) == (1, 0)  # same text, other case: exact
+    assert data_checks.contamination(plays[:4], plays[4:]) == (0, 0)
+    assert data_checks.contamination(plays[:4], [plays[1].upper()]) == (1, 0)  # same text, other case: exact
     edited = plays[2].replace("word2x50 ", "changed ").replace("word2x150 ", "edited ")
-    assert doctor.contamination(plays[:4], [edited, plays[5]]) == (0, 1)  # two words changed: near-duplicate
-    assert doctor.check_contamination(plays[:4], [edited]).status == "FAIL"
+    assert data_checks.contamination(plays[:4], [edited, plays[5]]) == (0, 1)  # two words changed: near-duplicate
+    assert data_checks.check_contamination(plays[:4], [edited]).status == "FAIL"
 
 
 def test_chat_template_must_mask_the_assistant_turns(subject):
@@ -165,13 +170,13 @@ def test_chat_template_must_mask_the_assistant_turns(subject):
     from hfllm.data.tokenizer import chatml_template
 
     chat = chat_bpe_tokenizer()  # SmolLM2's template: no {% generation %} markers
-    assert doctor.check_chat_template(chat, required=True, assistant_only_loss=True).status == "FAIL"
-    assert doctor.check_chat_template(chat, required=True, assistant_only_loss=False).status == "pass"
+    assert data_checks.check_chat_template(chat, required=True, assistant_only_loss=True).status == "FAIL"
+    assert data_checks.check_chat_template(chat, required=True, assistant_only_loss=False).status == "pass"
     chat.chat_template = chatml_template()  # markers around each reply and its <|im_end|>
-    assert doctor.check_chat_template(chat, required=True, assistant_only_loss=True).status == "pass"
+    assert data_checks.check_chat_template(chat, required=True, assistant_only_loss=True).status == "pass"
     chat.chat_template = chat.chat_template.replace("{% generation %}{{- message['content'] + '<|im_end|>' -}}",
                                                     "{{- message['content'] -}}{% generation %}{{- '<|im_end|>' -}}")
-    assert doctor.check_chat_template(chat, required=True, assistant_only_loss=True).status == "FAIL"
+    assert data_checks.check_chat_template(chat, required=True, assistant_only_loss=True).status == "FAIL"
 
 
 # ----------------------------------------------------------------------------- SFT recipes and model folders
@@ -182,7 +187,7 @@ def test_sft_recipe_passes_with_lora_and_assistant_masks(tmp_path, tiny_llama_ch
 
     recipe = adaptation_recipe(tmp_path, tiny_llama_chat_dir, synth_dir / "sft.jsonl", chat_template="chatml",
                                assistant_only_loss=True, max_length=64, test_split_size=0.25, eval_strategy="epoch")
-    subject = doctor.subject_for([str(recipe)], "hfllm doctor")
+    subject = subjects.subject_for([str(recipe)], "hfllm doctor")
     assert subject.chat and subject.assistant_only_loss and subject.batch["labels"].eq(-100).any()
     checks = {check.name: check for check in doctor.run_checks(subject, say=lambda line: None)}
     assert [check for check in checks.values() if check.status == "FAIL"] == []
@@ -200,7 +205,7 @@ def test_model_folder_of_a_pretraining_run(tmp_path, capsys):
     run = tmp_path / "run"
     assert pretrain([*tiny_recipe(tmp_path), "--max_steps", "2", "--output_dir", str(run), "--eval_strategy", "no",
                      "--num_samples", "0"]) == 0
-    subject = doctor.subject_for([str(run)], "hfllm doctor")
+    subject = subjects.subject_for([str(run)], "hfllm doctor")
     assert subject.loaded_model is not None and subject.validation_texts == [VALIDATION.rstrip("\n") + "\n"]
     assert subject.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(run).get_vocab()
     assert cli(["doctor", str(run)]) == 0

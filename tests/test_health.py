@@ -1,6 +1,7 @@
 """Runs that survive (hfllm/training/health.py, docs/reliability.md): non-finite losses and spikes are caught, nothing
 non-finite is saved, SIGTERM leaves a checkpoint that resumes exactly, and half-written checkpoints are never used."""
 
+import json
 import os
 import re
 import shlex
@@ -21,9 +22,8 @@ from hfllm.errors import HfllmError, TrainingHalted
 from hfllm.run_pretrain import main
 from hfllm.run_dpo import main as dpo_main
 from hfllm.run_sft import main as sft_main
-from hfllm.training import align, pretrain
 from hfllm.training.callbacks import StopAtStepCallback
-from hfllm.training.health import PreemptionCallback, resume_command
+from hfllm.training.preemption import PreemptionCallback, resume_command
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -46,9 +46,10 @@ def recipe(tmp_path) -> str:
     return str(path)
 
 
-def run(recipe: str, tmp_path: Path, *extra: str, out: str = "out") -> Path:
+def run(recipe: str, tmp_path: Path, *extra: str, out: str = "out", callbacks=()) -> Path:
+    """`hfllm pretrain` in process; `callbacks` go in through its seam (they replace the default of their class)."""
     output_dir = tmp_path / out
-    assert main([recipe, *TINY, *data_args(tmp_path), "--output_dir", str(output_dir), *extra]) == 0
+    assert main([recipe, *TINY, *data_args(tmp_path), "--output_dir", str(output_dir), *extra], callbacks=callbacks) == 0
     return output_dir
 
 
@@ -84,10 +85,6 @@ class Fault(StopAtStepCallback):
                 model.model.norm.weight[0] = float("nan")
 
 
-def inject(monkeypatch, step: int, kind: str) -> None:
-    monkeypatch.setattr(pretrain, "StopAtStepCallback", lambda: Fault(step, kind))
-
-
 def same_losses(a: Path, b: Path) -> None:
     x = [e for e in log_history(a) if "loss" in e]
     y = [e for e in log_history(b) if "loss" in e]
@@ -119,10 +116,9 @@ def test_divergence_stops_with_a_report_and_exit_code_3(recipe, tmp_path):
     assert weight_files(out) and all(all_finite(path) for path in weight_files(out))
 
 
-def test_nan_step_is_skipped_and_health_metrics_are_logged(recipe, tmp_path, monkeypatch, capsys):
-    inject(monkeypatch, 5, "nan")
+def test_nan_step_is_skipped_and_health_metrics_are_logged(recipe, tmp_path, capsys):
     out = run(recipe, tmp_path, "--nan_action", "skip", "--max_steps", "8", "--save_steps", "4",
-              "--health_log_steps", "2", "--tie_word_embeddings", "false")
+              "--health_log_steps", "2", "--tie_word_embeddings", "false", callbacks=[Fault(5, "nan")])
     assert "warning: step 5: non-finite loss (nan)" in capsys.readouterr().err
     assert (out / "model.safetensors").is_file()
     assert all(all_finite(path) for path in weight_files(out)) and len(weight_files(out)) == 3
@@ -136,40 +132,37 @@ def test_nan_step_is_skipped_and_health_metrics_are_logged(recipe, tmp_path, mon
     assert all(logs[s]["update_ratio"] > 0 for s in (2, 4, 6, 8)) and "grad_norm/mlp" not in logs[3]
 
 
-def test_nan_stops_and_the_reported_checkpoint_resumes_exactly(recipe, tmp_path, monkeypatch, capsys):
+def test_nan_stops_and_the_reported_checkpoint_resumes_exactly(recipe, tmp_path, capsys):
     common = ["--max_steps", "10", "--save_steps", "4"]
     straight = run(recipe, tmp_path, *common, out="straight")
-    inject(monkeypatch, 7, "nan")
     with pytest.raises(TrainingHalted) as error:
-        run(recipe, tmp_path, *common)
+        run(recipe, tmp_path, *common, callbacks=[Fault(7, "nan")])
     out = tmp_path / "out"
     assert str(error.value).startswith(f"training stopped at step 7: non-finite loss (nan) and gradient norm (nan); "
                                        f"last good checkpoint: {out}/checkpoint-4; likely causes: ")
     assert "\n" not in str(error.value)
     assert f"--resume_from_checkpoint {out}/checkpoint-4" in capsys.readouterr().err
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"] and not (out / "model.safetensors").exists()
-    monkeypatch.setattr(pretrain, "StopAtStepCallback", StopAtStepCallback)  # the bad data is gone
-    run(recipe, tmp_path, *common, "--resume_from_checkpoint", str(out / "checkpoint-4"))
+    run(recipe, tmp_path, *common, "--resume_from_checkpoint", str(out / "checkpoint-4"))  # the bad data is gone
     same_losses(straight, out)
 
 
-def test_learning_rate_jump_is_reported_as_a_spike(recipe, tmp_path, monkeypatch, capsys):
-    inject(monkeypatch, 12, "lr")
+def test_learning_rate_jump_is_reported_as_a_spike(recipe, tmp_path, capsys):
     with pytest.raises(TrainingHalted, match=r"^training stopped at step 13: loss spike \("):
         run(recipe, tmp_path, "--max_steps", "20", "--save_steps", "5", "--spike_action", "stop",
-            "--lr_scheduler_type", "constant")
+            "--lr_scheduler_type", "constant", callbacks=[Fault(12, "lr")])
     assert "last good checkpoint: " + str(tmp_path / "out" / "checkpoint-10") in capsys.readouterr().err
-    inject(monkeypatch, 12, "lr")  # warn (the default): reported, logged, training goes on
-    out = run(recipe, tmp_path, "--max_steps", "14", "--save_steps", "100", "--lr_scheduler_type", "constant", out="warn")
+    # warn (the default): reported, logged, training goes on
+    out = run(recipe, tmp_path, "--max_steps", "14", "--save_steps", "100", "--lr_scheduler_type", "constant", out="warn",
+              callbacks=[Fault(12, "lr")])
     assert re.search(r"warning: step 13: loss spike \([\d.]+, z-score [\d.]+ over the last 12 steps", capsys.readouterr().err)
     assert [e.get("loss_spikes") for e in log_history(out) if "loss" in e][11:] == [None, 1, 1]
 
 
-def test_non_finite_weights_are_never_saved(recipe, tmp_path, monkeypatch):
-    inject(monkeypatch, 6, "poison")
+def test_non_finite_weights_are_never_saved(recipe, tmp_path):
     with pytest.raises(TrainingHalted, match=r"^refusing to save .*checkpoint-6: model.norm.weight holds non-finite "
                                              r"values \(nothing was written\); last good checkpoint: .*checkpoint-3;"):
-        run(recipe, tmp_path, "--max_steps", "8", "--save_steps", "3")
+        run(recipe, tmp_path, "--max_steps", "8", "--save_steps", "3", callbacks=[Fault(6, "poison")])
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
 
@@ -349,7 +342,7 @@ FINE_TUNING = {"sft": (sft_main, "sft.jsonl", {"assistant_only_loss": True}),
 
 @pytest.mark.parametrize("peft", ["lora", "full"])
 @pytest.mark.parametrize("method", ["sft", "dpo"])
-def test_fine_tuning_resumes_exactly_after_sigterm(method, peft, tmp_path, tiny_llama_chat_dir, synth_dir, monkeypatch):
+def test_fine_tuning_resumes_exactly_after_sigterm(method, peft, tmp_path, tiny_llama_chat_dir, synth_dir):
     """SFT and DPO, LoRA and full: SIGTERM at step 3 of 6 saves checkpoint-3 and exits 143; resuming gives the logged
     losses and the final weights of an uninterrupted run, bit for bit."""
     entry, data, extra = FINE_TUNING[method]
@@ -359,19 +352,42 @@ def test_fine_tuning_resumes_exactly_after_sigterm(method, peft, tmp_path, tiny_
     assert entry([str(recipe), "--output_dir", str(tmp_path / "straight")]) == 0
     argv = [str(recipe), "--output_dir", str(tmp_path / "out")]
     interrupted, resumed = SignalAt(3), SignalAt()
-    monkeypatch.setattr(align, "PreemptionCallback", lambda: interrupted)
-    assert entry(argv) == 143 and interrupted.trained == [1, 2, 3]
+    assert entry(argv, callbacks=[interrupted]) == 143 and interrupted.trained == [1, 2, 3]
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
     assert not (out / "config.json").exists() and not (out / "adapter_config.json").exists()  # no final model yet
-    monkeypatch.setattr(align, "PreemptionCallback", lambda: resumed)
-    assert entry([*argv, "--resume_from_checkpoint", "true"]) == 0 and resumed.trained == [4, 5, 6]
+    assert entry([*argv, "--resume_from_checkpoint", "true"], callbacks=[resumed]) == 0 and resumed.trained == [4, 5, 6]
     expected = [e["loss"] for e in log_history(tmp_path / "straight" / "checkpoint-6") if "loss" in e]
     assert [e["loss"] for e in log_history(out / "checkpoint-6") if "loss" in e] == expected and len(expected) == 6
     weights = "adapter_model.safetensors" if peft == "lora" else "model.safetensors"
     final, expected = load_file(out / weights), load_file(tmp_path / "straight" / weights)
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
     assert not (out / ".model.partial").exists()
+
+
+@pytest.mark.parametrize("command", ["pretrain", "sft"])
+def test_preemption_is_the_same_for_pretraining_and_sft(command, recipe, tmp_path, tiny_llama_chat_dir, synth_dir,
+                                                        capsys):
+    """One lifecycle (hfllm/training/lifecycle.py): SIGTERM at step 3 of 6 saves the trainer state and checkpoint-3,
+    writes no final model, prints the resume command and exits 143, for pretraining as for SFT."""
+    out = tmp_path / "out"
+    if command == "pretrain":
+        entry, prog = main, "hfllm pretrain"
+        argv = [recipe, *TINY, *data_args(tmp_path), "--max_steps", "6", "--save_steps", "100"]
+    else:
+        (tmp_path / "sft").mkdir()
+        entry, prog = sft_main, "hfllm sft"
+        argv = [str(adaptation_recipe(tmp_path / "sft", tiny_llama_chat_dir, synth_dir / "sft.jsonl", max_steps=6,
+                                      save_strategy="steps", save_steps=100, max_length=128, disable_tqdm=True,
+                                      dataloader_num_workers=0))]
+    argv += ["--output_dir", str(out)]
+    assert entry(argv, callbacks=[SignalAt(3)]) == 143
+    state = json.loads((out / "trainer_state.json").read_text())  # save_state: the run's state, as the checkpoint's
+    assert state["global_step"] == 3 and state["log_history"][:-1] == log_history(out / "checkpoint-3")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert not (out / "config.json").exists() and not (out / "adapter_config.json").exists()
+    assert capsys.readouterr().out.endswith(
+        f"interrupted at step 3 of 6; checkpoint saved; resume with:\n{resume_command(prog, argv)}\n")
 
 
 # ----------------------------------------------------------------------------- checkpoints complete or absent

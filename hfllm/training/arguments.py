@@ -16,7 +16,9 @@ from transformers import TrainingArguments
 from ..errors import HfllmError
 from ..models import HfllmConfig
 from ..recipe import Recipe, load_recipe
-from .health import HEALTH_KEYS, HealthArguments
+from . import lifecycle
+from .hardware import apply_hardware
+from .health import HealthArguments
 from .optim import OWN_OPTIMIZERS
 
 # HfllmConfig fields a recipe may set at top level; vocab_size comes from the tokenizer, special ids too
@@ -43,13 +45,12 @@ PRETRAINING_DEFAULTS: dict[str, Any] = {
     "max_grad_norm": 1.0,
 }
 
-# Recipe keys that may change between a run and its resumption (everything else must match to reuse output_dir)
-SESSION_KEYS = frozenset({
-    "resume_from_checkpoint", "overwrite_output_dir", "stop_at_step", "stop_at_eval_loss", "report_to", "logging_steps",
-    "logging_first_step", "disable_tqdm", "dataloader_num_workers", "preprocessing_num_workers", "num_samples",
-    "sample_max_new_tokens", "samples_at_eval", "eval_steps", "save_steps", "save_total_limit", "run_name",
-    "torch_num_threads", *HEALTH_KEYS,
-})
+# Recipe keys that may change between a run and its resumption (everything else must match to reuse output_dir):
+# every command's (lifecycle.SESSION_KEYS) and pretraining's own
+SESSION_KEYS = lifecycle.SESSION_KEYS | {
+    "stop_at_step", "stop_at_eval_loss", "logging_first_step", "preprocessing_num_workers", "num_samples",
+    "sample_max_new_tokens", "samples_at_eval", "torch_num_threads",
+}
 
 
 @dataclass
@@ -184,7 +185,7 @@ def parse_recipe(argv: list[str], prog: str) -> Recipe:
     """`RECIPE.yaml [--key value ...]` -> Recipe with args (ModelArguments, DataArguments, PretrainingArguments) and
     the architecture overrides in `recipe.free`."""
     recipe = load_recipe(argv, (ModelArguments, DataArguments, PretrainingArguments), prog,
-                         defaults=PRETRAINING_DEFAULTS, free_keys=MODEL_CONFIG_KEYS)
+                         defaults=PRETRAINING_DEFAULTS, free_keys=MODEL_CONFIG_KEYS, fit_training_arguments=apply_hardware)
     data_args = recipe.args[1]
     if data_args.dataset is None and data_args.train_files is None:
         data_args.dataset = "shakespeare"

@@ -1,4 +1,5 @@
-"""Runs that survive: numerical health, preemption and checkpoints that are complete or absent (docs/reliability.md).
+"""Runs that survive, numerically: non-finite losses and spikes caught, non-finite weights never saved
+(docs/reliability.md).
 
 One component for `hfllm pretrain` and every TRL method (`hfllm sft|dpo|orpo|kto|grpo`), built on transformers'
 Trainer machinery (TRL's trainers subclass `transformers.Trainer`):
@@ -6,44 +7,34 @@ Trainer machinery (TRL's trainers subclass `transformers.Trainer`):
     HealthArguments      the recipe keys nan_action, spike_zscore, spike_window, spike_action, health_log_steps
     HealthCallback       per optimizer step: ok, drop the update (skip) or stop with a report; per-layer-group
                          gradient norms, update/weight ratios and decoder-layer activation RMS for the logs
-    PreemptionCallback   SIGTERM / SIGINT: finish the optimizer step, save Trainer's checkpoint, stop; a second
-                         signal exits at once
     HealthTrainerMixin   the Trainer hooks: hands the loss and gradient norm to HealthCallback, adds its metrics to
-                         the training logs, refuses to save non-finite weights, writes checkpoint-N under a hidden
-                         name and renames it once verified (hfllm.checkpoint.checkpoint_problem)
-    with_health(cls)     a TRL trainer class with the mixin
+                         the training logs, refuses to save non-finite weights, saves no checkpoint after a stop
+    with_health(cls)     a TRL trainer class with the mixin and AtomicSavingMixin (saving.py: checkpoints and the
+                         final model complete or absent)
 
-    trainer = with_health(SFTTrainer)(..., callbacks=[HealthCallback(args), preemption := PreemptionCallback()])
+Preemption is preemption.py; the lifecycle that runs them all is lifecycle.py:
+
+    trainer = with_health(SFTTrainer)(..., callbacks=[HealthCallback(args), PreemptionCallback()])
     trainer.train()                      # raises TrainingHalted (exit code 3) when the health checks stop the run
-    if preemption.received: print(resume_command(prog, argv)); return preemption.exit_code
 """
 
 import collections
 import math
-import os
-import shlex
-import shutil
-import signal
 import sys
-import threading
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..checkpoint import atomic_output, checkpoint_problem, find_checkpoint, weights_problem
+from ..checkpoint import find_checkpoint
 from ..errors import HfllmError, TrainingHalted
+from .saving import AtomicSavingMixin
 
 GROUPS = ("embeddings", "attention", "mlp", "norms", "head", "other")
 MIN_SPIKE_HISTORY = 10  # losses in the window before spikes are judged (or spike_window, if smaller)
-LAUNCHER_REPEAT_S = 10.0  # under a launcher, a signal repeated this soon after the first is the same request
 HEALTH_KEYS = frozenset({"nan_action", "spike_zscore", "spike_window", "spike_action", "health_log_steps"})
 
 
@@ -111,7 +102,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return []
 
 
-def _any_rank(flag: int) -> int:
+def any_rank(flag: int) -> int:
     """The largest `flag` over all processes (every process must take the same decision)."""
     if dist.is_available() and dist.is_initialized():
         device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
@@ -204,7 +195,7 @@ class HealthCallback(TrainerCallback):
             std = math.sqrt(sum((x - mean) ** 2 for x in self.window) / len(self.window))
             zscore = (loss - mean) / max(std, 0.01 * abs(mean), 1e-8)  # a floor: a flat loss is not a spike
         spike = zscore is not None and zscore > self.spike_zscore
-        verdict = _any_rank(2 if (loss_bad or norm_bad) else 1 if spike else 0)
+        verdict = any_rank(2 if (loss_bad or norm_bad) else 1 if spike else 0)
 
         if verdict == 2:
             parts = [f"loss ({loss})"] if loss_bad else []
@@ -329,80 +320,6 @@ def _ratio(change_sq: float, weight_sq: float) -> float:
     return round(math.sqrt(change_sq) / max(math.sqrt(weight_sq), 1e-12), 8)
 
 
-# ----------------------------------------------------------------------------- preemption
-
-
-class PreemptionCallback(TrainerCallback):
-    """SIGTERM or SIGINT during training: the current optimizer step finishes, Trainer saves its own checkpoint
-    (so `--resume_from_checkpoint true` continues exactly) and training stops; the entry point then prints the
-    resume command and exits with `exit_code` (128 + signal: 143 for SIGTERM, 130 for SIGINT). A second signal
-    exits at once with that code, without a checkpoint (under a launcher: one that comes LAUNCHER_REPEAT_S seconds or
-    more after the first). With several processes every rank writes its part of the checkpoint before any exits.
-    The handlers are installed only during `train()`."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._first_at = 0.0
-        self._previous: dict[int, object] = {}
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(self.received or 0)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
-
-    def on_step_end(self, args, state, control, **kwargs):
-        received = _any_rank(self.received or 0)
-        if received:
-            self.received = received
-            control.should_save = True
-            control.should_training_stop = True
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.received is not None and self._repeat_of_first():
-            return
-        if self.received is not None:
-            print(f"hfllm: second {name}: exiting now, without a checkpoint", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self.received, self._first_at = signum, time.monotonic()
-        print(f"hfllm: {name} received: finishing the current optimizer step, then saving a checkpoint "
-              f"(send {name} again to exit at once)", file=sys.stderr, flush=True)
-
-    def _repeat_of_first(self) -> bool:
-        """Under a launcher or a scheduler the first signal often arrives twice: SLURM signals every process of a job
-        step and torchrun / accelerate launch / srun forward the signal they got to their workers. A repeat within
-        LAUNCHER_REPEAT_S seconds there is the same request, not a second one."""
-        launched = any(key in os.environ for key in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"))
-        return launched and time.monotonic() - self._first_at < LAUNCHER_REPEAT_S
-
-
-def resume_command(prog: str, argv: list[str]) -> str:
-    """The command line that continues this run: `argv` with `--resume_from_checkpoint true` instead of any
-    resume_from_checkpoint it had."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == "--resume_from_checkpoint":
-            skip = True
-            continue
-        if not arg.startswith("--resume_from_checkpoint="):
-            kept.append(arg)
-    return f"{prog} {shlex.join([*kept, '--resume_from_checkpoint', 'true'])}"
-
-
 # ----------------------------------------------------------------------------- the Trainer hooks
 
 
@@ -417,7 +334,6 @@ class HealthTrainerMixin:
         self.health: HealthCallback = found[0] if found else HealthCallback()
         if not found:
             self.add_callback(self.health)
-        self._staging: str | None = None
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
@@ -446,31 +362,15 @@ class HealthTrainerMixin:
             logs.update(self.health.pop_metrics())
         super().log(logs, start_time)
 
-    # ---- saving: never non-finite weights, checkpoints visible only when complete
+    # ---- saving: never non-finite weights, no checkpoint after a health stop (AtomicSavingMixin: complete or absent)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Never non-finite weights. A checkpoint's model goes where `_save_checkpoint` stages it; the final model
-        (a call from outside) is written into `output_dir/.model.partial/` by every process, checked
-        (`weights_problem`) and moved into `output_dir` with config.json / adapter_config.json last
-        (`atomic_output(merge=True)`), so a crash or a full disk never leaves a loadable half-written model."""
-        target = output_dir or self.args.output_dir
-        self._refuse_non_finite(target)
-        if _internal_call:
-            return super().save_model(output_dir, _internal_call)
-        staging = Path(target) / ".model.partial"
-        self.accelerator.wait_for_everyone()
-        writer = atomic_output(target, merge=True, staging=staging) if self.args.should_save else nullcontext(staging)
-        with writer as folder:
-            self.accelerator.wait_for_everyone()  # the staging folder exists (and is empty) before anyone writes
-            super().save_model(str(folder), _internal_call=True)  # True: no Hub push of the staging folder
-            self.accelerator.wait_for_everyone()
-            problem = weights_problem(folder) if self.args.should_save else None
-            if problem is not None:
-                raise TrainingHalted(f"the final model failed its check after writing ({problem}); it was not "
-                                     f"kept in {target}")
-        self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:  # what Trainer.save_model does after a call from outside
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        self._refuse_non_finite(output_dir or self.args.output_dir)
+        return super().save_model(output_dir, _internal_call)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        if self.health.halt is None:
+            super()._save_checkpoint(model, trial)
 
     def _refuse_non_finite(self, target: str) -> None:
         model = self.model
@@ -483,60 +383,8 @@ class HealthTrainerMixin:
                     f"checkpoint: {checkpoint or 'none'}; see docs/reliability.md"
                 )
 
-    def _get_output_dir(self, trial) -> str:
-        return self._staging or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Trainer's checkpoint, written under `.checkpoint-N.partial/`, checked (`checkpoint_problem`) and renamed to
-        checkpoint-N; only then are old checkpoints rotated out (save_total_limit), so the last complete one stays
-        until the new one is complete."""
-        if self.health.halt is not None:
-            return
-        if trial is not None or self.hp_search_backend is not None:
-            return super()._save_checkpoint(model, trial)
-        run_dir = Path(self.args.output_dir)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = run_dir / f".{name}.partial"
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self._staging = str(staging)
-        try:
-            super()._save_checkpoint(model, trial)
-        except BaseException:
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finally:
-            self._staging = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            self._publish(staging, run_dir / name)
-        self.accelerator.wait_for_everyone()
-
-    def _publish(self, staging: Path, final: Path) -> None:
-        written = staging / final.name
-        problem = checkpoint_problem(written)
-        if problem is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise TrainingHalted(f"checkpoint {final} failed its check after writing ({problem}); it was not kept")
-        best = self.state.best_model_checkpoint
-        if best is not None and Path(best).parent == staging:  # Trainer named the staged folder as the best one
-            self.state.best_model_checkpoint = str(final)
-            self.state.save_to_json(str(written / "trainer_state.json"))
-        if final.exists():  # an earlier copy of this step (e.g. a corrupt one skipped on resume): swap it out
-            old = final.parent / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(written, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(written, final)
-        shutil.rmtree(staging, ignore_errors=True)
-        rotate_checkpoints(output_dir=str(final.parent), save_total_limit=self.args.save_total_limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-
 
 def with_health(trainer_class: type) -> type:
-    """`trainer_class` (a transformers.Trainer subclass such as TRL's SFTTrainer) with HealthTrainerMixin."""
-    return type(trainer_class.__name__, (HealthTrainerMixin, trainer_class), {"__module__": __name__})
+    """`trainer_class` (a transformers.Trainer subclass such as TRL's SFTTrainer) with HealthTrainerMixin and
+    AtomicSavingMixin."""
+    return type(trainer_class.__name__, (HealthTrainerMixin, AtomicSavingMixin, trainer_class), {"__module__": __name__})

@@ -1,22 +1,27 @@
 """Pretraining from a YAML recipe, from raw text to a model that AutoModelForCausalLM loads (`hfllm pretrain`).
 
-recipe -> output folder check -> text -> tokenizer -> model -> packed blocks -> Trainer -> model, tokenizer, recipe,
-run_info.json, loss_curve.png and samples in output_dir. See docs/pretraining.md.
+`build`: recipe -> output folder check -> text -> tokenizer -> model -> packed blocks -> PretrainTrainer; then the
+shared lifecycle (lifecycle.py) writes the model, tokenizer, recipe, run_info.json, loss_curve.png and samples in
+output_dir. See docs/pretraining.md.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, set_seed
+from datasets import DatasetDict
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel, TrainerCallback, set_seed
 
 from .. import data
 from ..assets import cache_dir
-from ..checkpoint import check_output_dir, clear_output_dir, load
+from ..checkpoint import load
 from ..data.text import load_text, resolve_tokenizer, save_tokenizer, take
 from ..errors import HfllmError, first_line
+from ..recipe import Recipe
 from ..models import get_preset, parameter_counts
 from ..plots import plot_loss_curve
+from . import lifecycle
 from .arguments import (
     SESSION_KEYS,
     data_parallel_size,
@@ -32,24 +37,31 @@ from .callbacks import (
     append_samples,
     generate_samples,
     generates_here,
-    reached_eval_loss,
 )
-from .health import (
-    HealthCallback,
-    PreemptionCallback,
-    check_health_arguments,
-    resume_command,
-)
+from .health import HealthCallback, check_health_arguments
 from .kernels import check_kernel_options, convert_to_fp8, is_flash_attention
 from .mfu import flops_per_token, peak_flops
+from .preemption import PreemptionCallback
 from .run_info import data_hash, tokenizer_hash, write_run_info
 from .tensor_parallel import check_tensor_parallel, shard_model, trainer_parallelism
 from .trainer import PretrainTrainer
 
+LEAVE_OUT = ("resume_from_checkpoint", "overwrite_output_dir", "stop_at_step")  # recipe keys of one session
 
-def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
+
+def main(argv: list[str], prog: str = "hfllm pretrain", callbacks: Sequence[TrainerCallback] = ()) -> int:
+    """`hfllm pretrain RECIPE [--key value ...]`: parse -> build -> the shared lifecycle (hfllm/training/lifecycle.py)."""
+    return lifecycle.run(build(parse_recipe(argv, prog), callbacks), prog, argv)
+
+
+def build(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), *, text: DatasetDict | None = None,
+          tokenizer=None, model: PreTrainedModel | None = None) -> lifecycle.Parts:
+    """A pretraining recipe's parts: tokenizer, packed blocks, model and PretrainTrainer, every input checked first.
+    Nothing is written to disk (with several processes the main one opens the output folder to share the tokenizer).
+    `callbacks` replace the default callback of their class (`lifecycle.with_defaults`) or are added; `text`,
+    `tokenizer` and `model` replace what the recipe would load or create (doctor: the first documents, packed without
+    the token cache, the tokenizer it checked, a shrunk model)."""
     # ---- recipe: everything is checked before any work
-    recipe = parse_recipe(argv, prog)
     model_args, data_args, args = recipe.args
     if args.max_steps <= 0:
         raise HfllmError("set max_steps to a positive number of optimizer steps; pretraining is planned in steps")
@@ -63,30 +75,31 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
                          "remove sequence_length_schedule or use attn_implementation sdpa")
     config = resolve_config(model_args.model, recipe.free, data_args.block_size)
     check_tensor_parallel(config, args)
-    resume = check_output_dir(args.output_dir, run=recipe, resume=args.resume_from_checkpoint,
-                              overwrite=args.overwrite_output_dir, session_keys=SESSION_KEYS)
+    resume = lifecycle.output_policy(recipe, args, args.overwrite_output_dir, SESSION_KEYS)
     if args.torch_num_threads is not None:
         torch.set_num_threads(args.torch_num_threads)
     set_seed(args.seed)
 
-    # ---- data: raw text -> tokenizer -> packed blocks of block_size tokens -> model sized to the tokenizer. The main
-    # process goes first and saves the tokenizer in output_dir; the others then load it (hfllm/data/text.py)
+    # ---- data: raw text -> tokenizer -> packed blocks of block_size tokens -> model sized to the tokenizer. With
+    # several processes the main one goes first and saves the tokenizer in output_dir; the others then load it
+    # (hfllm/data/text.py)
+    shared_folder = args.world_size > 1
     with args.main_process_first(local=False, desc="tokenizer and data"):
-        raw = load_text(data_args, args.seed)
-        tokenizer = resolve_tokenizer(data_args, raw["train"], args.output_dir, args.should_save, resume is not None)
+        raw = load_text(data_args, args.seed) if text is None else text
+        if tokenizer is None:
+            tokenizer = resolve_tokenizer(data_args, raw["train"], args.output_dir, args.should_save, resume is not None)
         check_vocabulary(model_args.model, config, tokenizer)
         packed = data.tokenize_and_pack(
             raw, tokenizer, data_args.block_size, num_proc=data_args.preprocessing_num_workers, seed=args.seed,
-            per_document_positions=data_args.per_document_positions, cache_dir=cache_dir() / "tokenized",
+            per_document_positions=data_args.per_document_positions,
+            cache_dir=cache_dir() / "tokenized" if text is None else None,  # text given: packed in memory only
         )
-        if args.should_save:  # everything is checked: the output folder may be written
-            if args.overwrite_output_dir and resume is None:
-                clear_output_dir(args.output_dir)
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            recipe.save(args.output_dir, leave_out=("resume_from_checkpoint", "overwrite_output_dir", "stop_at_step"))
+        if shared_folder and args.should_save:  # everything is checked: the output folder may be written
+            lifecycle.open_output_dir(recipe, args.output_dir, resume, args.overwrite_output_dir, LEAVE_OUT)
             save_tokenizer(tokenizer, args.output_dir)
     # every process at once: ZeRO-3 partitions the parameters as they are created (collectives across processes)
-    model = build_model(model_args.model, config, tokenizer, model_args.attn_implementation)
+    if model is None:
+        model = build_model(model_args.model, config, tokenizer, model_args.attn_implementation)
     if args.tp_size > 1:  # a collective too
         model = shard_model(model, args.tp_size)
         trainer_parallelism(args)
@@ -115,56 +128,43 @@ def main(argv: list[str], prog: str = "hfllm pretrain") -> int:
         "data_sha256": data_hash({"validation": eval_dataset} if streamed else packed),
         "tokenizer_sha256": tokenizer_hash(tokenizer),
     }
-    if args.should_save:
-        print_plan(model_args.model, plan, args, data_args.block_size)
 
-    # ---- train
+    # ---- trainer
     router_load = RouterLoadCallback() if getattr(model.config, "num_experts", 0) else None  # MoE balancing + logs
     preemption = PreemptionCallback()  # SIGTERM / SIGINT: checkpoint, resume command, exit 143 / 130
-    callbacks = [StopAtStepCallback(), HealthCallback(args), preemption, *([router_load] if router_load else [])]
+    defaults = [StopAtStepCallback(), HealthCallback(args), preemption, *([router_load] if router_load else [])]
     if args.samples_at_eval:
-        callbacks.append(SamplesCallback(tokenizer, args.output_dir))
+        defaults.append(SamplesCallback(tokenizer, args.output_dir))
+    chosen = lifecycle.with_defaults(defaults, callbacks)
     # FlashAttention reads documents from one flat row (cu_seq_lens); sdpa/eager/flex from position_ids per row
     collator = data.collate_flat_blocks if is_flash_attention(model_args.attn_implementation) else data.collate_blocks
     trainer = PretrainTrainer(
         model=model, args=args, train_dataset=packed["train"], eval_dataset=eval_dataset, data_collator=collator,
-        processing_class=tokenizer, callbacks=callbacks,
+        processing_class=tokenizer, callbacks=chosen,
         flops_per_token=flops, peak_flops=peak, tokens_per_step=tokens_per_step, router_load=router_load,
         sequence_lengths=lengths,
     )
-    if args.should_save:
-        write_run_info(args.output_dir, plan)
-    trainer.train(resume_from_checkpoint=resume)  # TrainingHalted (exit code 3) when the health checks stop it
-    if preemption.received and trainer.state.global_step < args.max_steps:
-        trainer.save_state()
-        trainer.accelerator.wait_for_everyone()  # no process exits before every part is written
-        if args.should_save:
-            print(f"interrupted at step {trainer.state.global_step} of {args.max_steps}; checkpoint saved; resume "
-                  f"with:\n{resume_command(prog, argv)}", flush=True)
-        return preemption.exit_code
-    reached = reached_eval_loss(args, trainer.state.log_history)
-    if reached is not None and args.should_save:
-        print(f"eval_loss {reached['eval_loss']:.4f} <= stop_at_eval_loss {args.stop_at_eval_loss} at step "
-              f"{reached['step']}: training ends here", flush=True)
-    if trainer.state.global_step < args.max_steps and reached is None:
-        trainer.save_state()
-        print(f"stopped at step {trainer.state.global_step} of {args.max_steps}; continue with "
-              f"--resume_from_checkpoint true")
-        return 0
 
-    # ---- outputs: model + tokenizer, state, final validation, samples, loss curve
-    if args.eval_strategy != "no" and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e
-                                                for e in trainer.state.log_history):
-        trainer.evaluate()
-    trainer.save_model()
-    trainer.save_state()
-    if args.num_samples > 0 and generates_here(args):
-        samples = generate_samples(model, tokenizer, args)
-        if args.should_save:
-            append_samples(samples, Path(args.output_dir) / "samples.txt", "end of training")
-    if args.should_save and args.num_samples > 0:
-        plot_loss_curve(trainer.state.log_history, f"{args.output_dir}/loss_curve.png")
-    return 0
+    def write_outputs() -> None:  # the tokenizer for a resumed run, the plan on screen and in run_info.json
+        if not shared_folder:
+            save_tokenizer(tokenizer, args.output_dir)
+        print_plan(model_args.model, plan, args, data_args.block_size)
+        write_run_info(args.output_dir, plan)
+
+    def finish() -> None:  # samples and the loss curve
+        if args.num_samples > 0 and generates_here(args):
+            samples = generate_samples(model, tokenizer, args)
+            if args.should_save:
+                append_samples(samples, Path(args.output_dir) / "samples.txt", "end of training")
+        if args.should_save and args.num_samples > 0:
+            plot_loss_curve(trainer.state.log_history, f"{args.output_dir}/loss_curve.png")
+
+    return lifecycle.Parts(
+        recipe=recipe, trainer=trainer, tokenizer=tokenizer,
+        preemption=next(cb for cb in chosen if isinstance(cb, PreemptionCallback)), resume=resume,
+        overwrite=args.overwrite_output_dir, leave_out=LEAVE_OUT, final_eval_logged=True,
+        write_outputs=write_outputs, finish=finish, output_opened=shared_folder,
+    )
 
 
 def print_plan(model_name: str, plan: dict, args, block_size: int) -> None:
@@ -191,9 +191,14 @@ def print_plan(model_name: str, plan: dict, args, block_size: int) -> None:
 # the block size and the tokenizer before anything is trained.
 
 
+def is_model_folder(model: str) -> bool:
+    """A recipe's `model` names a folder (continued pretraining) rather than a preset (new weights)."""
+    return Path(model).is_dir()
+
+
 def resolve_config(model: str, overrides: dict[str, Any], block_size: int) -> PreTrainedConfig:
     """The model config (vocabulary not set yet for presets); raises if `block_size` does not fit."""
-    if Path(model).is_dir():
+    if is_model_folder(model):
         try:
             config = AutoConfig.from_pretrained(model, **overrides)
         except (OSError, ValueError) as error:
@@ -211,7 +216,7 @@ def resolve_config(model: str, overrides: dict[str, Any], block_size: int) -> Pr
 
 def check_vocabulary(model: str, config: PreTrainedConfig, tokenizer) -> None:
     """A model folder must cover the tokenizer's ids (a preset is sized to the tokenizer)."""
-    if Path(model).is_dir() and len(tokenizer) > config.vocab_size:
+    if is_model_folder(model) and len(tokenizer) > config.vocab_size:
         raise HfllmError(
             f"the tokenizer has {len(tokenizer)} tokens but the model {model} has vocab_size {config.vocab_size}; "
             "use the model's own tokenizer (tokenizer: <model folder>)"
@@ -220,7 +225,7 @@ def check_vocabulary(model: str, config: PreTrainedConfig, tokenizer) -> None:
 
 def build_model(model: str, config: PreTrainedConfig, tokenizer, attn_implementation: str):
     """A preset gets new weights sized to the tokenizer; a folder is loaded (`check_vocabulary` first)."""
-    if Path(model).is_dir():
+    if is_model_folder(model):
         return load(model, config=config, attn_implementation=attn_implementation, with_tokenizer=False)[0].train()
     config.vocab_size = len(tokenizer)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = (

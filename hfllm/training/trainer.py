@@ -5,8 +5,9 @@ validation perplexity; both get the wall time since this session's `train()` beg
 with `logging_first_step`) gets `seconds_to_first_step`: from the process start (the command) to the end of that
 step, imports, data, model and compilation included. With `sequence_length_schedule`, training logs get the
 `sequence_length` of the step. The metrics go through `Trainer.log`, so the progress bar, tensorboard/wandb/trackio and
-`trainer_state.json` all see them. `HealthTrainerMixin` adds the training-health hooks (hfllm/training/health.py), `EngineTrainerMixin` the
-engine's CPU workarounds and its check (hfllm/training/distributed.py).
+`trainer_state.json` all see them. `HealthTrainerMixin` adds the training-health hooks (hfllm/training/health.py),
+`AtomicSavingMixin` checkpoints and a final model complete or absent (saving.py), `EngineTrainerMixin` the engine's
+CPU workarounds and its check (hfllm/training/distributed.py).
 """
 
 import math
@@ -19,10 +20,11 @@ from ..data.packing import cut_blocks
 from .callbacks import RouterLoadCallback
 from .distributed import EngineTrainerMixin
 from .health import HealthTrainerMixin
+from .saving import AtomicSavingMixin
 from .optim import build_optimizer
 
 
-class PretrainTrainer(EngineTrainerMixin, HealthTrainerMixin, Trainer):
+class PretrainTrainer(EngineTrainerMixin, HealthTrainerMixin, AtomicSavingMixin, Trainer):
     def __init__(self, *args, flops_per_token: float, peak_flops: float, tokens_per_step: int,
                  router_load: RouterLoadCallback | None = None, sequence_lengths: dict[int, int] | None = None,
                  **kwargs):
