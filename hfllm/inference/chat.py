@@ -11,8 +11,6 @@ Each line read from standard input is a user turn; lines starting with `/` are c
 
 import sys
 
-from transformers import set_seed
-
 from ..errors import HfllmError
 from .generate import open_engine
 from .options import Decoding, Parser, add_decoding_arguments, add_engine_arguments, add_model_arguments, engine_threads
@@ -35,8 +33,6 @@ def main(argv: list[str], prog: str) -> int:
     if given := [flag for flag in ("compare", "host", "port", "share") if getattr(args, flag)]:
         raise HfllmError(f"--{given[0]} is for the web page; add --web")
     engine = open_engine(args, decoding, threads, chat=True)
-    if decoding.seed is not None and args.engine == "torch":  # llama.cpp seeds each answer itself
-        set_seed(decoding.seed)
     return _converse(ChatSession(engine, decoding, system=args.system), args)
 
 

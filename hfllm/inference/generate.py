@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from transformers import set_seed
+
 from ..errors import HfllmError
 from .engine import Engine
 from .options import (Decoding, Parser, add_decoding_arguments, add_engine_arguments, add_model_arguments,
@@ -60,8 +62,9 @@ def main(argv: list[str], prog: str) -> int:
 
 def open_engine(args: argparse.Namespace, decoding: Decoding, threads: int, *, chat: bool) -> Engine:
     """The engine of `--engine`: MODEL loaded for transformers' generate() (with the draft model of --assistant), or
-    its GGUF file loaded by llama.cpp on `threads` threads; `chat`: one line when MODEL has no chat template. Shared
-    by `hfllm generate` and `hfllm chat`."""
+    its GGUF file loaded by llama.cpp on `threads` threads; `chat`: one line when MODEL has no chat template. torch's
+    generator is seeded with `--seed` once loaded (llama.cpp seeds each answer itself). Shared by `hfllm generate` and
+    `hfllm chat`."""
     if args.engine == "llama.cpp":
         from .llama_cpp_engine import open_engine as open_llama_cpp
 
@@ -74,6 +77,8 @@ def open_engine(args: argparse.Namespace, decoding: Decoding, threads: int, *, c
     if chat:
         require_chat_template(tokenizer, args.model)
     assistant = load_assistant(decoding.assistant, model, tokenizer, args.dtype) if decoding.assistant else None
+    if decoding.seed is not None:
+        set_seed(decoding.seed)
     return TransformersEngine(model, tokenizer, assistant, getattr(args, "batch_size", 8))
 
 

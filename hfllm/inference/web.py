@@ -30,6 +30,7 @@ from transformers import set_seed  # noqa: E402
 
 from ..checkpoint import spec_kind  # noqa: E402
 from ..errors import HfllmError  # noqa: E402
+from ..generation import chat_messages  # noqa: E402
 from .engine import Engine  # noqa: E402
 from .options import Decoding, load_for_inference, quantization_from_args  # noqa: E402
 from .session import ChatSession  # noqa: E402
@@ -55,7 +56,7 @@ class WebChat:
         if not message.strip():
             raise gr.Error("empty message; type some text")
         session = ChatSession(self.engine, self.decoding, system=(system or "").strip() or None)
-        session.turns = [*plain_messages(history), {"role": "user", "content": message}]
+        session.turns = chat_messages(message, turns=plain_messages(history))
         for note in session.prepare(self.trim):
             print(note, file=sys.stderr, flush=True)
             gr.Warning(note)
