@@ -1,7 +1,7 @@
 """The decoding engine: what `hfllm generate`, `hfllm chat` and its web page need from a model, whatever decodes it.
 
     engine = TransformersEngine(model, tokenizer)          # transformers' generate() (transformers_engine.py)
-    engine = open_engine(args, threads)                     # llama.cpp on a GGUF file (llama_cpp_engine.py)
+    engine = open_llama_cpp(args, threads)                  # llama.cpp on a GGUF file (llama_cpp_engine.py)
     engine.render(chat_messages("What is 2+3?"))            # the chat template, ready for the answer
     engine.count_tokens(text, chat=True)
     completion = yield from engine.stream(prompt, rendered, decoding, chat=True)   # text pieces, then a Completion

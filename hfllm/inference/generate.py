@@ -66,7 +66,7 @@ def open_engine(args: argparse.Namespace, decoding: Decoding, threads: int, *, c
     generator is seeded with `--seed` once loaded (llama.cpp seeds each answer itself). Shared by `hfllm generate` and
     `hfllm chat`."""
     if args.engine == "llama.cpp":
-        from .llama_cpp_engine import open_engine as open_llama_cpp
+        from .llama_cpp_engine import open_llama_cpp
 
         engine = open_llama_cpp(args, threads)
         if chat:

@@ -202,7 +202,7 @@ def sampling(decoding: Decoding) -> dict[str, float]:
             "min_p": values["min_p"], **penalty}
 
 
-def open_engine(args: argparse.Namespace, threads: int) -> LlamaCppEngine:
+def open_llama_cpp(args: argparse.Namespace, threads: int) -> LlamaCppEngine:
     """The checked flags, then MODEL's GGUF file loaded by llama.cpp to decode on `threads` threads. A missing model
     or a broken GGUF file is one line before llama.cpp is looked for (`gguf_file` checks it, then the engine loads
     llama.cpp); a model to export is not exported when llama.cpp is not there."""
