@@ -177,7 +177,7 @@ def gguf_difference(path: Path, source: dict) -> str | None:
                 f"ids {source['eos']}")
     for chat in CHATS:
         if engine.chat_template:
-            ids = engine.tokenize(engine.render_messages(chat), chat=True)
+            ids = engine.tokenize(engine.render(chat), chat=True)
         else:
             ids = engine.tokenize(chat[-1]["content"], chat=False)
         llama.reset()
