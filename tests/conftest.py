@@ -237,15 +237,15 @@ def tiny_llama_shakespeare_gguf(tiny_llama_shakespeare_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_native_dir():
-    """SmolLM2-135M-Instruct as a float32 transformers folder (hfllm.assets converts the GGUF once into the cache)."""
-    from hfllm.assets import smollm2_dir
+    """SmolLM2-135M-Instruct as a float32 transformers folder (hfllm.models.smollm2 converts the GGUF once)."""
+    from hfllm.models.smollm2 import smollm2_dir
 
     return smollm2_dir()
 
 
 @pytest.fixture(scope="session")
 def smollm2_hfllm_dir():
-    """The same model converted to hfllm's own family with `hfllm convert` (cached by hfllm.assets)."""
-    from hfllm.assets import smollm2_hfllm_dir
+    """The same model converted to hfllm's own family with `hfllm convert` (cached by hfllm.models.smollm2)."""
+    from hfllm.models.smollm2 import smollm2_hfllm_dir
 
     return smollm2_hfllm_dir()
