@@ -30,7 +30,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from hfllm.cli import main as cli
-from hfllm.inference.serve import Gate, batchable
+from hfllm.inference.request_checks import batchable
+from hfllm.inference.serve import Gate
 
 API_KEY = "test-key-123"
 WORDS = ["cat", "river", "moon", "apple", "seven", "green", "window", "metre", "stone", "tiger", "paper", "cloud", "music",
