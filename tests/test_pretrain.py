@@ -23,6 +23,7 @@ from hfllm.training.arguments import gradient_accumulation, parse_recipe
 from hfllm.training.mfu import flops_per_token
 from hfllm.training.optim import MuonWithAdamW, build_muon, muon_parameter_names
 from hfllm.training.run_info import data_hash, tokenizer_hash
+from hfllm.training.trainer import ThroughputWindow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,41 +74,17 @@ def test_trains_and_writes_a_loadable_model(recipe, tmp_path):
 
 
 
-def test_throughput_excludes_evaluations_between_logs(monkeypatch):
+def test_throughput_excludes_evaluations_between_logs():
     """tokens/s over a log window that holds an evaluation: the evaluation's time is left out, the steps before it are
     counted (evaluating every 5 steps and logging every 10 once counted 10 steps in the 5 after the evaluation)."""
-    from transformers import Trainer
+    window = ThroughputWindow(tokens_per_step=100, flops_per_token=6.0, peak_flops=1e4)
+    assert window.close(100.0, 10) == {}  # step 10: the window starts
+    window.add_evaluation(30.0)  # after step 15; steps 11-15 and 16-20 take 5 s each
+    assert window.close(140.0, 20) == {"tokens_per_second": 100.0, "mfu": 0.06}  # 10 steps x 100 tokens in 10 s
+    window.add_evaluation(30.0)  # after the log at the same step (Trainer's order): counted in the next window only
+    assert window.close(174.0, 24) == {"tokens_per_second": 100.0, "mfu": 0.06}
+    assert window.close(175.0, 24) == {}  # no step since the last log
 
-    from hfllm.training import trainer as trainer_module
-
-    clock = [100.0]
-    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    logged = []
-    monkeypatch.setattr(Trainer, "log", lambda self, logs, start_time=None: logged.append(dict(logs)))
-
-    def evaluate(self, *args, **kwargs):
-        clock[0] += 30.0
-        return {}
-
-    monkeypatch.setattr(Trainer, "_evaluate", evaluate)
-    trainer = trainer_module.PretrainTrainer.__new__(trainer_module.PretrainTrainer)
-    trainer.__dict__.update(state=SimpleNamespace(global_step=10), args=SimpleNamespace(world_size=1), router_load=None,
-                            health=SimpleNamespace(pop_metrics=dict),
-                            sequence_lengths=None, tokens_per_step=100, flops_per_token=6.0, peak_flops=1e4,
-                            _first_step_logged=True, _last_log=None, _eval_seconds=0.0, _train_start=0.0)
-    trainer.log({"loss": 1.0})  # step 10: the window starts
-    clock[0] += 5.0  # steps 11-15 take 5 s
-    trainer._evaluate()  # 30 s
-    clock[0] += 5.0  # steps 16-20 take 5 s
-    trainer.state.global_step = 20
-    trainer.log({"loss": 1.0})
-    assert logged[-1]["tokens_per_second"] == 100.0  # 10 steps x 100 tokens in 10 s of training
-    assert logged[-1]["mfu"] == 0.06
-    trainer._evaluate()  # after the log at the same step (Trainer's order): counted in the next window only
-    clock[0] += 4.0
-    trainer.state.global_step = 24
-    trainer.log({"loss": 1.0})
-    assert logged[-1]["tokens_per_second"] == 100.0
 
 def test_resume_continues_exactly(recipe, tmp_path):
     """2N steps straight == N steps, stop, resume, N steps: same losses, learning rates and grad norms."""

@@ -12,6 +12,7 @@ CPU workarounds and its check (hfllm/training/distributed.py).
 
 import math
 import time
+from dataclasses import dataclass
 
 import psutil
 from transformers import Trainer
@@ -20,8 +21,33 @@ from ..data.packing import cut_blocks
 from .callbacks import RouterLoadCallback
 from .distributed import EngineTrainerMixin
 from .health import HealthTrainerMixin
-from .saving import AtomicSavingMixin
 from .optim import build_optimizer
+from .saving import AtomicSavingMixin
+
+
+@dataclass
+class ThroughputWindow:
+    """Tokens/s and MFU between two training logs, the time spent evaluating left out."""
+
+    tokens_per_step: int  # over all devices
+    flops_per_token: float
+    peak_flops: float  # over all devices
+    start: tuple[float, int] | None = None  # (time, global step) of the previous training log
+    eval_seconds: float = 0.0  # spent evaluating since that log: not training throughput
+
+    def add_evaluation(self, seconds: float) -> None:
+        self.eval_seconds += seconds
+
+    def close(self, now: float, step: int) -> dict[str, float]:
+        """The metrics of the window that ends at this training log (none at the first log, or at the same step);
+        the next window starts here."""
+        metrics = {}
+        if self.start is not None and step > self.start[1]:
+            tokens_per_second = (step - self.start[1]) * self.tokens_per_step / (now - self.start[0] - self.eval_seconds)
+            metrics = {"tokens_per_second": round(tokens_per_second, 1),
+                       "mfu": round(tokens_per_second * self.flops_per_token / self.peak_flops, 4)}
+        self.start, self.eval_seconds = (now, step), 0.0
+        return metrics
 
 
 class PretrainTrainer(EngineTrainerMixin, HealthTrainerMixin, AtomicSavingMixin, Trainer):
@@ -36,10 +62,8 @@ class PretrainTrainer(EngineTrainerMixin, HealthTrainerMixin, AtomicSavingMixin,
         self._first_step_logged = False
         self.router_load = router_load
         self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops  # per device
-        self.tokens_per_step = tokens_per_step  # over all devices
-        self._last_log: tuple[float, int] | None = None  # (time, global step) of the previous training log
-        self._eval_seconds = 0.0  # spent evaluating since that log: not training throughput
+        # `peak_flops` per device, `tokens_per_step` over all devices
+        self.throughput = ThroughputWindow(tokens_per_step, flops_per_token, peak_flops * self.args.world_size)
         self._train_start = time.perf_counter()
 
     def train(self, *args, **kwargs):
@@ -75,13 +99,7 @@ class PretrainTrainer(EngineTrainerMixin, HealthTrainerMixin, AtomicSavingMixin,
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            now, step = time.perf_counter(), self.state.global_step
-            if self._last_log is not None and step > self._last_log[1]:
-                seconds = now - self._last_log[0] - self._eval_seconds
-                tokens_per_second = (step - self._last_log[1]) * self.tokens_per_step / seconds
-                logs["tokens_per_second"] = round(tokens_per_second, 1)
-                logs["mfu"] = round(tokens_per_second * self.flops_per_token / (self.peak_flops * self.args.world_size), 4)
-            self._last_log, self._eval_seconds = (now, step), 0.0
+            logs.update(self.throughput.close(time.perf_counter(), self.state.global_step))
             if self.router_load is not None:
                 logs.update(self.router_load.pop_metrics())
             if self.sequence_lengths is not None:
@@ -98,5 +116,5 @@ class PretrainTrainer(EngineTrainerMixin, HealthTrainerMixin, AtomicSavingMixin,
     def _evaluate(self, *args, **kwargs):
         start = time.perf_counter()
         metrics = super()._evaluate(*args, **kwargs)
-        self._eval_seconds += time.perf_counter() - start
+        self.throughput.add_evaluation(time.perf_counter() - start)
         return metrics
