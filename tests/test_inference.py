@@ -187,6 +187,27 @@ def test_stop_string_in_a_padded_batch(capsys, tmp_path, tiny_chat_dir):
             assert after == {**before, **{k: after[k] for k in ("time_to_first_token_s", "seconds", "tokens_per_s")}}
 
 
+def test_every_caller_generates_through_one_helper(reference):
+    """`hfllm generate --chat`, the eval-time regression prompts, chat exact match and the chat session all decode
+    through `hfllm.generation`: greedy, they give the same answers (batched and left-padded, or one at a time)."""
+    from hfllm.evaluation.callback import EvalCallback
+    from hfllm.evaluation.exact_match import chat_exact_match, parse_answer
+    from hfllm.generation import generate_texts
+
+    model, tokenizer = reference
+    decoding = Decoding(max_new_tokens=12)
+    answers = [c.text for c in complete(model, tokenizer, PROMPTS, decoding, chat=True)]
+    assert generate_texts(model, tokenizer, PROMPTS, chat=True, batch_size=8, max_new_tokens=12,
+                          do_sample=False) == answers
+    callback = EvalCallback.__new__(EvalCallback)  # only its generation settings, no trainer
+    callback.apply_chat_template, callback.max_new_tokens = True, 12
+    assert callback.generate(model, tokenizer, PROMPTS) == answers
+    items = [{"prompt": prompt, "answer": parse_answer(answer)} for prompt, answer in zip(PROMPTS, answers)]
+    assert chat_exact_match(model, tokenizer, items, max_new_tokens=12) == 1.0
+    for prompt, answer in zip(PROMPTS, answers):
+        assert ChatSession(TransformersEngine(model, tokenizer), decoding).reply(prompt, io.StringIO()) == answer
+
+
 def test_completion_rows_end_at_eos_or_at_the_stop_string(reference):
     """A batch row is padded after its end (pad == eos here): its length and finish reason are still right."""
     from hfllm.inference.transformers_engine import _completion
