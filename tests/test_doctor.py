@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM
 from hfllm import doctor
 from hfllm.doctor import data_checks, model_checks, subjects
 from hfllm.cli import main as cli
-from hfllm.models import modeling_hfllm
 
 # validation text in the train text's characters (the char tokenizer knows them all), but no passage of it in train
 VALIDATION = "All:\nYou are resolved to speak further.\n\nFirst Citizen:\nRather die than famish, hear me.\n\n" * 4
@@ -55,15 +54,17 @@ def test_contaminated_recipe_exits_with_the_doctor_code(tmp_path, capsys):
 # ----------------------------------------------------------------------------- model checks
 
 
-def test_causal_mask_leak_fails(subject, monkeypatch):
+def test_causal_mask_leak_fails(subject):
     assert model_checks.check_causal_mask(subject.new_model(), subject.batch).status == "pass"
 
-    def full_attention(inputs_embeds, **kwargs):  # every position sees every other: the future leaks
-        batch, length = inputs_embeds.shape[:2]
-        return torch.zeros(batch, 1, length, length)
+    def full_attention(module, args, kwargs):  # every position sees every other: the future leaks
+        batch, length = kwargs["input_ids"].shape
+        no_mask = torch.zeros(batch, 1, length, length)
+        return args, {**kwargs, "attention_mask": {kind: no_mask for kind in module.config.layer_types}}
 
-    monkeypatch.setattr(modeling_hfllm, "create_causal_mask", full_attention)
-    check = model_checks.check_causal_mask(subject.new_model(), subject.batch)
+    model = subject.new_model()
+    model.model.register_forward_pre_hook(full_attention, with_kwargs=True)  # the decoder is given this mask
+    check = model_checks.check_causal_mask(model, subject.batch)
     assert check.status == "FAIL", check
 
 

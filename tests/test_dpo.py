@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from helpers import adaptation_recipe, checkpoint_series, first_rows
+from transformers import TrainerCallback
 
 from hfllm.errors import HfllmError
 from hfllm.run_dpo import main as dpo_main
@@ -31,16 +32,21 @@ def test_dpo_lora_reports_preference_metrics(tmp_path, tiny_llama_chat_dir, synt
     assert metrics["eval_rewards/margins"] > 0 and metrics["eval_rewards/accuracies"] > 0.5, metrics
 
 
-def test_dpo_evaluates_once_when_the_last_step_already_did(tmp_path, tiny_llama_chat_dir, synth_dir, monkeypatch):
-    """eval_steps = max_steps evaluates at the last step; the run reuses those metrics instead of a second pass."""
-    from trl import DPOTrainer
+class EvaluationCounter(TrainerCallback):
+    def __init__(self):
+        self.evaluations = 0
 
-    calls = []
-    evaluate = DPOTrainer.evaluate
-    monkeypatch.setattr(DPOTrainer, "evaluate", lambda self, *a, **k: calls.append(1) or evaluate(self, *a, **k))
-    assert dpo_main([str(dpo_recipe(tmp_path, tiny_llama_chat_dir, synth_dir, max_steps=2, eval_steps=2))]) == 0
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.evaluations += 1
+
+
+def test_dpo_evaluates_once_when_the_last_step_already_did(tmp_path, tiny_llama_chat_dir, synth_dir):
+    """eval_steps = max_steps evaluates at the last step; the run reuses those metrics instead of a second pass."""
+    counter = EvaluationCounter()
+    recipe = dpo_recipe(tmp_path, tiny_llama_chat_dir, synth_dir, max_steps=2, eval_steps=2)
+    assert dpo_main([str(recipe)], callbacks=[counter]) == 0
     metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
-    assert len(calls) == 1 and "eval_rewards/accuracies" in metrics and "step" not in metrics
+    assert counter.evaluations == 1 and "eval_rewards/accuracies" in metrics and "step" not in metrics
 
 
 def test_dpo_lora_trains_hfllm_models(tmp_path, tiny_hfllm_chat_dir, synth_dir):

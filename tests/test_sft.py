@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 from helpers import SMOLLM2_ORIGINAL_TEMPLATE, adaptation_recipe, chat_bpe_tokenizer, losses
 
 from hfllm.data.chat_template import PROBE, check_roles, check_template, load_template, set_template
@@ -28,29 +29,27 @@ def checkpoint_losses(out: Path) -> list[float]:
     return losses(next(out.glob("checkpoint-*")))
 
 
-def record_training(monkeypatch) -> dict:
-    """A dict that the next training run fills: "start" and "end", copies of the trainable weights of the trainer's
-    model (by name) when training starts and ends, and "end_logits", the trained model's `last_logits`."""
-    from transformers import Trainer
+class TrainingRecorder(TrainerCallback):
+    """Given to `sft_main(argv, callbacks=[...])`, it fills `record`: "start" and "end", copies of the trainable
+    weights of the trainer's model (by name) when training starts and ends, and "end_logits", the trained model's
+    `last_logits`."""
 
-    from hfllm.checkpoint import eval_mode
+    def __init__(self):
+        self.record: dict = {}
 
-    record = {}
-    train = Trainer.train
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.record["start"] = trainable_weights(model)
 
-    def recording_train(self, *args, **kwargs):
-        def trainable():
-            return {name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad}
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        from hfllm.checkpoint import eval_mode
 
-        record["start"] = trainable()
-        result = train(self, *args, **kwargs)
-        record["end"] = trainable()
-        with eval_mode(self.model):
-            record["end_logits"] = last_logits(self.model, self.processing_class)
-        return result
+        self.record["end"] = trainable_weights(model)
+        with eval_mode(model):
+            self.record["end_logits"] = last_logits(model, processing_class)
 
-    monkeypatch.setattr(Trainer, "train", recording_train)
-    return record
+
+def trainable_weights(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def last_logits(model, tokenizer, question: str = "What is 2 + 2?") -> torch.Tensor:
@@ -178,16 +177,16 @@ def test_sft_lora_trains_hfllm_models(tmp_path, tiny_hfllm_chat_dir, synth_dir):
     [("lora", {"use_dora": True}, "LORA"), ("ia3", {}, "IA3"), ("prefix", {}, "PREFIX_TUNING"),
      ("prompt", {}, "PROMPT_TUNING"), ("p_tuning", {}, "P_TUNING")],
 )
-def test_peft_methods_train_save_and_reload(tmp_path, tiny_llama_chat_dir, synth_dir, monkeypatch, peft_type, extra,
-                                            expected):
+def test_peft_methods_train_save_and_reload(tmp_path, tiny_llama_chat_dir, synth_dir, peft_type, extra, expected):
     from transformers import AutoModelForCausalLM
 
     from hfllm.checkpoint import load
 
-    record = record_training(monkeypatch)
+    recorder = TrainingRecorder()
+    record = recorder.record
     recipe = sft_recipe(tmp_path, tiny_llama_chat_dir, synth_dir, peft_type=peft_type, max_steps=2, save_strategy="no",
                         num_virtual_tokens=4, assistant_only_loss=peft_type == "lora", **extra)
-    assert sft_main([str(recipe)]) == 0
+    assert sft_main([str(recipe)], callbacks=[recorder]) == 0
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == expected and config.get("use_dora", False) == bool(extra)
     model, tokenizer = load(tmp_path / "out")
@@ -204,15 +203,16 @@ def test_peft_methods_train_save_and_reload(tmp_path, tiny_llama_chat_dir, synth
     assert (adapted - last_logits(base, tokenizer)).abs().max() > 1e-3
 
 
-def test_qlora_on_cpu_layers_are_4bit_adapter_trains_and_reloads(tmp_path, tiny_llama_chat_dir, synth_dir, monkeypatch):
+def test_qlora_on_cpu_layers_are_4bit_adapter_trains_and_reloads(tmp_path, tiny_llama_chat_dir, synth_dir):
     import bitsandbytes as bnb
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    record = record_training(monkeypatch)
+    recorder = TrainingRecorder()
+    record = recorder.record
     recipe = sft_recipe(tmp_path, tiny_llama_chat_dir, synth_dir, load_in_4bit=True, bnb_4bit_quant_type="nf4",
                         use_bnb_nested_quant=True, dtype="float32")
-    assert sft_main([str(recipe)]) == 0
+    assert sft_main([str(recipe)], callbacks=[recorder]) == 0
     quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_chat_dir, quantization_config=quantized, device_map={"": "cpu"})
     model = PeftModel.from_pretrained(base, tmp_path / "out")
