@@ -14,9 +14,9 @@ The rules are the same for every command (pretrain, sft/dpo/orpo/kto/grpo, eval)
   - `null` in the YAML or `--key null` sets a key back to its default;
   - values every command shares are checked against `VALUE_RULES` ("key 'learning_rate': got -0.001; allowed: a
     number >= 0"), so that no library fails on them after the run started;
-  - hardware: without a GPU, the defaults that assume one (bf16, activation checkpointing, pinned memory) are off; an
-    explicit `bf16: true` trains on a CPU with bf16 instructions and otherwise falls back to float32 with a warning;
-    processes of `accelerate launch` get gloo for every engine (hfllm/training/distributed.py).
+  - hardware: a TrainingArguments is fitted to the machine before it is built by `fit_training_arguments`, which the
+    training commands give (hfllm/training/hardware.py: bf16 and GPU-only defaults off without a GPU, gloo for the
+    processes of `accelerate launch`).
 Every mistake raises `HfllmError` before any work is done.
 """
 
@@ -25,20 +25,18 @@ import dataclasses
 import difflib
 import json
 import re
-import sys
 import typing
 from argparse import Namespace
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import HfllmError
-from .training.distributed import cpu_training_arguments
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -154,11 +152,14 @@ def load_recipe(
     defaults: dict[str, Any] | None = None,
     free_keys: dict[str, Any] | None = None,
     values: dict[str, Any] | None = None,
+    fit_training_arguments: Callable[[dict[str, Any], set[str]], None] | None = None,
 ) -> Recipe:
     """`RECIPE.yaml [--key value ...]` -> Recipe. With `values` (a command given without a recipe file, such as
     `hfllm eval MODEL --tasks ...`), argv holds only flags and `values` takes the YAML's place.
 
     `free_keys` maps extra keys (not dataclass fields, such as a model config's fields) to their type annotations.
+    `fit_training_arguments(kwargs, explicit_keys)` adjusts a TrainingArguments' keyword arguments in place before it
+    is built (the training commands pass `hfllm.training.hardware.apply_hardware`).
     """
     free_keys = free_keys or {}
     parser = _Parser(dataclass_types, prog=prog, allow_abbrev=False)
@@ -206,31 +207,15 @@ def load_recipe(
         names = {f.name for f in dataclasses.fields(dtype) if f.init}
         kwargs = {key: value for key, value in vars(namespace).items() if key in names}
         if issubclass(dtype, TrainingArguments):
-            apply_hardware(kwargs, explicit)
+            if fit_training_arguments is None:  # a caller that does not pass it yet (issue 21): the same fit
+                from .training.hardware import apply_hardware as fit_training_arguments
+            fit_training_arguments(kwargs, explicit)
         try:
             objects.append(dtype(**kwargs))
         except (ValueError, TypeError) as error:
             raise HfllmError(f"{source}: {' '.join(str(error).split())[:300]}") from None
     all_defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
     return Recipe(path, tuple(objects), free, resolved, all_defaults | (defaults or {}))
-
-
-def apply_hardware(kwargs: dict[str, Any], explicit: set[str]) -> None:
-    """Fit a TrainingArguments' precision and GPU-only defaults to this machine (see the module docstring)."""
-    if torch.cuda.is_available():
-        return
-    kwargs["dataloader_pin_memory"] = False  # nothing to pin for, and torch warns about it
-    if not explicit & {"bf16", "fp16"}:
-        kwargs["bf16"] = False
-    if not explicit & {"activation_checkpointing", "gradient_checkpointing"}:  # the second: its pre-5.24 alias
-        kwargs["activation_checkpointing"] = False
-    if kwargs.get("bf16") and torch.cpu._is_avx512_bf16_supported():
-        kwargs["use_cpu"] = True  # bf16 autocast on a CPU with bf16 instructions
-    elif kwargs.get("bf16") or kwargs.get("fp16"):
-        name = "bf16" if kwargs.get("bf16") else "fp16"
-        print(f"warning: {name} needs a GPU or a CPU with bf16 instructions; training in float32", file=sys.stderr)
-        kwargs["bf16"] = kwargs["fp16"] = False
-    cpu_training_arguments(kwargs)  # `accelerate launch` on CPU processes: gloo for every engine
 
 
 def check_type(key: str, value: Any, annotation: Any) -> Any:

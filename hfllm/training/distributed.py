@@ -7,7 +7,7 @@ On a machine without a GPU, accelerate falls back silently (../shared/notes/dist
 - DeepSpeed with `use_cpu`: accelerate skips DeepSpeed; without it accelerate finds no backend and counts one process
   while DeepSpeed counts two ("train_batch_size is not equal to ...").
 The workarounds, all here: `cpu_training_arguments` (gloo through `use_cpu` for DDP/FSDP, through `ddp_backend` for
-DeepSpeed; applied by `hfllm.recipe` to every training command's TrainingArguments) and `EngineTrainerMixin` (FSDP
+DeepSpeed; applied to every training command's TrainingArguments by hardware.py) and `EngineTrainerMixin` (FSDP
 switched on under MULTI_CPU). `EngineTrainerMixin` checks at the first training step, on every process, what really
 runs: the distributed type, the world size, the parameter shards (FSDP2: DTensor shards; ZeRO-3: partitioned;
 ZeRO-2: partitioned optimizer; offload: the engine's own offload settings) and that the ranks' batches differ. A
@@ -70,7 +70,8 @@ def parameters_sharded() -> bool:
 
 def cpu_training_arguments(kwargs: dict) -> None:
     """TrainingArguments' keyword arguments fitted to `accelerate launch` on CPU processes (called by
-    `hfllm.recipe.apply_hardware` on a machine without a GPU, before the arguments set up the process group)."""
+    `hfllm.training.hardware.apply_hardware` on a machine without a GPU, before the arguments set up the process
+    group)."""
     engine = requested_engine()
     if engine is None:
         return
