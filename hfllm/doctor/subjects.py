@@ -35,6 +35,7 @@ class Subject:
     assistant_only_loss: bool
     conversations: list[list[dict]] | None = None  # chat data: the first conversations, for BOS/EOS and masks
     loaded_model: torch.nn.Module | None = None  # MODEL_DIR: the checkpoint itself, for the leak and label checks
+    scratch: tempfile.TemporaryDirectory | None = None  # MODEL_DIR without a recipe: the one written for the runs
 
     def new_model(self) -> torch.nn.Module:
         """The shrunk architecture with new weights, seeded as training seeds it."""
@@ -227,15 +228,17 @@ def model_dir_subject(folder: str, argv: list[str], prog: str) -> Subject:
     from ..recipe import RECIPE_FILE, read_yaml
 
     recipe = Path(folder) / RECIPE_FILE
-    with tempfile.TemporaryDirectory() as scratch:  # the recipe is read here; the runs take parsed arguments
-        if recipe.is_file() and "model_name_or_path" in read_yaml(str(recipe)):
-            subject = sft_subject([str(recipe), *argv, "--model_name_or_path", folder], prog)
-        else:
-            if not recipe.is_file():
-                recipe = Path(scratch) / RECIPE_FILE
-                recipe.write_text(yaml.safe_dump({"model": folder, "tokenizer": folder, "dataset": "shakespeare",
-                                                  "block_size": 128}))
-            subject = pretraining_subject([str(recipe), *argv], prog, model_dir=folder)
+    scratch = None
+    if recipe.is_file() and "model_name_or_path" in read_yaml(str(recipe)):
+        subject = sft_subject([str(recipe), *argv, "--model_name_or_path", folder], prog)
+    else:
+        if not recipe.is_file():  # the runs read this recipe too: its folder lives as long as the subject
+            scratch = tempfile.TemporaryDirectory()
+            recipe = Path(scratch.name) / RECIPE_FILE
+            recipe.write_text(yaml.safe_dump({"model": folder, "tokenizer": folder, "dataset": "shakespeare",
+                                              "block_size": 128}))
+        subject = pretraining_subject([str(recipe), *argv], prog, model_dir=folder)
+    subject.scratch = scratch
     subject.label = folder
     subject.loaded_model = load(folder, dtype=torch.float32, with_tokenizer=False)[0]
     return subject
