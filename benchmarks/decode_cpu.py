@@ -50,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import GenerationConfig, LlamaForCausalLM  # noqa: E402
 
-from hfllm.assets import llama_cpp, smollm2_dir, smollm2_hfllm_dir  # noqa: E402
+from hfllm.assets import llama_cpp  # noqa: E402
+from hfllm.models.smollm2 import smollm2_dir, smollm2_hfllm_dir  # noqa: E402
 from hfllm.errors import HfllmError  # noqa: E402
 from hfllm.inference.float16_weights import use_float16_weights  # noqa: E402
 from hfllm.inference.llama_cpp_engine import LlamaCppEngine, gguf_file  # noqa: E402

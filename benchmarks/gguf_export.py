@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from hfllm.assets import llama_cpp, smollm2_hfllm_dir
+from hfllm.assets import llama_cpp
+from hfllm.models.smollm2 import smollm2_hfllm_dir
 from hfllm.checkpoint import load
 from hfllm.cli import main as hfllm
 from hfllm.inference.generate import complete

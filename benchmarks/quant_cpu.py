@@ -49,7 +49,8 @@ def run_mode(name: str, limit: int, new_tokens: int) -> dict:
     """One mode, in this process: load, decode, perplexity, peak RSS."""
     import torch
 
-    from hfllm.assets import smollm2_gguf, smollm2_hfllm_dir
+    from hfllm.assets import smollm2_gguf
+    from hfllm.models.smollm2 import smollm2_hfllm_dir
     from hfllm.evaluation.perplexity import validation_perplexity
     from hfllm.inference.generate import complete
     from hfllm.inference.options import (Decoding, Parser, add_model_arguments, load_for_inference,

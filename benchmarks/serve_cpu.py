@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.model is None:
         sys.path.insert(0, str(ROOT))
-        from hfllm.assets import smollm2_hfllm_dir
+        from hfllm.models.smollm2 import smollm2_hfllm_dir
 
         args.model = str(smollm2_hfllm_dir())
     process, url = start_server(args.model, args.threads)

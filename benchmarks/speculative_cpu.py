@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers.generation.utils import GenerationMixin  # noqa: E402
 
-from hfllm.assets import smollm2_hfllm_dir  # noqa: E402
+from hfllm.models.smollm2 import smollm2_hfllm_dir  # noqa: E402
 from hfllm.inference.generate import complete  # noqa: E402
 from hfllm.inference.options import Decoding, load_assistant, load_for_inference  # noqa: E402
 

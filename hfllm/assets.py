@@ -102,12 +102,3 @@ def llama_cpp(build: bool = True):
 
     return llama_cpp
 
-
-def __getattr__(name: str):
-    """`smollm2_dir` and `smollm2_hfllm_dir` build converted models, so they live in `hfllm.models.smollm2`; this
-    keeps `from hfllm.assets import smollm2_hfllm_dir` working for the notebooks and benchmarks that still say so."""
-    if name in ("smollm2_dir", "smollm2_hfllm_dir"):
-        from .models import smollm2
-
-        return getattr(smollm2, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

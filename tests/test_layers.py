@@ -21,8 +21,6 @@ ENTRY = 80  # cli.py, __main__.py, run_*.py, hfllm/__init__.py
 
 # (importer, imported): why the arrow is still there. Empty once every leak is gone.
 KNOWN: dict[tuple[str, str], str] = {
-    ("hfllm.assets", "hfllm.models.smollm2"):
-        "`hfllm.assets.smollm2_dir` / `smollm2_hfllm_dir` kept for the notebooks and benchmarks that import them",
     ("hfllm.recipe", "hfllm.training.hardware"):
         "load_recipe's default `fit_training_arguments`, for callers that do not pass it (test_sft.py, test_dpo.py)",
     ("hfllm.training.align", "hfllm.evaluation.exact_match"): "GRPO's reward is evaluation's exact match",

@@ -45,7 +45,7 @@ PRIVATE_NAMES = [
      "training/tensor_parallel.py: tensor parallel on CPU processes"),
     ("accelerate.state:PartialState._shared_state", set(), "training/distributed.py: FSDP on gloo"),
     # torch
-    ("torch.cpu:_is_avx512_bf16_supported", set(), "recipe.py: bf16 on a CPU that has it"),
+    ("torch.cpu:_is_avx512_bf16_supported", set(), "training/hardware.py: bf16 on a CPU that has it"),
 ]
 
 
@@ -90,6 +90,12 @@ def test_tied_weights_keys_is_a_mapping_on_transformers_models():
 
 def test_llama_cpp_model_handle_gives_token_text():
     """inference/llama_cpp_engine.py and shipping/verify.py read Llama._model (token text, end-of-generation ids)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the llamacpp extra)")
-    assert "self._model = " in inspect.getsource(llama_cpp.Llama.__init__)
-    assert hasattr(llama_cpp, "llama_vocab_is_eog") and hasattr(llama_cpp._internals.LlamaModel, "token_get_text")
+    from hfllm.assets import llama_cpp
+    from hfllm.errors import HfllmError
+
+    try:
+        module = llama_cpp(build=False)
+    except HfllmError as error:
+        pytest.skip(f"llama.cpp is not available without building it: {error}")
+    assert "self._model = " in inspect.getsource(module.Llama.__init__)
+    assert hasattr(module, "llama_vocab_is_eog") and hasattr(module._internals.LlamaModel, "token_get_text")
