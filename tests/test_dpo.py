@@ -58,27 +58,12 @@ def test_dpo_lora_trains_hfllm_models(tmp_path, tiny_hfllm_chat_dir, synth_dir):
 
 
 def test_dpo_with_lora_uses_no_reference_copy(tiny_llama_chat_dir, synth_dir, tmp_path):
-    from trl import DPOConfig, DPOTrainer
+    from hfllm.training.align import build, parse_recipe
 
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
-
-    from hfllm.checkpoint import load, load_tokenizer
-    from hfllm.data.alignment import load_splits
-    from hfllm.data.chat_template import set_template
-    from hfllm.recipe import load_recipe
-    from hfllm.training.adapters import build_peft_config
-    from hfllm.training.align import HfllmArguments
-
-    types = (ScriptArguments, DPOConfig, ModelConfig, DatasetMixtureConfig, HfllmArguments)
-    recipe = load_recipe([str(dpo_recipe(tmp_path, tiny_llama_chat_dir, synth_dir))], types, "hfllm dpo")
-    script, training, model_args, mixture, extra = recipe.args
-    train, evaluation = load_splits("dpo", script, mixture, True)
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    set_template(tokenizer, "smollm2", assistant_only_loss=False)
-    model, _ = load(model_args.model_name_or_path, with_tokenizer=False)
-    trainer = DPOTrainer(model=model, args=training, train_dataset=train, eval_dataset=evaluation,
-                         processing_class=tokenizer, peft_config=build_peft_config(model_args, "lora", 0, model))
+    recipe = parse_recipe("dpo", [str(dpo_recipe(tmp_path, tiny_llama_chat_dir, synth_dir))], "hfllm dpo")
+    trainer = build("dpo", recipe).trainer  # what `hfllm dpo` trains
     assert trainer.ref_model is None  # the reference is the base with the adapter disabled
+    assert not any((tmp_path / "out").iterdir())  # nothing written yet (Trainer makes the empty folder)
 
 
 def test_dpo_full_fine_tune_learns_the_preference_and_saves_a_full_model(tmp_path, tiny_llama_chat_dir, synth_dir):

@@ -64,14 +64,10 @@ def last_logits(model, tokenizer, question: str = "What is 2 + 2?") -> torch.Ten
 
 
 def test_recipe_yaml_cli_override_and_machine_defaults(tmp_path, tiny_llama_chat_dir, synth_dir):
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
-
-    from hfllm.recipe import load_recipe
-    from hfllm.training.align import HfllmArguments
+    from hfllm.training.align import parse_recipe
 
     recipe = sft_recipe(tmp_path, tiny_llama_chat_dir, synth_dir)
-    types = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, HfllmArguments)
-    script, training, model, mixture, extra = load_recipe([str(recipe), "--learning_rate", "0.25"], types, "hfllm sft").args
+    script, training, model, mixture, extra = parse_recipe("sft", [str(recipe), "--learning_rate", "0.25"], "hfllm sft").args
     assert training.learning_rate == 0.25 and training.max_steps == 6  # CLI over YAML, YAML over defaults
     assert model.use_peft and model.lora_r == 8 and extra.chat_template == "smollm2"
     assert mixture.datasets[0].path.endswith("sft.jsonl")

@@ -103,11 +103,11 @@ def run(method: str, argv: list[str], prog: str, callbacks: Sequence[TrainerCall
 def build(method: str, recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), *,
           data: tuple[Dataset, Dataset | None] | None = None, tokenizer=None,
           model: PreTrainedModel | None = None) -> lifecycle.Parts:
-    """A `method` recipe's parts: data with its chat template, model with its adapter, and TRL's trainer, every
-    input checked first; nothing is written to disk. `callbacks` replace the default callback of their class
-    (`lifecycle.with_defaults`) or are added; `data` (train, evaluation), `tokenizer` (used as it is, its template
-    unchecked) and `model` replace what the recipe would load (doctor: a few rows, the tokenizer whose template it
-    checks itself, a shrunk model)."""
+    """A `method` recipe's parts: data with its chat template, model with its adapter, and TRL's trainer, every input
+    checked first; nothing is written to disk (Trainer's constructor makes the output folder, empty). `callbacks`
+    replace the default callback of their class (`lifecycle.with_defaults`) or are added; `data` (train,
+    evaluation), `tokenizer` (used as it is, its template unchecked) and `model` replace what the recipe would
+    load (doctor: a few rows, the tokenizer whose template it checks itself, a shrunk model)."""
     from transformers import set_seed
     from trl import get_quantization_config
 

@@ -2,7 +2,7 @@
 
 Each command is parse -> build -> run:
 
-    parts = build(recipe)                # the command's model, tokenizer, datasets, trainer, callbacks; nothing written
+    parts = build(recipe)                # model, tokenizer, datasets, trainer, callbacks; no file written yet
     return run(parts, prog, argv)        # output folder, recipe, train, preemption, final save and evaluation
 
 `run` owns everything a run does on disk and at its end, the same for every command: the output folder is cleared

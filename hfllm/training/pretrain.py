@@ -57,10 +57,11 @@ def main(argv: list[str], prog: str = "hfllm pretrain", callbacks: Sequence[Trai
 def build(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), *, text: DatasetDict | None = None,
           tokenizer=None, model: PreTrainedModel | None = None) -> lifecycle.Parts:
     """A pretraining recipe's parts: tokenizer, packed blocks, model and PretrainTrainer, every input checked first.
-    Nothing is written to disk (with several processes the main one opens the output folder to share the tokenizer).
-    `callbacks` replace the default callback of their class (`lifecycle.with_defaults`) or are added; `text`,
-    `tokenizer` and `model` replace what the recipe would load or create (doctor: the first documents, packed without
-    the token cache, the tokenizer it checked, a shrunk model)."""
+    Nothing is written to disk (Trainer's constructor makes the output folder, empty; with several processes the
+    main one opens the folder to share the tokenizer). `callbacks` replace the default callback of their class
+    (`lifecycle.with_defaults`) or are added; `text`, `tokenizer` and `model` replace what the recipe would load
+    or create (doctor: the first documents, packed without the token cache, the tokenizer it checked, a shrunk
+    model)."""
     # ---- recipe: everything is checked before any work
     model_args, data_args, args = recipe.args
     if args.max_steps <= 0:
