@@ -206,9 +206,7 @@ def load_recipe(
     for dtype in parser.dataclass_types:
         names = {f.name for f in dataclasses.fields(dtype) if f.init}
         kwargs = {key: value for key, value in vars(namespace).items() if key in names}
-        if issubclass(dtype, TrainingArguments):
-            if fit_training_arguments is None:  # a caller that does not pass it yet (issue 21): the same fit
-                from .training.hardware import apply_hardware as fit_training_arguments
+        if issubclass(dtype, TrainingArguments) and fit_training_arguments is not None:
             fit_training_arguments(kwargs, explicit)
         try:
             objects.append(dtype(**kwargs))

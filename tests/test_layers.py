@@ -1,7 +1,7 @@
 """The package's import graph keeps its layers: no import from a lower layer to a higher one, no loops.
 
 Layers, bottom to top (docs/layout.md): errors < recipe < checkpoint < assets and the other top-level helpers, then
-data/ < models/ < training/ < evaluation/ < inference/ < shipping/, then doctor.py (it spans stages) and the entry
+data/ < models/ < training/ < evaluation/ < inference/ < shipping/, then doctor/ (it spans stages) and the entry
 files (cli.py, __main__.py, run_*.py, the package's __init__). Imports are read with `ast`, at module level and inside
 functions (a function-level import is still an arrow). `python3 tests/test_layers.py` prints the graph's upward
 arrows and loops; the test fails on an arrow that `KNOWN` does not list and on any loop (the report also names the
@@ -21,8 +21,6 @@ ENTRY = 80  # cli.py, __main__.py, run_*.py, hfllm/__init__.py
 
 # (importer, imported): why the arrow is still there. Empty once every leak is gone.
 KNOWN: dict[tuple[str, str], str] = {
-    ("hfllm.recipe", "hfllm.training.hardware"):
-        "load_recipe's default `fit_training_arguments`, for callers that do not pass it (test_sft.py, test_dpo.py)",
     ("hfllm.training.align", "hfllm.evaluation.exact_match"): "GRPO's reward is evaluation's exact match",
 }
 

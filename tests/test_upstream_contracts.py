@@ -29,8 +29,8 @@ PRIVATE_NAMES = [
     ("transformers:Trainer._evaluate", {"trial", "ignore_keys_for_eval"}, "training/trainer.py: evaluation time"),
     ("transformers:Trainer._clip_grad_norm", {"model"}, "training/health.py: gradient norm before clipping"),
     ("transformers:Trainer._get_grad_norm", {"model", "grad_norm"}, "training/health.py: non-finite gradient check"),
-    ("transformers:Trainer._get_output_dir", {"trial"}, "training/health.py: checkpoints written aside"),
-    ("transformers:Trainer._save_checkpoint", {"model", "trial"}, "training/health.py: checkpoints written aside"),
+    ("transformers:Trainer._get_output_dir", {"trial"}, "training/saving.py: checkpoints written aside"),
+    ("transformers:Trainer._save_checkpoint", {"model", "trial"}, "training/saving.py: checkpoints written aside"),
     ("transformers:Trainer._save", {"output_dir", "state_dict"}, "training/distributed.py: FSDP2 saves the own class"),
     # transformers modules and attributes outside the documented API
     ("transformers.modeling_flash_attention_utils:prepare_fa_kwargs_from_position_ids", {"position_ids"},
