@@ -21,14 +21,16 @@ import json
 import os
 import pkgutil
 
-import pytest
-import torch
-
-import hfllm
-
+# Before anything imports huggingface_hub, which reads HF_HUB_OFFLINE once, at import: set after it, the tests that
+# run commands in this process went to the network (a Hub dataset test waited 20 s for the connection to fail).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import hfllm  # noqa: E402
 # Subprocesses (hfllm commands, launchers, scripts run with -c) import this checkout's hfllm, whatever is installed.
 _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_checkout, os.environ.get("PYTHONPATH")]))

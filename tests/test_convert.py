@@ -18,6 +18,7 @@ from transformers import (
 
 from hfllm import HfllmForCausalLM, get_preset
 from hfllm.models.convert import native_config_from, to_hfllm, to_native
+from hfllm.cli import main
 from hfllm.errors import HfllmError
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -94,7 +95,7 @@ def test_export_refusals_name_the_reason():
         to_native(model)
 
 
-def test_cli_convert_export_round_trip(tmp_path):
+def test_cli_convert_export_round_trip(tmp_path, capsys):
     native = _random_native("mistral")
     src = tmp_path / "native"
     native.save_pretrained(src)
@@ -121,15 +122,16 @@ def test_cli_convert_export_round_trip(tmp_path):
         assert torch.equal(value, back.state_dict()[key]), key
 
     # bad input: one line, exit 2, no traceback, nothing written
-    for args, message in [
+    capsys.readouterr()  # progress bars of the saves above
+    for args, message in [  # in this process: the two runs above proved the command end to end
         (("convert", str(tmp_path / "nope"), str(tmp_path / "x")), f"source '{tmp_path / 'nope'}' does not exist"),
         (("convert", str(src), str(tmp_path / "hf")), f"output folder '{tmp_path / 'hf'}' is not empty"),
         (("export", str(src), str(tmp_path / "y")), "is not an hfllm checkpoint"),
     ]:
-        result = run(*args)
-        assert result.returncode == 2
-        assert message in result.stderr and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+        assert main(list(args)) == 2
+        out, err = capsys.readouterr()
+        assert message in err and "Traceback" not in err + out
+        assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 

@@ -23,6 +23,7 @@ def read_samples(folder, run: str, task: str) -> list:
     return [(row["doc_id"], row["resps"]) for row in sorted(rows, key=lambda row: row["doc_id"])]
 
 
+@pytest.mark.slow  # 18 s; the default suite runs the same tasks on tiny models (test_eval)
 def test_offline_suite_on_smollm2_hfllm_checkpoint_equals_native_sample_by_sample(smollm2_native_dir, smollm2_hfllm_dir, tmp_path):
     main([str(smollm2_hfllm_dir), str(smollm2_native_dir), "--tasks", "hfllm_offline", "--limit", "3", "--log_samples",
           "--output_path", str(tmp_path)])

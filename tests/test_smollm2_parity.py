@@ -78,6 +78,7 @@ def test_greedy_continuation_identical_for_64_tokens(models):
 
 
 
+@pytest.mark.slow  # 84 s; the default suite checks the same on tiny models (test_models, test_transformers_compat)
 def test_cached_generation_equals_uncached_batched_and_alone(models):
     """The symptom of transformers 5.24's cache rename: a cache dropped between steps gave garbage from token 2."""
     _, ours, _, our_tok = models
