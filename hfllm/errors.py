@@ -29,6 +29,25 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise HfllmError(f"{message}; see {self.prog} --help")
 
+    def add_deprecated_alias(self, old: str, new: str, **kwargs) -> None:
+        """`old` as a hidden alias of the option `new` (same destination and `kwargs`, e.g. choices) for one release:
+        it still works and prints one line to stderr naming `new`."""
+        self.add_argument(old, dest=new.lstrip("-"), action=_DeprecatedAlias, new=new, default=argparse.SUPPRESS,
+                          help=argparse.SUPPRESS, **kwargs)
+
+
+class _DeprecatedAlias(argparse.Action):
+    """Stores the value like the new option and warns once per use: `PROG: --old is deprecated ...; use --new`."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stderr.write(f"{parser.prog}: {option_string} is deprecated and will be removed in the next release; "
+                         f"use {self.new}\n")
+        setattr(namespace, self.dest, values)
+
 
 def first_line(error: BaseException) -> str:
     """The first non-empty line of an error's message, or its type name when it has none."""

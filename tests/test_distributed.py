@@ -1,10 +1,10 @@
-"""Every engine on two CPU processes (`accelerate launch --config_file accelerate_configs/<engine>.yaml`, gloo):
-it trains, what runs is the engine asked for (distributed type, parameter shards, different data per rank), a
+"""Every strategy on two CPU processes (`accelerate launch --config_file accelerate_configs/<strategy>.yaml`, gloo):
+it trains, what runs is the strategy asked for (distributed type, parameter shards, different data per rank), a
 checkpoint resumes with the uninterrupted run's losses, and the final model loads in one process with the same loss
 as a single-process run of the same global batch. Also: `hfllm plan`'s per-device parameter bytes against the
 shards measured on those runs, and the silent fallbacks hfllm turns into errors.
 
-The default suite runs pretraining on DDP and FSDP2; the DeepSpeed engines and SFT are slow (DeepSpeed builds its
+The default suite runs pretraining on DDP and FSDP2; the DeepSpeed strategies and SFT are slow (DeepSpeed builds its
 shared-memory extension on first use, ~20 s idle, cached in ~/.cache/torch_extensions)."""
 
 import os
@@ -20,29 +20,29 @@ from helpers import CORPUS, TINY, adaptation_recipe, data_args, free_port, losse
 from hfllm.checkpoint import load
 from hfllm.run_pretrain import main as pretrain_main
 from hfllm.run_sft import main as sft_main
-from hfllm.training.distributed import ENGINES, SHARDED
+from hfllm.training.distributed import STRATEGIES, SHARDED
 from hfllm.training.plan import plan_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAINING_BY_DEFAULT = ("ddp", "fsdp2")  # the rest are slow
 # not anchored: two processes writing to one pipe may run their lines together
-REPORT = re.compile(r"process (\d): engine (\S+) \((\w+), (\d) processes, (\w+)\), parameter bytes (\d+) of (\d+)")
+REPORT = re.compile(r"process (\d): strategy (\S+) \((\w+), (\d) processes, (\w+)\), parameter bytes (\d+) of (\d+)")
 DISTRIBUTED_TYPE = {"ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED",
                     "zero3_offload": "DEEPSPEED"}
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def engines(by_default: tuple[str, ...] = ()) -> list:
-    return [pytest.param(engine, marks=() if engine in by_default else pytest.mark.slow) for engine in ENGINES]
+def strategies(by_default: tuple[str, ...] = ()) -> list:
+    return [pytest.param(strategy, marks=() if strategy in by_default else pytest.mark.slow) for strategy in STRATEGIES]
 
 
-def launch(engine: str, entry: str, argv: list[str], timeout: int = 1800, **env: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` of hfllm/run_<entry>.py with the shipped config of `engine` on 2 CPU processes, from the
+def launch(strategy: str, entry: str, argv: list[str], timeout: int = 1800, **env: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` of hfllm/run_<entry>.py with the shipped config of `strategy` on 2 CPU processes, from the
     repository root (zero3_offload's config names its DeepSpeed JSON relative to it)."""
-    command = ["accelerate", "launch", "--config_file", f"accelerate_configs/{engine}.yaml", "--num_processes", "2",
+    command = ["accelerate", "launch", "--config_file", f"accelerate_configs/{strategy}.yaml", "--num_processes", "2",
                "--num_machines", "1", "--main_process_port", str(free_port())]
-    if engine != "zero3_offload":  # its precision comes from the recipe through DeepSpeed's "auto"
+    if strategy != "zero3_offload":  # its precision comes from the recipe through DeepSpeed's "auto"
         command += ["--mixed_precision", "no"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     process = subprocess.Popen([*command, f"hfllm/run_{entry}.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
@@ -55,29 +55,29 @@ def launch(engine: str, entry: str, argv: list[str], timeout: int = 1800, **env:
         for child in [*psutil.Process(process.pid).children(recursive=True), process]:
             child.kill()
         stdout, stderr = process.communicate()
-        pytest.fail(f"{engine} run still going after {timeout} s; killed\n{stdout[-2000:]}{stderr[-4000:]}")
+        pytest.fail(f"{strategy} run still going after {timeout} s; killed\n{stdout[-2000:]}{stderr[-4000:]}")
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
 
-def engine_reports(stdout: str) -> dict[int, tuple]:
-    """rank -> (engine, distributed type, processes, backend, parameter bytes held, parameter bytes in all)."""
+def strategy_reports(stdout: str) -> dict[int, tuple]:
+    """rank -> (strategy, distributed type, processes, backend, parameter bytes held, parameter bytes in all)."""
     return {int(m[0]): (m[1], m[2], int(m[3]), m[4], int(m[5]), int(m[6])) for m in REPORT.findall(stdout)}
 
 
-def assert_engine_ran(stdout: str, engine: str) -> tuple[int, int]:
-    """Both ranks report the engine asked for; sharded engines hold half the parameters each. Returns (held, whole)
+def assert_strategy_ran(stdout: str, strategy: str) -> tuple[int, int]:
+    """Both ranks report the strategy asked for; sharded strategies hold half the parameters each. Returns (held, whole)
     of rank 0. (That the ranks' batches differ is checked inside the run: a repeated batch fails it.)"""
-    reports = engine_reports(stdout)
+    reports = strategy_reports(stdout)
     assert sorted(reports) == [0, 1], stdout[-2000:]
     for name, kind, processes, backend, held, whole in reports.values():
-        assert (name, kind, processes, backend) == (engine, DISTRIBUTED_TYPE[engine], 2, "gloo")
-        if engine in SHARDED:
+        assert (name, kind, processes, backend) == (strategy, DISTRIBUTED_TYPE[strategy], 2, "gloo")
+        if strategy in SHARDED:
             assert abs(held - whole / 2) <= 0.02 * whole, (held, whole)  # half, up to padding of uneven shards
         else:
             assert held == whole
-    if engine == "fsdp2":
+    if strategy == "fsdp2":
         assert reports[0][4] + reports[1][4] == reports[0][5]  # DTensor shards: together exactly the model
     return reports[0][4], reports[0][5]
 
@@ -122,12 +122,12 @@ def initial_model(argv: list[str], folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("engine", engines(PRETRAINING_BY_DEFAULT))
-def test_pretraining(engine, tmp_path):
+@pytest.mark.parametrize("strategy", strategies(PRETRAINING_BY_DEFAULT))
+def test_pretraining(strategy, tmp_path):
     argv = pretraining_argv(tmp_path)
     single, uninterrupted, resumed = tmp_path / "single", tmp_path / "uninterrupted", tmp_path / "resumed"
     assert pretrain_main([*argv, "--output_dir", str(single)]) == 0
-    if engine.startswith("zero3"):
+    if strategy.startswith("zero3"):
         # under ZeRO-3 transformers creates a preset's model inside deepspeed.zero.Init (the DeepSpeed config is known
         # when the arguments are), whose random init draws other numbers than one process: both start from one folder
         # holding the preset's own init, which one process continues with the preset run's very losses
@@ -137,17 +137,17 @@ def test_pretraining(engine, tmp_path):
         assert pretrain_main([*argv, "--output_dir", str(single)]) == 0
         assert losses(single) == losses(from_preset)
 
-    run = launch(engine, "pretrain", [*argv, "--output_dir", str(uninterrupted)])
-    held, whole = assert_engine_ran(run.stdout, engine)
+    run = launch(strategy, "pretrain", [*argv, "--output_dir", str(uninterrupted)])
+    held, whole = assert_strategy_ran(run.stdout, strategy)
     # plan (issue 13 part 3): the parameters a device holds, predicted from the recipe alone
     # (the trained tokenizer gives the plan the run's exact vocabulary; for `char` it assumes 128)
-    plan = plan_recipe([*argv, "--tokenizer", str(uninterrupted / "tokenizer")], engine=engine, device="cpu",
+    plan = plan_recipe([*argv, "--tokenizer", str(uninterrupted / "tokenizer")], strategy=strategy, device="cpu",
                        devices=2, mfu=0.4)
     assert plan.counts["total"] * 4 == whole
     assert abs(plan.parameters_held - held) <= 0.02 * whole
-    assert (plan.parameters_held == whole / 2) if engine in SHARDED else (plan.parameters_held == whole)
+    assert (plan.parameters_held == whole / 2) if strategy in SHARDED else (plan.parameters_held == whole)
 
-    launch(engine, "pretrain", [*argv, "--output_dir", str(resumed),
+    launch(strategy, "pretrain", [*argv, "--output_dir", str(resumed),
                                 "--resume_from_checkpoint", str(uninterrupted / "checkpoint-2")])
     assert len(losses(uninterrupted)) == 4
     assert losses(resumed) == losses(uninterrupted)  # exactly
@@ -176,17 +176,17 @@ def test_samples_at_eval_with_sharded_weights(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
-@pytest.mark.parametrize("engine", ENGINES)
-def test_sft(engine, peft, tmp_path, tiny_llama_chat_dir, synth_dir):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sft(strategy, peft, tmp_path, tiny_llama_chat_dir, synth_dir):
     recipe = adaptation_recipe(tmp_path, tiny_llama_chat_dir, synth_dir / "sft.jsonl", use_peft=peft,
                                per_device_train_batch_size=2, max_steps=4, save_strategy="steps", save_steps=2,
                                logging_steps=1, lr_scheduler_type="constant")
     single, uninterrupted, resumed = tmp_path / "single", tmp_path / "uninterrupted", tmp_path / "resumed"
     assert sft_main([str(recipe), "--output_dir", str(single), "--gradient_accumulation_steps", "2"]) == 0
 
-    run = launch(engine, "sft", [str(recipe), "--output_dir", str(uninterrupted)])
-    assert_engine_ran(run.stdout, engine)  # LoRA: the frozen base is sharded too
-    launch(engine, "sft", [str(recipe), "--output_dir", str(resumed),
+    run = launch(strategy, "sft", [str(recipe), "--output_dir", str(uninterrupted)])
+    assert_strategy_ran(run.stdout, strategy)  # LoRA: the frozen base is sharded too
+    launch(strategy, "sft", [str(recipe), "--output_dir", str(resumed),
                            "--resume_from_checkpoint", str(uninterrupted / "checkpoint-2")])
     assert len(losses(uninterrupted)) == 4
     assert losses(resumed) == losses(uninterrupted)
@@ -228,31 +228,31 @@ def fake_trainer(kind: str, processes: int = 2, fsdp2: bool = False, zero_stage:
 ], ids=["fsdp-as-ddp", "world-of-one", "fsdp2-unsharded", "deepspeed-skipped", "zero-stage", "zero3-unpartitioned",
         "offload-missing"])
 def test_a_silent_fallback_is_an_error(env, trainer, message, monkeypatch):
-    from hfllm.training.distributed import EngineMismatch, verify_engine
+    from hfllm.training.distributed import StrategyMismatch, verify_strategy
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(EngineMismatch, match=re.escape(message)):
-        verify_engine(fake_trainer(**trainer), {"input_ids": torch.zeros(2, 4, dtype=torch.long)})
+    with pytest.raises(StrategyMismatch, match=re.escape(message)):
+        verify_strategy(fake_trainer(**trainer), {"input_ids": torch.zeros(2, 4, dtype=torch.long)})
 
 
 def test_ranks_with_the_same_batch_are_an_error(monkeypatch):
-    from hfllm.training.distributed import EngineMismatch, _check_ranks_see_different_data
+    from hfllm.training.distributed import StrategyMismatch, _check_ranks_see_different_data
 
     def gather(digests, digest):  # every rank got this batch
         digests[:] = [digest] * len(digests)
 
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
-    with pytest.raises(EngineMismatch, match="ranks received the same first batch"):
+    with pytest.raises(StrategyMismatch, match="ranks received the same first batch"):
         _check_ranks_see_different_data({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, "ddp")
 
 
-@pytest.mark.parametrize("config, engine", [("ddp", "ddp"), ("fsdp2", "fsdp2"), ("zero2", "zero2"),
+@pytest.mark.parametrize("config, strategy", [("ddp", "ddp"), ("fsdp2", "fsdp2"), ("zero2", "zero2"),
                                             ("zero3", "zero3"), ("zero3_offload", "zero3_offload"),
                                             ("two_nodes", "fsdp2")])
-def test_each_config_asks_for_its_engine(config, engine, monkeypatch):
-    """The variables `accelerate launch` sets from each shipped config name the engine of the config's name."""
+def test_each_config_asks_for_its_strategy(config, strategy, monkeypatch):
+    """The variables `accelerate launch` sets from each shipped config name the strategy of the config's name."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
@@ -266,9 +266,9 @@ def test_each_config_asks_for_its_engine(config, engine, monkeypatch):
         monkeypatch.delenv(key)
     for key, value in {**env, "WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
-    from hfllm.training.distributed import requested_engine
+    from hfllm.training.distributed import requested_strategy
 
-    assert requested_engine() == engine
+    assert requested_strategy() == strategy
 
 
 @pytest.mark.parametrize("env, use_cpu, backend", [

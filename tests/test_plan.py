@@ -47,7 +47,7 @@ def test_weights_gradients_and_optimizer_bytes_equal_the_real_tensors(optim, ext
     assert gradients == sum(p.grad.nbytes for p in model.parameters())
     assert optimizer_bytes == sum(t.nbytes for state in states for t in state.values() if torch.is_tensor(t))
     assert host == 0
-    # sharded engines hold 1/N of what is sharded
+    # sharded strategies hold 1/N of what is sharded
     _, gradients2, optimizer2, _ = plan.state_bytes(model, optim, "fp32", "zero2", 2)
     assert (gradients2, optimizer2) == (gradients / 2, optimizer_bytes / 2)
 
@@ -110,7 +110,7 @@ def test_plan_prints_size_compute_memory_batch_and_time(capsys):
 
 
 def test_a_recipe_that_does_not_fit_is_refused_with_what_would_fit(capsys):
-    with pytest.raises(HfllmError, match=r"1b.yaml does not fit 1 x t4 with ddp: .* it fits with --engine zero3_offload"):
+    with pytest.raises(HfllmError, match=r"1b.yaml does not fit 1 x t4 with ddp: .* it fits with --strategy zero3_offload"):
         plan.main([str(ROOT / "recipes/1b.yaml"), "--gpu", "t4"])
     assert main(["plan", str(ROOT / "recipes/1b.yaml"), "--gpu", "t4"]) == 2
 
@@ -126,6 +126,16 @@ def test_bad_input_is_one_line(argv, message, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(HfllmError, match=message):
         plan.main(argv)
+
+
+def test_engine_is_a_deprecated_alias_of_strategy(capsys):
+    """`--engine` (until the next release) parses as `--strategy` and prints one line naming `--strategy`."""
+    new = plan._parser("hfllm plan").parse_args(["r.yaml", "--strategy", "zero3"])
+    assert capsys.readouterr().err == ""
+    old = plan._parser("hfllm plan").parse_args(["r.yaml", "--engine", "zero3"])
+    assert vars(old) == vars(new)
+    assert capsys.readouterr().err == ("hfllm plan: --engine is deprecated and will be removed in the next release; "
+                                       "use --strategy\n")
 
 
 def test_docs_table_is_what_the_code_computes():

@@ -450,10 +450,22 @@ def run(capsys, *argv) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_engine_vllm_refused_without_vllm_and_gpu(capsys, tiny_chat_dir):
-    code, err = run(capsys, tiny_chat_dir, "--engine", "vllm")
+def test_server_vllm_refused_without_vllm_and_gpu(capsys, tiny_chat_dir):
+    code, err = run(capsys, tiny_chat_dir, "--server", "vllm")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "--engine vllm needs vLLM and a CUDA GPU; missing here:" in err and "a CUDA GPU" in err
+    assert "--server vllm needs vLLM and a CUDA GPU; missing here:" in err and "a CUDA GPU" in err
+
+
+def test_engine_is_a_deprecated_alias_of_server(capsys):
+    """`--engine` (until the next release) parses as `--server` and prints one line naming `--server`."""
+    from hfllm.inference.serve import _parser
+
+    new = _parser("hfllm serve").parse_args(["m", "--server", "vllm"])
+    assert capsys.readouterr().err == ""
+    old = _parser("hfllm serve").parse_args(["m", "--engine", "vllm"])
+    assert vars(old) == vars(new)
+    assert capsys.readouterr().err == ("hfllm serve: --engine is deprecated and will be removed in the next release; "
+                                       "use --server\n")
 
 
 def test_port_in_use_is_one_line(capsys, tiny_chat_dir):
@@ -486,7 +498,7 @@ def test_a_load_error_in_the_models_process_is_one_line(tiny_chat_dir, tmp_path,
     (["{model}", "--max_concurrency", "0"], "--max_concurrency must be at least 1"),
     (["{model}", "--port", "70000"], "--port must be in 0..65535"),
     (["{model}", "--dtype", "float8"], "invalid choice: 'float8'"),
-    (["{model}", "--engine", "tgi"], "invalid choice: 'tgi'"),
+    (["{model}", "--server", "tgi"], "invalid choice: 'tgi'"),
     ([], "the following arguments are required: model"),
 ])
 def test_bad_command_line_is_one_line(capsys, tiny_chat_dir, argv, message):

@@ -1,7 +1,7 @@
 """`hfllm serve MODEL`: an OpenAI-compatible HTTP server on transformers' own serving stack.
 
     hfllm serve runs/sft --port 8000 --api_key KEY          # /v1/models, /v1/chat/completions, /v1/completions, /health
-    hfllm serve runs/sft --engine vllm                      # vLLM on the exported native checkpoint (CUDA GPU;
+    hfllm serve runs/sft --server vllm                      # vLLM on the exported native checkpoint (CUDA GPU;
                                                             # vllm_launcher.py)
 
 The routes, streaming (SSE), `usage` counts and continuous batching are transformers' (`transformers serve`,
@@ -32,6 +32,8 @@ from transformers import ContinuousBatchingConfig, PretrainedConfig
 from ..errors import HfllmError
 from .options import Parser, add_model_arguments, quantization_from_args
 from .request_checks import ApiError, Served, batchable, check_request
+
+SERVERS = ("transformers", "vllm")  # `--server`: what answers the HTTP API
 
 GENERATION_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 OPEN_ROUTES = ("/health",)  # answered without the API key
@@ -166,14 +168,14 @@ def build_app(spec: str, *, dtype: str | torch.dtype = "auto", quantization_conf
 
 
 def main(argv: list[str], prog: str) -> int:
-    """`hfllm serve MODEL [--host H] [--port P] [--api_key KEY] [--max_concurrency N] [--dtype D] [--engine E]`."""
+    """`hfllm serve MODEL [--host H] [--port P] [--api_key KEY] [--max_concurrency N] [--dtype D] [--server S]`."""
     args = _parser(prog).parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise HfllmError(f"--port must be in 0..65535 (got {args.port})")
     if args.max_concurrency < 1:
         raise HfllmError(f"--max_concurrency must be at least 1 (got {args.max_concurrency})")
     api_key = args.api_key or os.environ.get("HFLLM_API_KEY") or None
-    if args.engine == "vllm":
+    if args.server == "vllm":
         from .vllm_launcher import serve_vllm
 
         return serve_vllm(args.model, args.host, args.port, api_key, args.max_concurrency, args.dtype)
@@ -235,8 +237,9 @@ def _parser(prog: str) -> Parser:
                         help="require 'Authorization: Bearer KEY' on /v1 routes (default: $HFLLM_API_KEY; none)")
     parser.add_argument("--max_concurrency", type=int, default=64,
                         help="generation requests at once; more get 429 (default 64)")
-    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+    parser.add_argument("--server", choices=SERVERS, default="transformers",
                         help="transformers (CPU or GPU, continuous batching) or vllm (CUDA GPU, the exported checkpoint)")
+    parser.add_deprecated_alias("--engine", "--server", choices=SERVERS)
     parser.add_argument("--log_level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="uvicorn's log level (info: one line per request; keys are never logged)")
     return parser

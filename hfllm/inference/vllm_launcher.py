@@ -1,4 +1,4 @@
-"""`hfllm serve --engine vllm`: `vllm serve` on MODEL's native transformers checkpoint, exported from hfllm's family
+"""`hfllm serve --server vllm`: `vllm serve` on MODEL's native transformers checkpoint, exported from hfllm's family
 (adapters merged, GGUF dequantized) when needed, on a CUDA GPU."""
 
 import hashlib
@@ -22,8 +22,8 @@ def serve_vllm(spec: str, host: str, port: int, api_key: str | None, max_concurr
     missing = [what for what, present in (("the vllm package (pip install vllm)", importlib.util.find_spec("vllm")),
                                           ("a CUDA GPU", torch.cuda.is_available())) if not present]
     if missing:
-        raise HfllmError(f"--engine vllm needs vLLM and a CUDA GPU; missing here: {' and '.join(missing)}; use "
-                         "--engine transformers")
+        raise HfllmError(f"--server vllm needs vLLM and a CUDA GPU; missing here: {' and '.join(missing)}; use "
+                         "--server transformers")
     checkpoint = native_checkpoint(spec)
     command = ["vllm", "serve", checkpoint, "--served-model-name", spec, "--host", host, "--port", str(port),
                "--max-num-seqs", str(max_concurrency), "--dtype", dtype]

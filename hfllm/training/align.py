@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from ..errors import HfllmError
 from ..recipe import Recipe
 from . import lifecycle
-from .distributed import with_engine
+from .distributed import with_strategy
 from .health import HealthArguments, HealthCallback, check_health_arguments, with_health
 from .preemption import PreemptionCallback
 
@@ -82,9 +82,9 @@ def recipe_types(method: str) -> tuple[type, ...]:
 
 
 def trainer_class(method: str) -> type:
-    """TRL's trainer of `method` with hfllm's health checks, atomic saving and distributed-engine checks."""
+    """TRL's trainer of `method` with hfllm's health checks, atomic saving and distributed-strategy checks."""
     module_name, _, trainer_name = TRAINERS[method]
-    return with_engine(with_health(getattr(importlib.import_module(module_name), trainer_name)))
+    return with_strategy(with_health(getattr(importlib.import_module(module_name), trainer_name)))
 
 
 def parse_recipe(method: str, argv: list[str], prog: str) -> Recipe:

@@ -72,7 +72,7 @@ class SamplesCallback(TrainerCallback):
 
 def generates_here(args) -> bool:
     """Whether this process generates the samples: the main process, or every process when each holds only a part
-    of the weights (a sharded engine, tensor parallel), since a forward pass then needs them all. Every process
+    of the weights (a sharded strategy, tensor parallel), since a forward pass then needs them all. Every process
     seeds the same sampling stream, so they draw the same tokens and make the same number of forward passes."""
     return args.should_save or parameters_sharded() or args.tp_size > 1
 

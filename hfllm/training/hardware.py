@@ -1,6 +1,6 @@
 """TrainingArguments fitted to this machine before they are built: without a GPU, the defaults that assume one (bf16,
 activation checkpointing, pinned memory) are off; an explicit `bf16: true` trains on a CPU with bf16 instructions and
-otherwise falls back to float32 with a warning; processes of `accelerate launch` get gloo for every engine
+otherwise falls back to float32 with a warning; processes of `accelerate launch` get gloo for every strategy
 (distributed.py). Every training command's recipe goes through `apply_hardware` (`load_recipe`'s
 `fit_training_arguments`)."""
 
@@ -27,4 +27,4 @@ def apply_hardware(kwargs: dict[str, Any], explicit: set[str]) -> None:
         name = "bf16" if kwargs.get("bf16") else "fp16"
         print(f"warning: {name} needs a GPU or a CPU with bf16 instructions; training in float32", file=sys.stderr)
         kwargs["bf16"] = kwargs["fp16"] = False
-    cpu_training_arguments(kwargs)  # `accelerate launch` on CPU processes: gloo for every engine
+    cpu_training_arguments(kwargs)  # `accelerate launch` on CPU processes: gloo for every strategy

@@ -1,11 +1,11 @@
 """`hfllm plan RECIPE`: size, compute, memory and time of a pretraining recipe on given GPUs, without training.
 
     hfllm plan recipes/350m.yaml --gpu h100 --gpus 8
-    hfllm plan recipes/1b.yaml --gpu a100-40g --gpus 4 --engine zero3
+    hfllm plan recipes/1b.yaml --gpu a100-40g --gpus 4 --strategy zero3
 
 Every formula is in docs/scaling.md. Memory per device, for P parameters sharded over N devices:
 
-    weights + gradients + optimizer states      bytes per parameter by precision and engine (PRECISION, ENGINES)
+    weights + gradients + optimizer states      bytes per parameter by precision and strategy (PRECISION, STRATEGIES)
     + activations                               micro_batch x block_size x bytes per token (activation_bytes_per_token)
     + transients                                logits' gradient and one layer's recomputation (transient_bytes_per_token)
 
@@ -25,7 +25,7 @@ import torch
 from ..errors import ArgumentParser, HfllmError
 from ..models import HfllmForCausalLM, parameter_counts
 from .arguments import global_batch_sequences, parse_recipe
-from .distributed import ENGINES, SHARDED
+from .distributed import STRATEGIES, SHARDED
 from .mfu import flops_per_token
 
 GIB = 1024**3
@@ -72,7 +72,7 @@ class Plan:
 
     recipe: str
     model: str
-    engine: str
+    strategy: str
     device: str
     devices: int
     precision: str
@@ -195,7 +195,7 @@ def transient_bytes_per_token(config, attn_implementation: str, block_size: int,
     return 3 * 4 * config.vocab_size + 2 * (4 if precision == "fp32" else 2) * layer
 
 
-def state_bytes(model: torch.nn.Module, optim: str, precision: str, engine: str, devices: int) -> tuple[float, float, float, float]:
+def state_bytes(model: torch.nn.Module, optim: str, precision: str, strategy: str, devices: int) -> tuple[float, float, float, float]:
     """(weights, gradients, optimizer, host) bytes per device."""
     bytes_per = PRECISION[precision]
     parameters = sum(p.numel() for p in model.parameters())
@@ -205,11 +205,11 @@ def state_bytes(model: torch.nn.Module, optim: str, precision: str, engine: str,
     gradients = bytes_per.gradients * trainable
     optimizer = optimizer_bytes(model, optim) + bytes_per.master * trainable
     gathered = 2 * layer_parameters * (2 if precision != "fp32" else 4)  # a layer in use and the next prefetched
-    if engine == "ddp":
+    if strategy == "ddp":
         return weights, gradients, optimizer, 0.0
-    if engine == "zero2":
+    if strategy == "zero2":
         return weights, gradients / devices, optimizer / devices, 0.0
-    if engine in ("fsdp2", "zero3"):
+    if strategy in ("fsdp2", "zero3"):
         return weights / devices + gathered, gradients / devices, optimizer / devices, 0.0
     # zero3_offload: parameters, fp32 master and optimizer states in CPU RAM; the GPU holds the layers in use and a
     # layer's gradients on their way out
@@ -219,7 +219,7 @@ def state_bytes(model: torch.nn.Module, optim: str, precision: str, engine: str,
 # ----------------------------------------------------------------------------- a recipe's plan
 
 
-def plan_recipe(argv: list[str], *, engine: str, device: str, devices: int, mfu: float, prog: str = "hfllm plan") -> Plan:
+def plan_recipe(argv: list[str], *, strategy: str, device: str, devices: int, mfu: float, prog: str = "hfllm plan") -> Plan:
     from transformers.utils import logging as transformers_logging
 
     verbosity = transformers_logging.get_verbosity()
@@ -238,21 +238,21 @@ def plan_recipe(argv: list[str], *, engine: str, device: str, devices: int, mfu:
     with torch.device("meta"):
         model = HfllmForCausalLM(config) if config.model_type == "hfllm" else _meta_model(config)
     mixed = recipe.value("bf16") or recipe.value("fp16")  # as written: the hardware fallback applies to this machine
-    precision = "fp32" if not mixed else "bf16-deepspeed" if engine.startswith("zero") else "bf16"
+    precision = "fp32" if not mixed else "bf16-deepspeed" if strategy.startswith("zero") else "bf16"
     if device == "cpu":
         memory, flops = _cpu_memory(), _cpu_flops(precision)
     else:
         memory, flops = DEVICES[device].memory_gib * GIB * USABLE, DEVICES[device].bf16_flops
     global_batch = _global_batch(args, data_args.block_size, devices)
     optim = str(recipe.value("optim") or "adamw_torch")
-    weights, gradients, optimizer, host = state_bytes(model, optim, precision, engine, devices)
+    weights, gradients, optimizer, host = state_bytes(model, optim, precision, strategy, devices)
     parameters_held = PRECISION[precision].weights * sum(p.numel() for p in model.parameters()) / (
-        devices if engine in SHARDED else 1)
+        devices if strategy in SHARDED else 1)
     attn, block = model_args.attn_implementation, data_args.block_size
     per_token = activation_bytes_per_token(config, attn, block, precision, False)
     per_token_checkpointed = activation_bytes_per_token(config, attn, block, precision, True)
     return Plan(
-        recipe=argv[0], model=model_args.model, engine=engine, device=device, devices=devices, precision=precision,
+        recipe=argv[0], model=model_args.model, strategy=strategy, device=device, devices=devices, precision=precision,
         counts=parameter_counts(model), layers=config.num_hidden_layers, block_size=block,
         flops_per_token=flops_per_token(model, block), tokens_planned=global_batch * block * args.max_steps,
         global_batch=global_batch, weights=weights, gradients=gradients, optimizer=optimizer, host_memory=host,
@@ -303,13 +303,19 @@ def _cpu_flops(precision: str) -> float:
 # ----------------------------------------------------------------------------- the command
 
 
-def main(argv: list[str], prog: str = "hfllm plan") -> int:
+def _parser(prog: str) -> ArgumentParser:
     parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="a pretraining recipe (YAML); --key value overrides after it are allowed")
     parser.add_argument("--gpus", type=int, default=1, help="number of devices (default 1)")
     parser.add_argument("--gpu", default="h100", choices=[*DEVICES, "cpu"], help="device type (default h100)")
-    parser.add_argument("--engine", default="ddp", choices=ENGINES, help="how training is spread (default ddp)")
+    parser.add_argument("--strategy", default="ddp", choices=STRATEGIES, help="how training is spread (default ddp)")
+    parser.add_deprecated_alias("--engine", "--strategy", choices=STRATEGIES)
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    return parser
+
+
+def main(argv: list[str], prog: str = "hfllm plan") -> int:
+    parser = _parser(prog)
     args, overrides = parser.parse_known_args(argv)
     if args.gpus < 1:
         raise HfllmError(f"--gpus must be at least 1 (got {args.gpus})")
@@ -317,7 +323,7 @@ def main(argv: list[str], prog: str = "hfllm plan") -> int:
         raise HfllmError(f"--mfu must be in (0, 1] (got {args.mfu})")
     if not Path(args.recipe).is_file():
         raise HfllmError(f"recipe '{args.recipe}' does not exist; give a pretraining recipe YAML file")
-    plan = plan_recipe([args.recipe, *overrides], engine=args.engine, device=args.gpu, devices=args.gpus, mfu=args.mfu, prog=prog)
+    plan = plan_recipe([args.recipe, *overrides], strategy=args.strategy, device=args.gpu, devices=args.gpus, mfu=args.mfu, prog=prog)
     print(report(plan))
     if plan.micro_batch() is None:
         raise HfllmError(refusal(plan, [args.recipe, *overrides]))
@@ -329,7 +335,7 @@ def report(plan: Plan) -> str:
     device = f"{plan.devices} x {plan.device}" + (f" ({plan.usable_memory / gib:.1f} GiB usable each)")
     chinchilla = 20 * counts["total"]
     lines = [
-        f"plan for {plan.recipe}: {plan.model} on {device}, engine {plan.engine}, {plan.precision}",
+        f"plan for {plan.recipe}: {plan.model} on {device}, strategy {plan.strategy}, {plan.precision}",
         f"parameters   {counts['total'] / 1e6:,.1f}M total, {counts['active'] / 1e6:,.1f}M active per token, "
         f"{counts['embedding'] / 1e6:,.1f}M embedding",
         f"compute      {plan.flops_per_token:.3g} FLOPs/token (6N + attention); {plan.tokens_planned / 1e9:.3g}B tokens "
@@ -356,24 +362,24 @@ def report(plan: Plan) -> str:
 
 
 def refusal(plan: Plan, argv: list[str]) -> str:
-    """One line: what does not fit, and the first engine/option that would."""
+    """One line: what does not fit, and the first strategy/option that would."""
     need = plan.peak(1, plan.activation_checkpointing)
-    problem = (f"{plan.recipe} does not fit {plan.devices} x {plan.device} with {plan.engine}: micro-batch 1 needs "
+    problem = (f"{plan.recipe} does not fit {plan.devices} x {plan.device} with {plan.strategy}: micro-batch 1 needs "
                f"{need / GIB:.1f} GiB of {plan.usable_memory / GIB:.1f} GiB usable")
     if plan.global_batch % plan.devices or plan.global_batch < plan.devices:
         return (f"global batch {plan.global_batch} cannot be split over {plan.devices} devices; change --gpus or the "
                 "recipe's global batch")
     options = []
-    for engine in ENGINES[ENGINES.index(plan.engine) + 1:] if plan.engine in ENGINES else ENGINES:
-        other = plan_recipe(argv, engine=engine, device=plan.device, devices=plan.devices, mfu=plan.mfu)
+    for strategy in STRATEGIES[STRATEGIES.index(plan.strategy) + 1:] if plan.strategy in STRATEGIES else STRATEGIES:
+        other = plan_recipe(argv, strategy=strategy, device=plan.device, devices=plan.devices, mfu=plan.mfu)
         for checkpointing in (plan.activation_checkpointing, True):
             other.activation_checkpointing = checkpointing
             if other.micro_batch() is not None:
-                options.append(f"--engine {engine}" + (" with activation_checkpointing: true" if checkpointing and not plan.activation_checkpointing else ""))
+                options.append(f"--strategy {strategy}" + (" with activation_checkpointing: true" if checkpointing and not plan.activation_checkpointing else ""))
                 break
         if options:
             break
-    hint = f"it fits with {options[0]}" if options else "no engine fits: use more or larger GPUs, or a smaller model"
+    hint = f"it fits with {options[0]}" if options else "no strategy fits: use more or larger GPUs, or a smaller model"
     return f"{problem}; {hint}"
 
 
@@ -385,14 +391,14 @@ TABLE_SETUPS = (("h100", 8, "ddp"), ("a100-40g", 8, "fsdp2"), ("4090", 1, "ddp")
 
 def recipes_table(root: Path = Path(__file__).resolve().parents[2]) -> str:
     """Markdown: each shipped GPU recipe on common setups (tests/test_plan.py keeps docs/scaling.md equal to it)."""
-    lines = ["| recipe | parameters | tokens | setup | engine | memory/GPU | micro-batch x accumulation | time at 40% MFU |",
+    lines = ["| recipe | parameters | tokens | setup | strategy | memory/GPU | micro-batch x accumulation | time at 40% MFU |",
              "|---|---|---|---|---|---|---|---|"]
     for name in TABLE_RECIPES:
-        for device, devices, engine in TABLE_SETUPS:
-            result = plan_recipe([str(root / "recipes" / f"{name}.yaml")], engine=engine, device=device, devices=devices, mfu=0.4)
+        for device, devices, strategy in TABLE_SETUPS:
+            result = plan_recipe([str(root / "recipes" / f"{name}.yaml")], strategy=strategy, device=device, devices=devices, mfu=0.4)
             choice = result.micro_batch()
             fit = (f"{result.peak(choice[0], result.activation_checkpointing) / GIB:.1f} GiB", f"{choice[0]} x {choice[1]}",
                    f"{result.train_seconds() / 3600:.3g} h") if choice else ("does not fit", "–", "–")
             lines.append(f"| {name} | {result.counts['total'] / 1e6:.0f}M | {result.tokens_planned / 1e9:.3g}B | "
-                         f"{devices} x {device} | {engine} | " + " | ".join(fit) + " |")
+                         f"{devices} x {device} | {strategy} | " + " | ".join(fit) + " |")
     return "\n".join(lines)

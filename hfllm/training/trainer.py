@@ -6,7 +6,7 @@ with `logging_first_step`) gets `seconds_to_first_step`: from the process start 
 step, imports, data, model and compilation included. With `sequence_length_schedule`, training logs get the
 `sequence_length` of the step. The metrics go through `Trainer.log`, so the progress bar, tensorboard/wandb/trackio and
 `trainer_state.json` all see them. `HealthTrainerMixin` adds the training-health hooks (hfllm/training/health.py),
-`AtomicSavingMixin` checkpoints and a final model complete or absent (saving.py), `EngineTrainerMixin` the engine's
+`AtomicSavingMixin` checkpoints and a final model complete or absent (saving.py), `StrategyTrainerMixin` the strategy's
 CPU workarounds and its check (hfllm/training/distributed.py).
 """
 
@@ -19,7 +19,7 @@ from transformers import Trainer
 
 from ..data.packing import cut_blocks
 from .callbacks import RouterLoadCallback
-from .distributed import EngineTrainerMixin
+from .distributed import StrategyTrainerMixin
 from .health import HealthTrainerMixin
 from .optim import build_optimizer
 from .saving import AtomicSavingMixin
@@ -50,7 +50,7 @@ class ThroughputWindow:
         return metrics
 
 
-class PretrainTrainer(EngineTrainerMixin, HealthTrainerMixin, AtomicSavingMixin, Trainer):
+class PretrainTrainer(StrategyTrainerMixin, HealthTrainerMixin, AtomicSavingMixin, Trainer):
     def __init__(self, *args, flops_per_token: float, peak_flops: float, tokens_per_step: int,
                  router_load: RouterLoadCallback | None = None, sequence_lengths: dict[int, int] | None = None,
                  **kwargs):
