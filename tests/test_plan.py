@@ -83,7 +83,8 @@ SIZES = [  # ~0.3, ~0.5 and ~1.1 GB peaks
 ]
 
 
-@pytest.mark.parametrize("spec", SIZES, ids=["4M", "17M-checkpointed", "29M"])
+@pytest.mark.parametrize("spec", [*SIZES[:2], pytest.param(SIZES[2], marks=pytest.mark.slow)],  # 29M: 11 s, 1.1 GB
+                         ids=["4M", "17M-checkpointed", "29M"])
 def test_predicted_peak_is_within_25_percent_of_measured_peak_rss(spec, tmp_path):
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(TRAIN_SCRIPT), json.dumps(spec)], capture_output=True,
                             text=True, timeout=600, cwd=tmp_path)
