@@ -34,6 +34,8 @@ from hfllm.models.modeling_hfllm import TESTED_TRANSFORMERS, upstream_contracts
 
 pytestmark = pytest.mark.upstream
 ROOT = Path(__file__).resolve().parents[1]
+SHAPE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)
 VARIANTS = {
     "dense": dict(),
     "sliding": dict(sliding_window=6),  # 32 new tokens run far past the window: the sliding cache must roll
@@ -75,18 +77,14 @@ sys.path.insert(0, sys.argv[2])
 from hfllm import HfllmForCausalLM, get_preset
 for variant, extra in {variants!r}.items():
     torch.manual_seed(0)
-    config = get_preset("llama-tiny", vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                        initializer_range=0.1, **extra)
+    config = get_preset("llama-tiny", **{shape!r}, **extra)
     HfllmForCausalLM(config).save_pretrained(f"{{sys.argv[1]}}/{{variant}}")
 """
 
 
 def _checkpoint(tmp_path: Path, variant: str) -> Path:
     torch.manual_seed(0)
-    config = get_preset("llama-tiny", vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1,
-                        **VARIANTS[variant])
+    config = get_preset("llama-tiny", **SHAPE, **VARIANTS[variant])
     HfllmForCausalLM(config).save_pretrained(tmp_path / variant)
     return tmp_path / variant
 
@@ -138,8 +136,8 @@ def cross_version(tmp_path_factory):
     def written(version: str) -> Path:
         if version not in folders:
             folder = tmp_path_factory.mktemp(f"written-{version}")
-            result = _run_without_hfllm(WRITE_SCRIPT.format(variants=VARIANTS), folder, str(folder), str(ROOT),
-                                        pythonpath=_transformers_path(version))
+            script = WRITE_SCRIPT.format(variants=VARIANTS, shape=SHAPE)
+            result = _run_without_hfllm(script, folder, str(folder), str(ROOT), pythonpath=_transformers_path(version))
             assert result.returncode == 0, result.stderr[-3000:]
             folders[version] = folder
         return folders[version]
