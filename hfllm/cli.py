@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "orpo": ("hfllm.training.align:orpo_main", "ORPO from a YAML recipe"),
     "kto": ("hfllm.training.align:kto_main", "KTO from a YAML recipe"),
     "grpo": ("hfllm.training.align:grpo_main", "GRPO from a YAML recipe"),
-    "doctor": ("hfllm.doctor:main", "check a recipe (or model folder) at a tiny size: init loss, causal mask, labels, overfit, seeding, resume, tokenizer, data"),
+    "doctor": ("hfllm.diagnostics:main", "check a recipe (or model folder) at a tiny size: init loss, causal mask, labels, overfit, seeding, resume, tokenizer, data"),
     "plan": ("hfllm.training.plan:main", "size, FLOPs, memory per GPU, micro-batch and time of a pretraining recipe, without training"),
     "merge": ("hfllm.training.adapters:merge_main", "merge a PEFT adapter into a full checkpoint"),
     # evaluation

@@ -1,4 +1,4 @@
-"""`hfllm doctor` (hfllm/doctor/): it passes on a healthy tiny recipe, and each check fails on something broken on
+"""`hfllm doctor` (hfllm/diagnostics/): it passes on a healthy tiny recipe, and each check fails on something broken on
 purpose (a leaking mask, unshifted labels, a tokenizer that drops newlines, overlapping splits, unseeded runs, ...)."""
 
 import pytest
@@ -8,7 +8,7 @@ from tokenizers import normalizers, processors
 from transformers import AutoModelForCausalLM
 
 from hfllm import doctor
-from hfllm.doctor import data_checks, model_checks, subjects
+from hfllm.diagnostics import data_checks, model_checks, subjects
 from hfllm.cli import main as cli
 
 # validation text in the train text's characters (the char tokenizer knows them all), but no passage of it in train

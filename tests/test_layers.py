@@ -1,7 +1,7 @@
 """The package's import graph keeps its layers: no import from a lower layer to a higher one, no loops.
 
 Layers, bottom to top (docs/layout.md): errors < recipe < checkpoint < assets and the other top-level helpers, then
-data/ < models/ < training/ < evaluation/ < inference/ < shipping/, then doctor/ (it spans stages) and the entry
+data/ < models/ < training/ < evaluation/ < inference/ < shipping/, then diagnostics/ (it spans stages) and the entry
 files (cli.py, __main__.py, run_*.py, the package's __init__). Imports are read with `ast`, at module level and inside
 functions (a function-level import is still an arrow). `python3 tests/test_layers.py` prints the graph's upward
 arrows and loops; the test fails on an arrow that `KNOWN` does not list and on any loop (the report also names the
@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hfllm"
 BASE = {"errors": 0, "recipe": 1, "checkpoint": 2, "assets": 3}  # the bottom floor, in this order
 BASE_HELPERS = 3  # any other top-level module of helpers (files.py, ...) stands beside assets.py
 STAGES = {"data": 10, "models": 20, "training": 30, "evaluation": 40, "inference": 50, "shipping": 60}
-SPANNING = {"doctor": 70}
+SPANNING = {"diagnostics": 70}
 ENTRY = 80  # cli.py, __main__.py, run_*.py, hfllm/__init__.py
 
 # (importer, imported): why the arrow is still there. Empty once every leak is gone.
