@@ -24,10 +24,11 @@ import copy
 import dataclasses
 import difflib
 import json
+import os
 import re
 import typing
 from argparse import Namespace
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,30 @@ def check_values(values: dict[str, Any]) -> None:
             raise HfllmError(f"key '{key}': got {value!r}; allowed: {description}")
 
 
-def read_yaml(path: str) -> dict[str, Any]:
-    """A recipe file as a mapping; a missing file, invalid YAML or a non-mapping is one line."""
+RecipeInput = str | os.PathLike | Mapping[str, Any]  # the Python API's recipe: a YAML file or its mapping
+
+
+def recipe_argv(recipe: RecipeInput, overrides: Mapping[str, Any]) -> list:
+    """The Python API's `(recipe, **overrides)` as the command line that does the same: `[recipe, "--key", "value",
+    ...]`, values written as YAML reads them (lists and mappings as flow YAML, True as true, None as null). A mapping
+    recipe stays a mapping in first place; `load_recipe` takes it in place of the YAML file."""
+    argv: list = [dict(recipe) if isinstance(recipe, Mapping) else os.fspath(recipe)]
+    for key, value in overrides.items():
+        if isinstance(value, bool) or value is None:
+            text = "null" if value is None else str(value).lower()
+        elif isinstance(value, (list, tuple, Mapping)):
+            text = json.dumps(value if isinstance(value, Mapping) else list(value))
+        else:
+            text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+        argv += [f"--{key}", text]
+    return argv
+
+
+def read_yaml(path: str | Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe file as a mapping; a missing file, invalid YAML or a non-mapping is one line. A mapping (the Python
+    API's recipe) is taken as the file's content."""
+    if isinstance(path, Mapping):
+        return copy.deepcopy(dict(path))
     recipe_path = Path(path)
     if not recipe_path.is_file():
         raise HfllmError(f"recipe '{path}' does not exist; give a YAML file (examples under recipes/)")
@@ -167,10 +190,11 @@ def load_recipe(
         parser.print_help()
         raise SystemExit(0)
     if values is None:
-        if not argv or argv[0].startswith("-"):
+        if not argv or (isinstance(argv[0], str) and argv[0].startswith("-")):
             raise HfllmError(f"give a recipe first: {prog} RECIPE.yaml [--key value ...] (examples under recipes/)")
         path, file_values, flags = argv[0], read_yaml(argv[0]), split_flags(argv[1:])
-        source = f"recipe '{path}'"
+        source = "the recipe mapping" if isinstance(path, Mapping) else f"recipe '{path}'"
+        path = None if isinstance(path, Mapping) else path
     else:
         path, file_values, flags, source = None, values, split_flags(argv), "the arguments"
     fields = [action.dest for action in parser._actions if action.dest != "help"]
