@@ -15,6 +15,34 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 logging.getLogger("kernels._internals.hf_hub").addFilter(
     lambda record: "kernels-community/quantization-bitsandbytes" not in record.getMessage())
 
+from .errors import HfllmError  # noqa: E402
 from .models import HfllmConfig, HfllmForCausalLM, HfllmModel, get_preset  # noqa: E402  (registers Auto classes)
 
-__all__ = ["HfllmConfig", "HfllmForCausalLM", "HfllmModel", "get_preset", "__version__"]
+# The Python API: one function per stage, each the same path as its `hfllm` command (the command parses its argv and
+# calls it). Imported on first use, so `import hfllm` stays light. docs/api.md.
+API: dict[str, str] = {
+    "pretrain": "hfllm.training.pretrain:pretrain",
+    "sft": "hfllm.training.align:sft",
+    "dpo": "hfllm.training.align:dpo",
+    "orpo": "hfllm.training.align:orpo",
+    "kto": "hfllm.training.align:kto",
+    "grpo": "hfllm.training.align:grpo",
+    "RunResult": "hfllm.training.lifecycle:RunResult",
+}
+
+__all__ = ["HfllmConfig", "HfllmError", "HfllmForCausalLM", "HfllmModel", "get_preset", "__version__", *API]
+
+
+def __getattr__(name: str):
+    if name not in API:
+        raise AttributeError(f"module 'hfllm' has no attribute '{name}'")
+    import importlib
+
+    module_name, attribute = API[name].split(":")
+    value = getattr(importlib.import_module(module_name), attribute)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *API})

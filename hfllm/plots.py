@@ -6,9 +6,15 @@ from pathlib import Path
 
 def plot_loss_curve(log_history: list[dict], path: Path) -> None:
     """Training and validation loss against the optimizer step, as a PNG."""
-    import matplotlib
+    import matplotlib.pyplot as plt
 
-    matplotlib.use("Agg")
+    figure = loss_figure(log_history)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def loss_figure(log_history: list[dict]):
+    """Training and validation loss against the optimizer step: a matplotlib figure (inline in a notebook)."""
     import matplotlib.pyplot as plt
 
     train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
@@ -23,5 +29,4 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    return figure

@@ -7,7 +7,7 @@ from helpers import CORPUS, TINY, write_recipe
 from tokenizers import normalizers, processors
 from transformers import AutoModelForCausalLM
 
-from hfllm import doctor
+from hfllm import diagnostics as doctor
 from hfllm.diagnostics import data_checks, model_checks, subjects
 from hfllm.cli import main as cli
 

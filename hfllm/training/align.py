@@ -17,7 +17,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, TrainerCallback
 
 from ..errors import HfllmError
-from ..recipe import Recipe
+from ..recipe import Recipe, RecipeInput, recipe_argv
 from . import lifecycle
 from .distributed import with_strategy
 from .health import HealthArguments, HealthCallback, check_health_arguments, with_health
@@ -95,8 +95,9 @@ def parse_recipe(method: str, argv: list[str], prog: str) -> Recipe:
     return load_recipe(argv, recipe_types(method), prog, fit_training_arguments=apply_hardware)
 
 
-def run(method: str, argv: list[str], prog: str, callbacks: Sequence[TrainerCallback] = ()) -> int:
-    """`hfllm METHOD RECIPE [--key value ...]`: parse -> build -> the shared lifecycle (lifecycle.py)."""
+def train(method: str, argv: list, prog: str, callbacks: Sequence[TrainerCallback] = ()) -> lifecycle.RunResult:
+    """parse -> build -> the shared lifecycle (lifecycle.py), for `hfllm METHOD RECIPE [--key value ...]` and the
+    Python API (`hfllm.sft(recipe, **overrides)`, ...)."""
     return lifecycle.run(build(method, parse_recipe(method, argv, prog), callbacks), prog, argv)
 
 
@@ -182,20 +183,54 @@ def build(method: str, recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()
 
 
 def sft_main(argv: list[str], prog: str = "hfllm sft", callbacks: Sequence[TrainerCallback] = ()) -> int:
-    return run("sft", argv, prog, callbacks)
+    return train("sft", argv, prog, callbacks).exit_code
 
 
 def dpo_main(argv: list[str], prog: str = "hfllm dpo", callbacks: Sequence[TrainerCallback] = ()) -> int:
-    return run("dpo", argv, prog, callbacks)
+    return train("dpo", argv, prog, callbacks).exit_code
 
 
 def orpo_main(argv: list[str], prog: str = "hfllm orpo", callbacks: Sequence[TrainerCallback] = ()) -> int:
-    return run("orpo", argv, prog, callbacks)
+    return train("orpo", argv, prog, callbacks).exit_code
 
 
 def kto_main(argv: list[str], prog: str = "hfllm kto", callbacks: Sequence[TrainerCallback] = ()) -> int:
-    return run("kto", argv, prog, callbacks)
+    return train("kto", argv, prog, callbacks).exit_code
 
 
 def grpo_main(argv: list[str], prog: str = "hfllm grpo", callbacks: Sequence[TrainerCallback] = ()) -> int:
-    return run("grpo", argv, prog, callbacks)
+    return train("grpo", argv, prog, callbacks).exit_code
+
+
+# ----------------------------------------------------------------------------- Python API: hfllm.sft, hfllm.dpo, ...
+
+_API_DOC = """{summary}, as `hfllm {method}` does (TRL's {trainer}).
+
+    recipe: a YAML recipe file (see recipes/{method}/) or the same keys as a dict.
+    overrides: any recipe key, e.g. model_name_or_path="runs/tiny", max_steps=20, use_peft=True, lora_r=8,
+        load_in_4bit=True (QLoRA), output_dir="runs/{method}".
+    callbacks: extra transformers TrainerCallbacks.
+
+    Returns a RunResult: output_dir (the model or adapter, tokenizer with its chat template, recipe.yaml),
+    metrics (the final evaluation), log_history and losses(); `result.load()` gives the model and tokenizer.
+    Bad input raises HfllmError with the same one line as the command.
+
+        result = hfllm.{method}("recipes/{method}/smollm2_synth_lora.yaml", max_steps=20)
+    """
+
+
+def _api(method: str, summary: str):
+    def train_method(recipe: RecipeInput, /, *, callbacks: Sequence[TrainerCallback] = (),
+                     **overrides) -> lifecycle.RunResult:
+        return train(method, recipe_argv(recipe, overrides), f"hfllm {method}", callbacks)
+
+    train_method.__name__ = train_method.__qualname__ = method
+    train_method.__doc__ = _API_DOC.format(summary=summary, method=method, trainer=TRAINERS[method][2])
+    return train_method
+
+
+sft = _api("sft", "Supervised fine-tuning on chat or prompt/completion data")
+dpo = _api("dpo", "Direct preference optimisation on chosen/rejected pairs")
+orpo = _api("orpo", "ORPO (odds-ratio preference optimisation, no reference model) on chosen/rejected pairs")
+kto = _api("kto", "KTO on answers labelled desirable or undesirable")
+grpo = _api("grpo", "GRPO: online reinforcement learning with reward functions (a verifiable reward, say)")

@@ -3,7 +3,10 @@
 Each command is parse -> build -> run:
 
     parts = build(recipe)                # model, tokenizer, datasets, trainer, callbacks; no file written yet
-    return run(parts, prog, argv)        # output folder, recipe, train, preemption, final save and evaluation
+    result = run(parts, prog, argv)      # output folder, recipe, train, preemption, final save and evaluation
+
+The command line returns `result.exit_code`; the Python API (`hfllm.pretrain`, `hfllm.sft`, ...) returns the
+`RunResult` itself: the same path, the same errors (`HfllmError`, with the CLI's line).
 
 `run` owns everything a run does on disk and at its end, the same for every command: the output folder is cleared
 (overwrite) and the resolved recipe saved; SIGTERM / SIGINT saves the trainer state and a checkpoint, prints the
@@ -87,10 +90,74 @@ def final_metrics(trainer: Trainer) -> dict | None:
     return {k: v for k, v in done[-1].items() if k != "step"} if done else trainer.evaluate()
 
 
-def run(parts: Parts, prog: str, argv: list[str]) -> int:
-    """Train the built parts to the end, a preemption or a stop; the exit code (TrainingHalted, exit code 3, when
-    the health checks stop the run)."""
+@dataclass
+class RunResult:
+    """What a training run left: its folder, how far it went, its final evaluation and its log history.
+
+        result = hfllm.pretrain("recipes/tiny.yaml", max_steps=50)
+        result.metrics["eval_loss"]; result.losses()[-1]; model, tokenizer = result.load()
+
+    In a notebook, the result shows as a summary with its loss curve."""
+
+    output_dir: Path
+    exit_code: int  # 0: finished (or stopped before max_steps, resumable); 130 / 143: interrupted, checkpoint saved
+    step: int  # the optimizer steps done
+    max_steps: int
+    metrics: dict[str, float]  # the final evaluation (eval_loss, ...); empty without an evaluation set
+    log_history: list[dict]  # Trainer's log: one entry per logging or evaluation step
+
+    @property
+    def finished(self) -> bool:
+        return self.exit_code == 0 and self.step >= self.max_steps
+
+    def losses(self, key: str = "loss") -> list[tuple[int, float]]:
+        """(step, value) of a logged quantity: "loss" (training), "eval_loss", "learning_rate", "grad_norm", ..."""
+        return [(entry["step"], entry[key]) for entry in self.log_history if key in entry]
+
+    def load(self, **kwargs) -> tuple[Any, Any]:
+        """The saved model and tokenizer (hfllm.checkpoint.load: hfllm, native and adapter folders alike)."""
+        from ..checkpoint import load
+
+        return load(self.output_dir, **kwargs)
+
+    def plot(self):
+        """The training and validation loss against the step, as a matplotlib figure (shown inline in a notebook)."""
+        from ..plots import loss_figure
+
+        return loss_figure(self.log_history)
+
+    def __repr__(self) -> str:
+        state = "finished" if self.finished else f"stopped (exit code {self.exit_code})"
+        shown = ", ".join(f"{key} {value:.4g}" for key, value in self.metrics.items()
+                          if key in ("eval_loss", "eval_perplexity", "eval_rewards/accuracies"))
+        return (f"RunResult({state} at step {self.step}/{self.max_steps}{', ' + shown if shown else ''}; "
+                f"output_dir '{self.output_dir}')")
+
+    def _repr_html_(self) -> str:
+        """The notebook view: the summary line and the loss curve."""
+        import base64
+        import html
+        import io
+
+        import matplotlib.pyplot as plt
+
+        figure = self.plot()
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=80)
+        plt.close(figure)
+        image = base64.b64encode(png.getvalue()).decode()
+        return f"<p><code>{html.escape(repr(self))}</code></p><img src='data:image/png;base64,{image}'/>"
+
+
+def run(parts: Parts, prog: str, argv: list) -> RunResult:
+    """Train the built parts to the end, a preemption or a stop (TrainingHalted, exit code 3, is raised when the
+    health checks stop the run)."""
     trainer = parts.trainer
+
+    def result(exit_code: int, metrics: dict | None = None) -> RunResult:
+        return RunResult(Path(args.output_dir), exit_code, trainer.state.global_step, trainer.state.max_steps,
+                         dict(metrics or {}), list(trainer.state.log_history))
+
     args = trainer.args
     if args.should_save:
         if not parts.output_opened:
@@ -106,7 +173,7 @@ def run(parts: Parts, prog: str, argv: list[str]) -> int:
         if args.should_save:
             print(f"interrupted at step {step} of {max_steps}; checkpoint saved; resume with:\n"
                   f"{resume_command(prog, argv)}", flush=True)
-        return parts.preemption.exit_code
+        return result(parts.preemption.exit_code)
 
     # ---- stopped before max_steps: the eval-loss target (a pretraining key) or stop_at_step
     reached = reached_eval_loss(args, trainer.state.log_history) if hasattr(args, "stop_at_eval_loss") else None
@@ -116,11 +183,10 @@ def run(parts: Parts, prog: str, argv: list[str]) -> int:
     if step < max_steps and reached is None:
         trainer.save_state()
         print(f"stopped at step {step} of {max_steps}; continue with --resume_from_checkpoint true")
-        return 0
+        return result(0)
 
     # ---- the final model (written aside, moved in when complete), its state and tokenizer, the final evaluation
-    if parts.final_eval_logged:
-        final_metrics(trainer)  # before the save: trainer_state.json holds it
+    metrics = final_metrics(trainer) if parts.final_eval_logged else None  # before the save: trainer_state.json
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: the log history (loss curve) next to the model
     if not (Path(args.output_dir) / "tokenizer_config.json").exists():  # not every trainer saves it
@@ -129,4 +195,4 @@ def run(parts: Parts, prog: str, argv: list[str]) -> int:
         trainer.log_metrics("eval", metrics)  # DPO: eval_rewards/accuracies and /margins: preference accuracy, margin
         trainer.save_metrics("eval", metrics)
     parts.finish()
-    return 0
+    return result(0, metrics)

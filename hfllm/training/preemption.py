@@ -78,7 +78,10 @@ class PreemptionCallback(TrainerCallback):
 
 def resume_command(prog: str, argv: list[str]) -> str:
     """The command line that continues this run: `argv` with `--resume_from_checkpoint true` instead of any
-    resume_from_checkpoint it had."""
+    resume_from_checkpoint it had. A run given a recipe mapping (the Python API) is continued by the same call with
+    resume_from_checkpoint=True."""
+    if argv and not isinstance(argv[0], str):
+        return f"the same {prog.replace(' ', '.')}(...) call with resume_from_checkpoint=True"
     kept, skip = [], False
     for arg in argv:
         if skip:

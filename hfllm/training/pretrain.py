@@ -18,7 +18,7 @@ from ..assets import cache_dir
 from ..checkpoint import load
 from ..data.text import load_text, resolve_tokenizer, save_tokenizer, take
 from ..errors import HfllmError, first_line
-from ..recipe import Recipe
+from ..recipe import Recipe, RecipeInput, recipe_argv
 from ..models import get_preset, parameter_counts
 from ..plots import plot_loss_curve
 from . import lifecycle
@@ -49,8 +49,29 @@ from .trainer import PretrainTrainer
 LEAVE_OUT = ("resume_from_checkpoint", "overwrite_output_dir", "stop_at_step")  # recipe keys of one session
 
 
+def pretrain(recipe: RecipeInput, /, *, callbacks: Sequence[TrainerCallback] = (), **overrides) -> lifecycle.RunResult:
+    """Pretrain a causal language model from raw text, as `hfllm pretrain` does.
+
+    recipe: a YAML recipe file (see recipes/, e.g. "recipes/tiny.yaml") or the same keys as a dict.
+    overrides: any recipe key, e.g. max_steps=50, output_dir="runs/mine", learning_rate=1e-3, num_hidden_layers=2.
+    callbacks: extra transformers TrainerCallbacks.
+
+    Returns a RunResult: output_dir (model, tokenizer, recipe.yaml, run_info.json, loss_curve.png, samples.txt),
+    metrics (final eval_loss), log_history and losses(); `result.load()` gives the model and tokenizer.
+    Bad input raises HfllmError with the same one line as the command; the run's own files are in output_dir.
+
+        result = hfllm.pretrain("recipes/tiny.yaml", max_steps=50, output_dir="runs/tiny")
+    """
+    return train(recipe_argv(recipe, overrides), "hfllm pretrain", callbacks)
+
+
 def main(argv: list[str], prog: str = "hfllm pretrain", callbacks: Sequence[TrainerCallback] = ()) -> int:
-    """`hfllm pretrain RECIPE [--key value ...]`: parse -> build -> the shared lifecycle (hfllm/training/lifecycle.py)."""
+    """`hfllm pretrain RECIPE [--key value ...]`: the command line of `pretrain`."""
+    return train(argv, prog, callbacks).exit_code
+
+
+def train(argv: list, prog: str, callbacks: Sequence[TrainerCallback] = ()) -> lifecycle.RunResult:
+    """parse -> build -> the shared lifecycle (hfllm/training/lifecycle.py), for the command and the Python API."""
     return lifecycle.run(build(parse_recipe(argv, prog), callbacks), prog, argv)
 
 
