@@ -19,7 +19,6 @@ from hfllm.data import (
     collate_blocks,
     collate_flat_blocks,
     load_text_datasets,
-    mix_datasets,
     read_documents,
     shakespeare_corpus,
     tokenize_and_pack,
@@ -194,23 +193,6 @@ def test_validation_duplicates_are_dropped_from_train(tmp_path, caplog):
 def test_shakespeare_dataset_has_no_validation_play_in_train(corpus):
     data = load_text_datasets("shakespeare")
     assert data["validation"]["text"] == corpus["validation"] and data["train"]["text"] == corpus["train"]
-
-
-def test_mixing_is_weighted_and_seeded(tmp_path):
-    sources = []
-    for name in ("a", "b"):
-        rows = [{"text": f"{name}{i}"} for i in range(200)]
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-        (tmp_path / f"{name}_val.jsonl").write_text(json.dumps({"text": f"{name}-val"}) + "\n")
-        files = {"train_files": str(tmp_path / f"{name}.jsonl"), "validation_files": str(tmp_path / f"{name}_val.jsonl")}
-        sources.append(load_text_datasets(**files))
-    mixed = mix_datasets(sources, [3, 1], seed=0)
-    texts = mixed["train"]["text"]
-    share_a = sum(text.startswith("a") for text in texts) / len(texts)
-    assert 0.65 < share_a < 0.85  # weights 3:1 -> 75 % from a
-    assert mixed["validation"]["text"] == ["a-val", "b-val"]
-    assert mix_datasets(sources, [3, 1], seed=0)["train"]["text"] == texts
-    assert mix_datasets(sources, [3, 1], seed=1)["train"]["text"] != texts
 
 
 @pytest.mark.parametrize(

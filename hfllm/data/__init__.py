@@ -20,15 +20,23 @@ from .corpus import (
     shakespeare_corpus,
     write_documents,
 )
-from .loading import drop_validation_duplicates, load_files, load_text_datasets, mix_datasets
+from .loading import (
+    DatasetConfig,
+    Mixture,
+    drop_validation_duplicates,
+    load_files,
+    load_text_datasets,
+    load_text_mixture,
+    mix_datasets,
+)
 from .packing import collate_blocks, collate_flat_blocks, tokenize_and_pack
 from .tokenizer import check_round_trip, chatml_template, load_or_train_tokenizer, tokenizer_report, train_tokenizer
 
 __all__ = [
-    "DOCUMENT_SEPARATOR", "VALIDATION_PLAYS", "chatml_template", "check_round_trip", "clean_play", "collate_blocks",
-    "collate_flat_blocks", "drop_validation_duplicates", "load_files", "load_or_train_tokenizer", "load_text_datasets", "main",
-    "mix_datasets", "read_documents", "shakespeare_corpus", "tokenize_and_pack", "tokenizer_report",
-    "train_tokenizer", "write_documents",
+    "DOCUMENT_SEPARATOR", "DatasetConfig", "Mixture", "VALIDATION_PLAYS", "chatml_template", "check_round_trip",
+    "clean_play", "collate_blocks", "collate_flat_blocks", "drop_validation_duplicates", "load_files",
+    "load_or_train_tokenizer", "load_text_datasets", "load_text_mixture", "main", "mix_datasets", "read_documents",
+    "shakespeare_corpus", "tokenize_and_pack", "tokenizer_report", "train_tokenizer", "write_documents",
 ]  # fmt: skip
 
 

@@ -2,19 +2,23 @@
 
 Sources: the embedded "shakespeare" corpus, local files (globs allowed) or a Hugging Face Hub dataset name.
 Local files by extension: .txt (split into documents on `<|endofdoc|>` lines; a file without them is one document),
-.jsonl/.json, .parquet, .csv (the `text_column` is used). Several sources are mixed by weight with
-`datasets.interleave_datasets`. Documents of the validation split that also occur in train are dropped from train.
+.jsonl/.json, .parquet, .csv (the `text_column` is used). Several sources are mixed by weight (`mix_datasets`, a
+recipe's `datasets:`). Documents of the validation split that also occur in train are dropped from train.
 """
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
+import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from datasets.exceptions import DatasetGenerationError
 
@@ -183,12 +187,13 @@ def load_text_datasets(
     streaming: bool = False,
     seed: int = 0,
     streaming_validation_documents: int = 1000,
+    split: str = "train",
 ) -> DatasetDict | IterableDatasetDict:
     """Splits train/validation with one "text" column from `dataset` ("shakespeare" or a Hub name) or local files.
 
     Validation comes from `validation_files` or the Hub's "validation" split; otherwise
     `validation_split_percentage` % of the train documents are held out (by document, with `seed`).
-    With `streaming=True` the splits are `IterableDataset`s (for large/Hub data); a stream without a validation
+    `split`: the Hub split that is trained on. With `streaming=True` the splits are `IterableDataset`s (for large/Hub data); a stream without a validation
     source gives its first `streaming_validation_documents` documents to validation.
     """
     if (dataset is None) == (train_files is None):
@@ -205,9 +210,9 @@ def load_text_datasets(
         except (ConnectionError, FileNotFoundError) as error:  # offline, or no such dataset
             raise HfllmError(f"dataset '{dataset}' is neither 'shakespeare' nor reachable on the Hugging Face Hub "
                              f"({first_line(error)}); give train_files (local files) or dataset: shakespeare") from None
-        if "train" not in hub:
-            raise HfllmError(f"dataset '{dataset}' has no 'train' split; its splits are: {', '.join(hub)}")
-        train = _select_text(hub["train"], text_column, dataset)
+        if split not in hub:
+            raise HfllmError(f"dataset '{dataset}' has no '{split}' split; its splits are: {', '.join(hub)}")
+        train = _select_text(hub[split], text_column, dataset)
         if "validation" in hub:
             validation = _select_text(hub["validation"], text_column, dataset)
         else:
@@ -228,27 +233,200 @@ def load_text_datasets(
     return drop_validation_duplicates(data)
 
 
+# ----------------------------------------------------------------------------- mixtures of weighted sources
+# A recipe's `datasets:` (pretraining and every fine-tuning method): TRL's `DatasetConfig` keys, whose `fraction` is
+# the source's share of the mixture, plus `tokens`, a token count to take from it. Rows are drawn in a seeded order.
+
+
+@dataclasses.dataclass
+class DatasetConfig:
+    """One source of a recipe's `datasets:` mixture: a local file or glob, the embedded corpus ("shakespeare",
+    pretraining) or a Hub id, with its weight: `fraction` (its share of the mixture's rows) or `tokens` (how many
+    tokens to take from it, whole rows, repeated when it has fewer). All sources give the same kind of weight, or
+    none (every row of every source)."""
+
+    path: str
+    name: str | None = None
+    data_dir: str | None = None
+    data_files: str | list[str] | dict[str, str] | None = None
+    split: str = "train"
+    columns: list[str] | None = None
+    fraction: float | None = None
+    tokens: int | None = None
+
+
+@dataclasses.dataclass
+class Mixture:
+    """A mixed train split and what it holds: per source its rows, tokens (when counted) and realized share."""
+
+    train: Dataset
+    sources: list[dict[str, Any]]  # {"source", "weight", "rows", "tokens", "share"}
+    unit: str  # what the shares count: "rows" or "tokens"
+    sha256: str  # of the mixed rows in training order (the seed, weights and data in one value)
+
+    def summary(self) -> str:
+        """One line: each source's realized share against its weight."""
+        parts = [f"{s['source']} {s['share']:.1%} of {self.unit} (weight {s['weight']}, {s['rows']} rows"
+                 + (f", {s['tokens']} tokens)" if s["tokens"] is not None else ")") for s in self.sources]
+        return f"data mixture: {'; '.join(parts)}; sha256 {self.sha256[:16]}"
+
+    def record(self) -> dict[str, Any]:
+        """What run_info.json keeps: the hash and the realized sources."""
+        return {"sha256": self.sha256, "unit": self.unit, "sources": self.sources}
+
+
+def dataset_configs(entries: list) -> list[DatasetConfig]:
+    """A recipe's `datasets:` entries (mappings from YAML) as `DatasetConfig`s; an unknown key or no path: one line."""
+    known = [f.name for f in dataclasses.fields(DatasetConfig)]
+    configs = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, dict):
+            unknown = sorted(set(entry) - set(known))
+            if unknown or "path" not in entry:
+                problem = f"unknown key(s) {', '.join(unknown)}" if unknown else "no path"
+                raise HfllmError(f"`datasets:` entry {i + 1} has {problem}; its keys are: {', '.join(known)}")
+            entry = DatasetConfig(**entry)
+        configs.append(entry)
+    return configs
+
+
+def check_weights(configs: list[DatasetConfig]) -> str | None:
+    """The kind of weight the sources give ("fraction", "tokens" or None), checked: one kind, positive values."""
+    if not configs:
+        raise HfllmError("`datasets:` is empty; give at least one source, e.g. [{path: data/sft.jsonl}]")
+    for config in configs:
+        if config.fraction is not None and config.tokens is not None:
+            raise HfllmError(f"dataset '{config.path}' gives both fraction and tokens; give one weight per source")
+        for key in ("fraction", "tokens"):
+            value = getattr(config, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+                                      or (key == "tokens" and value != int(value))):
+                raise HfllmError(f"dataset '{config.path}': {key} must be a positive "
+                                 f"{'whole number' if key == 'tokens' else 'number'}, got {value!r}")
+    kinds = {"fraction" if c.fraction is not None else "tokens" if c.tokens is not None else None for c in configs}
+    if len(kinds) > 1:
+        raise HfllmError(f"`datasets:` mixes weights ({', '.join(sorted(map(str, kinds)))}); give every source a "
+                         "fraction, or every source tokens, or none (all rows)")
+    return kinds.pop()
+
+
+def _seeded_order(rows: int, seed: int) -> Iterator[int]:
+    """Row indices in a seeded order, without end: each pass over the rows in a new order."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield from rng.permutation(rows).tolist()
+
+
 def mix_datasets(
-    sources: list[DatasetDict | IterableDatasetDict],
-    weights: list[float],
+    sources: list[Dataset],
+    configs: list[DatasetConfig],
     seed: int = 0,
-    stopping_strategy: str = "first_exhausted",
-) -> DatasetDict | IterableDatasetDict:
-    """Interleave the train splits with probabilities `weights` (normalised); "first_exhausted" stops when a source
-    runs out, "all_exhausted" repeats sources until each was seen once. Validation splits are concatenated (each
-    source evaluated in full). All sources must be of one kind (all streaming or none)."""
-    if len(sources) != len(weights) or not sources:
-        raise HfllmError(f"got {len(sources)} data source(s) and {len(weights)} weight(s); give one weight per source")
-    if any(weight <= 0 for weight in weights):
-        raise HfllmError(f"mixing weights must be positive, got {weights}")
-    if len(sources) == 1:
-        return sources[0]
-    probabilities = [weight / sum(weights) for weight in weights]
-    train = datasets.interleave_datasets(
-        [s["train"] for s in sources], probabilities=probabilities, seed=seed, stopping_strategy=stopping_strategy
-    )
-    validation = datasets.concatenate_datasets([s["validation"] for s in sources])
-    mixed = (IterableDatasetDict if isinstance(train, IterableDataset) else DatasetDict)(
-        {"train": train, "validation": validation}
-    )
-    return drop_validation_duplicates(mixed)
+    count_tokens: Callable[[dict[str, list]], list[int]] | None = None,
+) -> Mixture:
+    """One train split from `sources` weighted by their `configs` (see `DatasetConfig`), shuffled with `seed`.
+
+    fraction: shares normalised to one; the mixture is the largest that oversamples no source (TRL's rule), each
+    source's rows drawn in a seeded order. tokens: each source's rows in a seeded order until `tokens` are reached
+    (counted by `count_tokens`, a batch -> token count per row). No weights: every row. Streams are interleaved
+    with the fractions as probabilities (shares are then only expected, not counted)."""
+    kind = check_weights(configs)
+    names = [config.path if not isinstance(config.data_files, str) else config.data_files for config in configs]
+    columns = [sorted(source.column_names or []) for source in sources]
+    if any(c != columns[0] for c in columns):
+        raise HfllmError(f"the sources have different columns ({'; '.join(f'{n}: {c}' for n, c in zip(names, columns))}"
+                         "); select the same ones with `columns:` in the recipe's datasets")
+    if isinstance(sources[0], IterableDataset):
+        if kind == "tokens":
+            raise HfllmError("weights in tokens need the whole sources; with streaming give fractions")
+        weights = [config.fraction or 1 for config in configs]
+        train = datasets.interleave_datasets(sources, probabilities=[w / sum(weights) for w in weights], seed=seed)
+        expected = [{"source": n, "weight": w, "rows": None, "tokens": None, "share": w / sum(weights)}
+                    for n, w in zip(names, weights)]
+        return Mixture(train, expected, "rows", _spec_hash(names, weights, seed))
+    for name, source in zip(names, sources):
+        if len(source) == 0:
+            raise HfllmError(f"dataset '{name}' has no rows; check its path, split and data_files")
+    lengths = None
+    if kind == "tokens":
+        if count_tokens is None:
+            raise HfllmError("weights in tokens need a tokenizer to count with; give a tokenizer folder or fractions")
+        lengths = [source.map(lambda batch: {"_tokens": count_tokens(batch)}, batched=True,
+                              remove_columns=source.column_names)["_tokens"] for source in sources]
+    if kind == "fraction":  # the largest mixture that takes no row twice
+        shares = [c.fraction / sum(c.fraction for c in configs) for c in configs]
+        size = min(len(s) / share for s, share in zip(sources, shares))
+    picked = []
+    for i, (source, config) in enumerate(zip(sources, configs)):
+        if kind == "tokens":
+            if not sum(lengths[i]):
+                raise HfllmError(f"dataset '{names[i]}' has no tokens; check its columns")
+            order, total = [], 0
+            for index in _seeded_order(len(source), seed + i):
+                if total >= config.tokens:
+                    break
+                order.append(index)
+                total += lengths[i][index]
+        elif kind == "fraction":
+            order = list(itertools.islice(_seeded_order(len(source), seed + i), round(shares[i] * size)))
+        else:
+            order = list(range(len(source)))
+        picked.append(order)
+    if any(not order for order in picked):
+        empty = names[next(i for i, order in enumerate(picked) if not order)]
+        raise HfllmError(f"dataset '{empty}' gets no row at these weights; raise its weight or leave it out")
+    train = datasets.concatenate_datasets([s.select(order) for s, order in zip(sources, picked)]).shuffle(seed=seed)
+    train = train.flatten_indices()
+    token_counts = [sum(lengths[i][j] for j in order) for i, order in enumerate(picked)] if lengths else None
+    counts = token_counts or [len(order) for order in picked]
+    realized = [
+        {"source": name, "weight": config.fraction or config.tokens or "all", "rows": len(order),
+         "tokens": token_counts[i] if token_counts else None, "share": round(counts[i] / sum(counts), 4)}
+        for i, (name, config, order) in enumerate(zip(names, configs, picked))
+    ]
+    return Mixture(train, realized, "tokens" if token_counts else "rows", _rows_hash(train))
+
+
+def _rows_hash(data: Dataset) -> str:
+    digest = hashlib.sha256()
+    for batch in data.iter(batch_size=1000):
+        digest.update(json.dumps(batch, sort_keys=True, default=str).encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _spec_hash(names: list[str], weights: list[float], seed: int) -> str:
+    return hashlib.sha256(json.dumps([names, weights, seed]).encode("utf-8")).hexdigest()
+
+
+def load_text_mixture(
+    configs: list[DatasetConfig],
+    validation_split_percentage: float = 10.0,
+    seed: int = 0,
+    streaming: bool = False,
+    count_tokens: Callable[[dict[str, list]], list[int]] | None = None,
+) -> tuple[DatasetDict | IterableDatasetDict, Mixture]:
+    """Pretraining text from a recipe's `datasets:`: each source loaded as by `load_text_datasets` ("shakespeare",
+    local files or globs, a Hub id; `columns:` names its one text column), the train splits mixed by weight, the
+    validation splits concatenated (each source evaluated in full)."""
+    configs = dataset_configs(configs)
+    check_weights(configs)
+    loaded = []
+    for config in configs:
+        if config.columns is not None and len(config.columns) != 1:
+            raise HfllmError(f"dataset '{config.path}': columns {config.columns}; pretraining reads one text "
+                             "column, give `columns: [text]`")
+        text_column = config.columns[0] if config.columns else "text"
+        local = config.data_files or (None if config.path == "shakespeare" or not _is_local(config.path) else config.path)
+        loaded.append(load_text_datasets(
+            dataset=None if local else config.path, dataset_config=config.name, train_files=local,
+            text_column=text_column, split=config.split, validation_split_percentage=validation_split_percentage,
+            seed=seed, streaming=streaming,
+        ))  # fmt: skip
+    mixture = mix_datasets([data["train"] for data in loaded], configs, seed, count_tokens)
+    validation = datasets.concatenate_datasets([data["validation"] for data in loaded])
+    kind = IterableDatasetDict if streaming else DatasetDict
+    return drop_validation_duplicates(kind({"train": mixture.train, "validation": validation})), mixture
+
+
+def _is_local(path: str) -> bool:
+    """A path (or glob) on this machine rather than a Hub id."""
+    return Path(path).suffix in BUILDERS or glob.has_magic(path) or Path(path).exists()

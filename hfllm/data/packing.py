@@ -174,3 +174,38 @@ def cut_blocks(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.T
     is still one sequence for the packed-sequence mask)."""
     return {key: value.reshape(-1, length) if key in ("input_ids", "labels", "position_ids") else value
             for key, value in batch.items()}
+
+
+# ----------------------------------------------------------------------------- how full SFT batches are
+# TRL's SFT packing (`packing: true`, best-fit decreasing) puts whole samples into rows of `max_length` tokens; its
+# padding-free collator joins a batch's rows into one row with per-sample `position_ids` (the same mask rule as
+# above: no attention across samples). Without packing, each batch is padded to its longest sample.
+
+
+def padded_fill(lengths: list[int], batch_size: int, seed: int = 0) -> float:
+    """Share of real tokens in batches of `batch_size` samples (a seeded random order, as Trainer samples them)
+    padded to their longest sample."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches = [[lengths[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
+    return sum(map(sum, batches)) / sum(len(batch) * max(batch) for batch in batches)
+
+
+def packed_fill(seq_lengths: list[list[int]], max_length: int) -> float:
+    """Share of real tokens in packed rows of `max_length` tokens (axolotl's packing efficiency)."""
+    return sum(map(sum, seq_lengths)) / (len(seq_lengths) * max_length)
+
+
+def batch_fill(dataset, args) -> str | None:
+    """One line for the run log: samples, rows and the share of real tokens per batch, packed or padded (TRL's
+    prepared SFT train dataset: `seq_lengths` per packed row, else `input_ids` per sample; None for other data)."""
+    if "seq_lengths" in dataset.column_names:
+        rows = dataset["seq_lengths"]
+        lengths = [length for row in rows for length in row]
+        return (f"packing: {len(lengths)} samples in {len(rows)} rows of {args.max_length} tokens, "
+                f"{packed_fill(rows, args.max_length):.1%} real tokens (padded batches of "
+                f"{args.per_device_train_batch_size} would hold {padded_fill(lengths, args.per_device_train_batch_size, args.seed):.1%})")
+    if "input_ids" not in dataset.column_names:
+        return None
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return (f"no packing: {len(lengths)} samples, {padded_fill(lengths, args.per_device_train_batch_size, args.seed):.1%} "
+            f"real tokens in batches of {args.per_device_train_batch_size} padded to their longest (packing: true fills rows)")

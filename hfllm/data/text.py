@@ -9,10 +9,10 @@ one, and their packing of file-backed data is a cache hit. A resumed run loads `
 import itertools
 from pathlib import Path
 
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
 from ..errors import HfllmError
-from .loading import load_text_datasets
+from .loading import Mixture, dataset_configs, load_text_datasets, load_text_mixture
 from .tokenizer import load_or_train_tokenizer
 
 TOKENIZER_DIR = "tokenizer"
@@ -20,12 +20,33 @@ TOKENIZER_DIR = "tokenizer"
 
 def load_text(data_args, seed: int):
     """The recipe's train/validation text (`IterableDataset`s with `streaming: true`)."""
+    return load_text_and_mixture(data_args, seed)[0]
+
+
+def load_text_and_mixture(data_args, seed: int) -> tuple[DatasetDict | IterableDatasetDict, Mixture | None]:
+    """The recipe's text and, for a `datasets:` mixture, its `Mixture` record (realized shares, hash). `tokens`
+    weights are counted with the recipe's tokenizer folder (a tokenizer trained on the mixture does not exist yet)."""
+    if data_args.datasets:
+        if data_args.dataset is not None or data_args.train_files is not None:
+            raise HfllmError("give `datasets:` (a mixture) or dataset / train_files, not both")
+        configs = dataset_configs(data_args.datasets)
+        count_tokens = None
+        if any(config.tokens is not None for config in configs):
+            if data_args.tokenizer in ("bpe", "char"):
+                raise HfllmError("`tokens` weights are counted with a tokenizer folder (`tokenizer: DIR`); a tokenizer "
+                                 "trained on the mixture does not exist before it: give fractions instead")
+            tokenizer = load_or_train_tokenizer(data_args.tokenizer, [], data_args.vocab_size)
+
+            def count_tokens(batch: dict[str, list]) -> list[int]:
+                return [len(ids) + 1 for ids in tokenizer(batch["text"])["input_ids"]]  # + the EOS packing adds
+
+        return load_text_mixture(configs, data_args.validation_split_percentage, seed, data_args.streaming, count_tokens)
     return load_text_datasets(
         dataset=data_args.dataset, dataset_config=data_args.dataset_config, train_files=data_args.train_files,
         validation_files=data_args.validation_files, text_column=data_args.text_column,
         validation_split_percentage=data_args.validation_split_percentage, seed=seed,
         streaming=data_args.streaming, streaming_validation_documents=data_args.streaming_validation_documents,
-    )  # fmt: skip
+    ), None  # fmt: skip
 
 
 def tokenizer_texts(train: Dataset | IterableDataset, limit: int | None) -> list[str]:

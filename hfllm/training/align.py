@@ -22,6 +22,7 @@ from . import lifecycle
 from .distributed import with_strategy
 from .health import HealthArguments, HealthCallback, check_health_arguments, with_health
 from .preemption import PreemptionCallback
+from .run_info import write_run_info
 
 # method -> (module, config class, trainer class)
 TRAINERS = {
@@ -73,7 +74,9 @@ def load_reward(name: str):
 
 def recipe_types(method: str) -> tuple[type, ...]:
     """The dataclasses a `method` recipe's keys are split across (TRL's, the method's config, hfllm's)."""
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
+    from trl import ModelConfig, ScriptArguments
+
+    from ..data.alignment import DatasetMixtureConfig
 
     module_name, config_name, _ = TRAINERS[method]
     config = getattr(importlib.import_module(module_name), config_name)
@@ -113,7 +116,7 @@ def build(method: str, recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()
     from trl import get_quantization_config
 
     from ..checkpoint import load, load_tokenizer, spec_kind
-    from ..data.alignment import load_splits
+    from ..data.alignment import load_mixture
     from ..data.chat_template import set_template
     from .adapters import build_peft_config, check_bitsandbytes
     from .kernels import check_kernel_options
@@ -130,10 +133,13 @@ def build(method: str, recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()
     if method == "grpo":
         trainer_kwargs["reward_funcs"] = [load_reward(name) for name in grpo_args[0].reward_funcs]
 
-    # ---- data and chat template (checked before anything is loaded)
-    train, evaluation = data or load_splits(method, script_args, mixture_args, training_args.eval_strategy != "no")
-    if tokenizer is None:
+    # ---- data and chat template (checked before anything is loaded); the model's tokenizer counts `tokens` weights
+    own_tokenizer = tokenizer is None
+    if own_tokenizer:
         tokenizer = load_tokenizer(model_args.model_name_or_path)
+    train, evaluation, mixture = (*data, None) if data else load_mixture(
+        method, script_args, mixture_args, training_args.eval_strategy != "no", training_args.seed, tokenizer)
+    if own_tokenizer:
         conversational = "messages" in train.column_names or isinstance(train[0].get("prompt"), list)
         assistant_only_loss = getattr(training_args, "assistant_only_loss", False)
         if conversational or hfllm_args.chat_template:
@@ -178,8 +184,21 @@ def build(method: str, recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()
         recipe=recipe, trainer=trainer, tokenizer=tokenizer,
         preemption=next(cb for cb in chosen if isinstance(cb, PreemptionCallback)), resume=resume,
         overwrite=overwrite, leave_out=("resume_from_checkpoint", "overwrite_output_dir"), final_eval_logged=False,
-        finish=finish,
+        write_outputs=lambda: data_report(trainer, mixture), finish=finish,
     )
+
+
+def data_report(trainer, mixture) -> None:
+    """The run log's data lines at the start: the mixture's realized shares, and how full the batches are (packed
+    rows, or padded batches); the mixture's record goes into run_info.json."""
+    from ..data.packing import batch_fill
+
+    if mixture is not None:
+        print(mixture.summary(), flush=True)
+        write_run_info(trainer.args.output_dir, {"data_mixture": mixture.record()})
+    fill = batch_fill(trainer.train_dataset, trainer.args) if isinstance(trainer.train_dataset, Dataset) else None
+    if fill:
+        print(fill, flush=True)
 
 
 def sft_main(argv: list[str], prog: str = "hfllm sft", callbacks: Sequence[TrainerCallback] = ()) -> int:

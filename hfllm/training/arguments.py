@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from ..data.loading import DatasetConfig
 from ..errors import HfllmError
 from ..models import HfllmConfig
 from ..recipe import Recipe, load_recipe
@@ -82,6 +83,11 @@ class DataArguments:
         default=None, metadata={"help": "validation files; default: validation_split_percentage of train_files"}
     )
     text_column: str = field(default="text", metadata={"help": "column holding the text in jsonl/parquet/csv"})
+    datasets: list[DatasetConfig] = field(
+        default_factory=list,
+        metadata={"help": "a mixture instead of dataset/train_files: sources {path, name, split, columns, fraction | "
+                          "tokens} (docs/data.md#mixtures)"},
+    )
     validation_split_percentage: float = field(default=10.0, metadata={"help": "documents held out for validation"})
     block_size: int = field(default=256, metadata={"help": "tokens per training sequence"})
     max_eval_samples: int | None = field(
@@ -187,7 +193,7 @@ def parse_recipe(argv: list[str], prog: str) -> Recipe:
     recipe = load_recipe(argv, (ModelArguments, DataArguments, PretrainingArguments), prog,
                          defaults=PRETRAINING_DEFAULTS, free_keys=MODEL_CONFIG_KEYS, fit_training_arguments=apply_hardware)
     data_args = recipe.args[1]
-    if data_args.dataset is None and data_args.train_files is None:
+    if data_args.dataset is None and data_args.train_files is None and not data_args.datasets:
         data_args.dataset = "shakespeare"
     return recipe
 

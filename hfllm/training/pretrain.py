@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, Pre
 from .. import data
 from ..assets import cache_dir
 from ..checkpoint import load
-from ..data.text import load_text, resolve_tokenizer, save_tokenizer, take
+from ..data.text import load_text_and_mixture, resolve_tokenizer, save_tokenizer, take
 from ..errors import HfllmError, first_line
 from ..recipe import Recipe, RecipeInput, recipe_argv
 from ..models import get_preset, parameter_counts
@@ -107,7 +107,7 @@ def build(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), *, text: Da
     # (hfllm/data/text.py)
     shared_folder = args.world_size > 1
     with args.main_process_first(local=False, desc="tokenizer and data"):
-        raw = load_text(data_args, args.seed) if text is None else text
+        raw, mixture = load_text_and_mixture(data_args, args.seed) if text is None else (text, None)
         if tokenizer is None:
             tokenizer = resolve_tokenizer(data_args, raw["train"], args.output_dir, args.should_save, resume is not None)
         check_vocabulary(model_args.model, config, tokenizer)
@@ -149,6 +149,7 @@ def build(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), *, text: Da
         "validation_sequences": None if streamed else len(eval_dataset),
         "data_sha256": data_hash({"validation": eval_dataset} if streamed else packed),
         "tokenizer_sha256": tokenizer_hash(tokenizer),
+        "data_mixture": mixture.record() if mixture else None,  # the realized shares and the mixed rows' sha256
     }
 
     # ---- trainer
@@ -171,6 +172,8 @@ def build(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), *, text: Da
         if not shared_folder:
             save_tokenizer(tokenizer, args.output_dir)
         print_plan(model_args.model, plan, args, data_args.block_size)
+        if mixture:
+            print(mixture.summary(), flush=True)
         write_run_info(args.output_dir, plan)
 
     def finish() -> None:  # samples and the loss curve
