@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("hfllm.training.align:grpo_main", "GRPO from a YAML recipe"),
     "doctor": ("hfllm.diagnostics:main", "check a recipe (or model folder) at a tiny size: init loss, causal mask, labels, overfit, seeding, resume, tokenizer, data"),
     "plan": ("hfllm.training.plan:main", "size, FLOPs, memory per GPU, micro-batch and time of a pretraining recipe, without training"),
+    "ablate": ("hfllm.experiments.ablate:main", "train a recipe against each value of one axis at equal compute (flops|seconds|steps), seeds, a table and a plot"),
+    "scaling": ("hfllm.experiments.scaling:main", "train a grid of model sizes x tokens, check bigger is better, fit L(N, D), predict a held-out run"),
     "merge": ("hfllm.training.adapters:merge_main", "merge a PEFT adapter into a full checkpoint"),
     # evaluation
     "eval": ("hfllm.evaluation.run:main", "evaluate models with lm-evaluation-harness (MODEL... --tasks ..., or a YAML recipe)"),

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hfllm"
 BASE = {"errors": 0, "recipe": 1, "checkpoint": 2, "assets": 3}  # the bottom floor, in this order
 BASE_HELPERS = 3  # any other top-level module of helpers (files.py, ...) stands beside assets.py
 STAGES = {"data": 10, "models": 20, "training": 30, "evaluation": 40, "inference": 50, "shipping": 60}
-SPANNING = {"diagnostics": 70}
+SPANNING = {"diagnostics": 70, "experiments": 70}
 ENTRY = 80  # cli.py, __main__.py, run_*.py, hfllm/__init__.py
 
 # (importer, imported): why the arrow is still there. Empty once every leak is gone.
