@@ -4,7 +4,9 @@ checkpoint resumes with the uninterrupted run's losses, and the final model load
 as a single-process run of the same global batch. Also: `hfllm plan`'s per-device parameter bytes against the
 shards measured on those runs, and the silent fallbacks hfllm turns into errors.
 
-The default suite runs pretraining on DDP and FSDP2; the DeepSpeed strategies and SFT are slow (DeepSpeed builds its
+Each shipped config also runs a shipped recipe launched as a user launches it (its own mixed_precision, the recipe's
+cosine_with_min_lr schedule). The default suite runs pretraining on DDP and FSDP2 and the shipped recipe on ZeRO-2;
+the other DeepSpeed strategies and SFT are slow (DeepSpeed builds its
 shared-memory extension on first use, ~20 s idle, cached in ~/.cache/torch_extensions)."""
 
 import os
@@ -15,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import CORPUS, TINY, adaptation_recipe, data_args, free_port, losses, write_recipe
+from helpers import CORPUS, TINY, adaptation_recipe, data_args, free_port, losses, series, write_recipe
 
 from hfllm.checkpoint import load
 from hfllm.run_pretrain import main as pretrain_main
@@ -38,12 +40,11 @@ def strategies(by_default: tuple[str, ...] = ()) -> list:
 
 
 def launch(strategy: str, entry: str, argv: list[str], timeout: int = 1800, **env: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` of hfllm/run_<entry>.py with the shipped config of `strategy` on 2 CPU processes, from the
-    repository root (zero3_offload's config names its DeepSpeed JSON relative to it)."""
+    """`accelerate launch` of hfllm/run_<entry>.py with the shipped config of `strategy` as a user launches it (its
+    mixed_precision bf16 included: the recipe's precision on this machine wins, hardware.py) on 2 CPU processes, from
+    the repository root (zero3_offload's config names its DeepSpeed JSON relative to it)."""
     command = ["accelerate", "launch", "--config_file", f"accelerate_configs/{strategy}.yaml", "--num_processes", "2",
                "--num_machines", "1", "--main_process_port", str(free_port())]
-    if strategy != "zero3_offload":  # its precision comes from the recipe through DeepSpeed's "auto"
-        command += ["--mixed_precision", "no"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     process = subprocess.Popen([*command, f"hfllm/run_{entry}.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={k: v for k, v in environment.items() if v != ""})
@@ -94,8 +95,11 @@ def fixed_data_loss(folder: Path) -> float:
 
 
 def pretraining_argv(tmp_path: Path) -> list[str]:
-    """4 steps of 4 sequences (2 per process, or 2 x 2 accumulated in one process), a checkpoint at step 2."""
+    """4 steps of 4 sequences (2 per process, or 2 x 2 accumulated in one process), a checkpoint at step 2; the
+    shipped recipes' schedule (cosine_with_min_lr, min_lr as shakespeare-char gives it)."""
     recipe = write_recipe(tmp_path / "recipe.yaml", {"model": "llama-tiny", "learning_rate": 3e-3, "warmup_steps": 1,
+                                                     "lr_scheduler_type": "cosine_with_min_lr",
+                                                     "lr_scheduler_kwargs": {"min_lr": 3e-4},
                                                      "logging_steps": 1, "seed": 7})
     tiny = list(TINY)
     tiny[tiny.index("--global_batch_size") + 1] = "4"
@@ -156,6 +160,37 @@ def test_pretraining(strategy, tmp_path):
     assert final_loss == pytest.approx(losses(uninterrupted)[-1], abs=0.5)
     assert losses(uninterrupted) == pytest.approx(losses(single), rel=1e-4)
     assert final_loss == pytest.approx(fixed_data_loss(single), rel=1e-4)
+
+
+SHIPPED_RECIPE = "recipes/shakespeare-char.yaml"  # cosine_with_min_lr with {min_lr: 1e-4}, as tiny, 125m... with a ratio
+
+
+@pytest.mark.parametrize("strategy", strategies(by_default=("zero2",)))
+def test_shipped_config_with_a_shipped_recipe(strategy, tmp_path):
+    """A shipped config and a shipped recipe launched as a new user would (the config's mixed_precision bf16, the
+    recipe's schedule and model; the data: a small local file), at tiny size: the launcher's bf16 follows the machine's precision (DeepSpeed failed with
+    "ds bf16.enabled=True vs hf bf16=False"), and cosine_with_min_lr builds on DeepSpeed's optimizer (it failed with
+    "'DeepSpeedZeroOptimizer' object has no attribute 'defaults'"), with the schedule's very numbers."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    out = tmp_path / "out"
+    run = launch(strategy, "pretrain", [SHIPPED_RECIPE, "--output_dir", str(out), "--per_device_train_batch_size", "6",
+                                        "--max_steps", "3", "--warmup_steps", "1", "--logging_steps", "1",
+                                        "--eval_steps", "3", "--max_eval_samples", "12", "--save_steps", "100",
+                                        "--torch_compile", "false", "--num_samples", "0", *data_args(tmp_path)],
+                 timeout=600)
+    assert_strategy_ran(run.stdout, strategy)
+    if strategy != "zero3_offload":  # its yaml leaves precision to the DeepSpeed JSON ("auto")
+        assert run.stderr.count("mixed precision: no, not the launcher's bf16") == 1  # one line, from rank 0
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 1, 3, min_lr=1e-4)
+    expected = []
+    for _ in range(3):
+        expected.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert series(out, "learning_rate") == pytest.approx(expected, rel=1e-6)  # 0, 1e-3, 5.5e-4: down to min_lr
+    assert (out / "model.safetensors").is_file()
 
 
 def test_samples_at_eval_with_sharded_weights(tmp_path):
@@ -287,3 +322,52 @@ def test_training_arguments_for_cpu_processes(env, use_cpu, backend, monkeypatch
     assert (kwargs.get("use_cpu"), kwargs.get("ddp_backend")) == (use_cpu, backend)
     if backend:
         assert "ACCELERATE_USE_CPU" not in os.environ
+
+
+@pytest.mark.parametrize("gpu, recipe, launched, precision", [
+    (False, {}, "bf16", "no"),  # no GPU: bf16 off unless the recipe asks; DeepSpeed's bf16.enabled must follow
+    (False, {"fp16": True}, "bf16", "no"),  # fp16 asked for on a CPU: float32, and the launcher too
+    (True, {}, "bf16", "bf16"),  # a GPU and a recipe that leaves precision open: the launcher's config decides
+    (True, {"bf16": False}, "bf16", "no"),  # a GPU and a recipe that turns bf16 off: the recipe wins
+], ids=["cpu", "cpu-fp16", "gpu-open", "gpu-recipe-off"])
+def test_the_launchers_mixed_precision_agrees_with_the_arguments(gpu, recipe, launched, precision, monkeypatch,
+                                                                  capsys):
+    """accelerate builds autocast and DeepSpeed's bf16/fp16 sections from ACCELERATE_MIXED_PRECISION, transformers
+    checks them against TrainingArguments' bf16/fp16: after apply_hardware both say the same."""
+    from hfllm.training.hardware import apply_hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    kwargs = dict(recipe)
+    apply_hardware(kwargs, set(recipe))
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == precision
+    assert ("bf16" if kwargs.get("bf16") else "fp16" if kwargs.get("fp16") else "no") == precision
+    said = f"mixed precision: {precision}, not the launcher's {launched}" in capsys.readouterr().err
+    assert said == (precision != launched)
+
+
+def test_min_lr_schedule_builds_on_an_optimizer_without_defaults():
+    """cosine_with_min_lr with {min_lr: X} on an optimizer that has no `defaults['lr']` (DeepSpeed's ZeRO optimizer,
+    MuonWithAdamW): the recipe's kwargs, fitted, build the schedule of a plain optimizer, number for number."""
+    from transformers import get_scheduler
+
+    from hfllm.training.hardware import apply_hardware
+
+    kwargs = {"learning_rate": 1e-3, "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": 1e-4}}
+    apply_hardware(kwargs, set(kwargs))
+
+    def learning_rates(defaults: bool, scheduler_kwargs: dict) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        if not defaults:
+            del optimizer.defaults["lr"]  # as MuonWithAdamW's; DeepSpeedZeroOptimizer has no `defaults` at all
+        schedule = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=2, num_training_steps=10,
+                                 scheduler_specific_kwargs=scheduler_kwargs)
+        rates = []
+        for _ in range(10):
+            rates.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        return rates
+
+    assert learning_rates(False, kwargs["lr_scheduler_kwargs"]) == learning_rates(True, {"min_lr": 1e-4})

@@ -2,7 +2,8 @@
 
 AdamW (fused) and Schedule-Free AdamW are Trainer's `optim: adamw_torch_fused` / `optim: schedule_free_adamw`;
 learning-rate schedules are Trainer's `lr_scheduler_type` (cosine, cosine_with_min_lr, warmup_stable_decay,
-constant_with_warmup). This file adds `optim: muon`: `torch.optim.Muon` on the 2-D weight matrices of the hidden
+constant_with_warmup). A `min_lr` becomes `min_lr_rate` before the arguments are built (`min_lr_as_rate`), so
+the schedule builds on optimizers without `defaults['lr']` (DeepSpeed's, Muon's pair). This file adds `optim: muon`: `torch.optim.Muon` on the 2-D weight matrices of the hidden
 layers and AdamW on everything else (embeddings, head, norms, biases, routers, 3-D expert tensors); and `optim: soap`:
 SOAP (Adam in the eigenbasis of Shampoo's preconditioner, Vyas et al. 2024) from the `pytorch-optimizer` package on
 every parameter (1-D ones get plain Adam), with `adam_beta1/2`, `adam_epsilon`, `weight_decay` and
@@ -14,7 +15,24 @@ from torch import nn
 
 from ..errors import HfllmError
 
+MIN_LR_SCHEDULES = ("cosine_with_min_lr", "cosine_warmup_with_min_lr")  # transformers' schedules taking min_lr
 OWN_OPTIMIZERS = ("muon", "soap")  # optimizers hfllm builds itself; Trainer builds all others from `optim`
+
+
+def min_lr_as_rate(kwargs: dict) -> None:
+    """A TrainingArguments' `lr_scheduler_kwargs: {min_lr: X}` as `{min_lr_rate: X / learning_rate}`, in place.
+
+    transformers turns `min_lr` into that very ratio with `optimizer.defaults["lr"]`, which only a plain torch
+    optimizer has: the scheduler built on DeepSpeed's ZeRO optimizer ("'DeepSpeedZeroOptimizer' object has no
+    attribute 'defaults'") or on MuonWithAdamW failed. Trainer's optimizer takes `learning_rate` as its default lr,
+    so the schedule is the same, number for number."""
+    scheduler_kwargs = kwargs.get("lr_scheduler_kwargs")
+    if kwargs.get("lr_scheduler_type") not in MIN_LR_SCHEDULES or not isinstance(scheduler_kwargs, dict):
+        return
+    if "min_lr" in scheduler_kwargs and "min_lr_rate" not in scheduler_kwargs:
+        scheduler_kwargs = dict(scheduler_kwargs)
+        scheduler_kwargs["min_lr_rate"] = scheduler_kwargs.pop("min_lr") / kwargs.get("learning_rate", 5e-5)
+        kwargs["lr_scheduler_kwargs"] = scheduler_kwargs
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
