@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("hfllm.experiments.ablate:main", "train a recipe against each value of one axis at equal compute (flops|seconds|steps), seeds, a table and a plot"),
     "scaling": ("hfllm.experiments.scaling:main", "train a grid of model sizes x tokens, check bigger is better, fit L(N, D), predict a held-out run"),
     "merge": ("hfllm.training.adapters:merge_main", "merge a PEFT adapter into a full checkpoint"),
+    "verify": ("hfllm.checkpoint.provenance:main", "check a run's weights files against the sha256 hashes in its run_info.json (exit 4 on a change)"),
     # evaluation
     "eval": ("hfllm.evaluation.run:main", "evaluate models with lm-evaluation-harness (MODEL... --tasks ..., or a YAML recipe)"),
     "score": ("hfllm.evaluation.exact_match:score_main", "chat exact match of a model on `hfllm data synth` test items"),

@@ -171,6 +171,8 @@ CASES = [
     ("serve-missing-model", ["serve", "{bad}/no-model"], "no-model", "give an hfllm or transformers checkpoint folder"),
     ("chat-web-missing-model", ["chat", "{bad}/no-model", "--web"], "no-model", "give an hfllm or transformers"),
     ("export-gguf-bad-quant", ["export", "{model}", "{tmp}/out", "--to", "gguf", "--quant", "q3"], "q3", "q8_0, q4_0"),
+    ("verify-not-a-folder", ["verify", "{bad}/afile"], "afile", "give a run's output_dir"),
+    ("verify-no-run-info", ["verify", "{bad}/nonempty"], "nonempty", "give the output_dir of an hfllm training run"),
     ("push-not-a-model", ["push", "{bad}/empty-model", "me/x"], "empty-model", "give an hfllm or transformers"),
     ("push-bad-repo-id", ["push", "{model}", "not a repo"], "not a repo", "NAMESPACE/NAME"),
     ("plan-unknown-gpu", ["plan", "{bad}/pretrain.yaml", "--gpu", "v100"], "v100", "choose from 'h100'"),
@@ -292,8 +294,8 @@ def test_a_genuine_bug_keeps_its_traceback(bug, presets_raising):
 
 
 @pytest.mark.parametrize("error, culprit, allowed", [
-    (OSError(28, "No space left on device", "/data/runs/out/model.safetensors"), "/data/runs/out/model.safetensors",
-     "free some disk space"),
+    (OSError(28, "No space left on device", "/data/runs/out/model.safetensors"), "the disk is full: writing /data/runs/out",
+     "free some disk space or change output_dir"),
     (PermissionError(13, "Permission denied", "/data/runs"), "/data/runs", "check its permissions"),
     (ConnectionError("Couldn't reach 'someone/corpus' on the Hub (OfflineModeIsEnabled)"), "someone/corpus",
      "give a local file or folder"),

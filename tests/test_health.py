@@ -491,6 +491,96 @@ def test_merged_output_is_a_model_only_once_every_file_is_in(tmp_path, monkeypat
     assert all((out / name).read_text() == "new" for name in ("config.json", "model.safetensors"))
 
 
+# ----------------------------------------------------------------------------- a full disk
+# The disk fills at the write boundary: transformers' safetensors writer writes half a file and fails as safetensors
+# does on a full disk (its Rust I/O error, as text), or with the OSError ENOSPC that Python's own writes raise.
+
+FREE = 1_234_567  # the bytes `shutil.disk_usage` reports free, "1.2 MB"
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """`full_disk(where, error)`: every safetensors write whose path contains `where` writes half and raises `error`
+    (a SafetensorError's text or an OSError); the file system reports FREE bytes free. Returns the undo."""
+    import shutil
+    from collections import namedtuple
+
+    import transformers.modeling_utils as modeling_utils
+
+    real_save = modeling_utils.safe_save_file
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10 * FREE, 9 * FREE,
+                                                                                                FREE))
+
+    def fill(where: str, error: Exception):
+        def save_file(tensors, filename, metadata=None):
+            if where not in str(filename):
+                return real_save(tensors, filename, metadata=metadata)
+            Path(filename).write_bytes(b"\0" * 1000)  # half a file, then the disk is full
+            raise error
+
+        monkeypatch.setattr(modeling_utils, "safe_save_file", save_file)
+        return lambda: monkeypatch.setattr(modeling_utils, "safe_save_file", real_save)
+
+    return fill
+
+
+def disk_full_line(err: str, command: str, folder: Path) -> str:
+    """The one line a full disk prints: it says so, names the folder, the bytes needed and free, and the fix."""
+    lines = [line for line in err.splitlines() if "error" in line]  # not the progress bars
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith(f"hfllm {command}: error: the disk is full: writing {folder} needs "), lines[0]
+    assert lines[0].endswith(", 1.2 MB free there; free some disk space or change output_dir (the folder written) "
+                             "to a disk with room"), lines[0]
+    return lines[0]
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_and_resumes(recipe, tmp_path, full_disk, capsys):
+    """pretrain: the disk fills while checkpoint-4 is written (safetensors' own error): exit 2, the folder, the bytes
+    it needs (weights and AdamW state) and the bytes free; no checkpoint-4, no staging folder; the resume finishes."""
+    from safetensors import SafetensorError
+
+    from hfllm.cli import main as cli_main
+    from hfllm.training.saving import weights_bytes
+
+    undo = full_disk("checkpoint-4", SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"))
+    out = tmp_path / "out"
+    argv = ["pretrain", recipe, *TINY, *data_args(tmp_path), "--output_dir", str(out), "--max_steps", "6",
+            "--save_steps", "2", "--save_total_limit", "1"]
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    line = disk_full_line(capsys.readouterr().err, "pretrain", out / "checkpoint-4")
+    from hfllm.models.modeling_hfllm import HfllmForCausalLM
+    model = HfllmForCausalLM.from_pretrained(out / "checkpoint-2")
+    needed = 3 * weights_bytes(model)  # the weights and AdamW's two moments, all float32
+    assert f"needs about {needed / 1e6:.1f} MB," in line or f"needs about {needed / 1e3:.1f} kB," in line, line
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    undo()
+    assert cli_main([*argv, "--resume_from_checkpoint", "true"]) == 0
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-6"]
+    assert (out / "model.safetensors").is_file() and not list(out.glob(".*partial"))
+
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_a_full_disk_in_convert_and_export_says_so(command, tmp_path, tiny_llama_chat_dir, full_disk, capsys):
+    """convert / export --to transformers: the disk fills while the weights are written (OSError ENOSPC): exit 2, the
+    output folder named with the bytes free, nothing left under its name or beside it."""
+    import errno
+
+    from hfllm.cli import main as cli_main
+
+    source = tiny_llama_chat_dir
+    if command == "export":
+        source = tmp_path / "hfllm"
+        assert cli_main(["convert", str(tiny_llama_chat_dir), str(source)]) == 0
+    out = tmp_path / "out"
+    full_disk(str(out.name), OSError(errno.ENOSPC, "No space left on device"))
+    capsys.readouterr()
+    assert cli_main([command, str(source), str(out)]) == 2
+    disk_full_line(capsys.readouterr().err, command, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hfllm"] if command == "export" else [])
+
+
 def test_fine_tuning_refuses_an_existing_run(tmp_path, tiny_llama_chat_dir, synth_dir):
     """SFT (like every TRL method) keeps pretraining's output-folder protection: a finished run is not overwritten
     unless asked; a folder that holds no hfllm run is refused."""

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hfllm"
-BASE = {"errors": 0, "recipe": 1, "checkpoint": 2, "assets": 3}  # the bottom floor, in this order
+BASE = {"errors": 0, "files": 0, "recipe": 1, "checkpoint": 2, "assets": 3}  # the bottom floor, in this order
+# (files.py: file digests, importing nothing of hfllm; checkpoint/provenance.py hashes weights with it)
 BASE_HELPERS = 3  # any other top-level module of helpers (files.py, ...) stands beside assets.py
 STAGES = {"data": 10, "models": 20, "training": 30, "evaluation": 40, "inference": 50, "shipping": 60}
 SPANNING = {"diagnostics": 70, "experiments": 70}

@@ -7,13 +7,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import DiskFull, is_disk_full
+
 MODEL_MARKERS = ("config.json", "adapter_config.json")  # the files that make a folder loadable (`spec_kind`)
 
 
 @contextlib.contextmanager
 def atomic_output(
     target: str | Path, *, folder: bool = True, keep_existing: bool = False, merge: bool = False,
-    staging: str | Path | None = None,
+    staging: str | Path | None = None, needs: int | None = None,
 ) -> Iterator[Path]:
     """Write `target` (a folder, or a file with `folder=False`) so that it appears only when complete.
 
@@ -24,6 +26,8 @@ def atomic_output(
     files are moved into it one by one, each with `os.replace`, an earlier model's config.json / adapter_config.json
     removed first and the new ones moved last, so `load` never sees a half-replaced model. `staging` fixes the
     temporary folder's path (several processes writing one output must agree on it); it is emptied first.
+    A full disk (ENOSPC, also inside a library's error) becomes `DiskFull`, naming `target`, the bytes it `needs`
+    (the caller's estimate; unknown without one) and the bytes free.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +50,11 @@ def atomic_output(
         except OSError:
             if not (keep_existing and target.exists()):
                 raise
+    except Exception as error:
+        if is_disk_full(error) and not isinstance(error, DiskFull):
+            shutil.rmtree(tmp, ignore_errors=True)  # first: the free space is then what the user has
+            raise DiskFull(target, needs) from error
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,8 +1,11 @@
-"""Run metadata in output_dir/run_info.json: command, git commit, package versions, data and tokenizer hashes."""
+"""Run metadata in output_dir/run_info.json: command, git commit, package versions, data and tokenizer hashes, and the
+sha256 of every weights file of the final model and of each checkpoint (`record_weights`, after each atomic move;
+`hfllm verify` checks them: hfllm/checkpoint/provenance.py)."""
 
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -14,7 +17,8 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset
 
-RUN_INFO_FILE = "run_info.json"
+from ..checkpoint.provenance import RUN_INFO_FILE, WEIGHTS_KEY, present_weights, weights_hashes
+
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "numpy", "schedulefree")
 
 
@@ -64,6 +68,7 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def write_run_info(output_dir: str, info: dict[str, Any]) -> None:
+    """run_info.json at the start of a run; the weights hashes of a run it resumes are kept."""
     info = {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv,
@@ -71,4 +76,34 @@ def write_run_info(output_dir: str, info: dict[str, Any]) -> None:
         "versions": package_versions(),
         **info,
     }
-    (Path(output_dir) / RUN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str), "utf-8")
+    earlier = read_run_info(Path(output_dir))
+    if earlier.get(WEIGHTS_KEY):
+        info[WEIGHTS_KEY] = earlier[WEIGHTS_KEY]
+    _write(Path(output_dir), info)
+
+
+def record_weights(run_dir: str | Path, folder: str | Path) -> None:
+    """The sha256 of each weights file of `folder` (the run folder itself: the final model; or a checkpoint-N in
+    it), just moved into place, into run_dir/run_info.json; the entries of files no longer there (a rotated
+    checkpoint, an earlier final model's shards) are dropped."""
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    present = present_weights(run_dir)
+    hashes = {name: digest for name, digest in info.get(WEIGHTS_KEY, {}).items() if name in present}
+    info[WEIGHTS_KEY] = dict(sorted({**hashes, **weights_hashes(run_dir, Path(folder))}.items()))
+    _write(run_dir, info)
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """run_info.json's content, {} when there is none."""
+    try:
+        return json.loads((run_dir / RUN_INFO_FILE).read_text("utf-8"))
+    except FileNotFoundError:
+        return {}
+
+
+def _write(run_dir: Path, info: dict[str, Any]) -> None:
+    """run_info.json replaced whole (written aside, then renamed): a crash leaves the old one or the new one."""
+    partial = run_dir / f".{RUN_INFO_FILE}.partial"
+    partial.write_text(json.dumps(info, indent=2, default=str), "utf-8")
+    os.replace(partial, run_dir / RUN_INFO_FILE)

@@ -2,7 +2,9 @@
 
 `AtomicSavingMixin` (before the Trainer class; `with_health` and `PretrainTrainer` put it there) writes checkpoint-N
 under a hidden name and renames it once verified (hfllm.checkpoint.checkpoint_problem), and writes the final model
-aside and moves it in with its config last (`atomic_output(merge=True)`).
+aside and moves it in with its config last (`atomic_output(merge=True)`); after each move the sha256 of its weights
+files go into run_info.json (`record_weights`). A full disk is `DiskFull`: the folder, the bytes it needs, the bytes
+free.
 """
 
 import os
@@ -13,7 +15,8 @@ from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..checkpoint import atomic_output, checkpoint_problem, weights_problem
-from ..errors import TrainingHalted
+from ..errors import DiskFull, TrainingHalted, is_disk_full
+from .run_info import record_weights
 
 
 class AtomicSavingMixin:
@@ -33,7 +36,8 @@ class AtomicSavingMixin:
             return super().save_model(output_dir, _internal_call)
         staging = Path(target) / ".model.partial"
         self.accelerator.wait_for_everyone()
-        writer = atomic_output(target, merge=True, staging=staging) if self.args.should_save else nullcontext(staging)
+        writer = (atomic_output(target, merge=True, staging=staging, needs=weights_bytes(self.model))
+                  if self.args.should_save else nullcontext(staging))
         with writer as folder:
             self.accelerator.wait_for_everyone()  # the staging folder exists (and is empty) before anyone writes
             super().save_model(str(folder), _internal_call=True)  # True: no Hub push of the staging folder
@@ -42,6 +46,8 @@ class AtomicSavingMixin:
             if problem is not None:
                 raise TrainingHalted(f"the final model failed its check after writing ({problem}); it was not "
                                      f"kept in {target}")
+        if self.args.should_save and Path(target) == Path(self.args.output_dir):
+            record_weights(target, target)  # the run's provenance: sha256 of the weights now in place
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:  # what Trainer.save_model does after a call from outside
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
@@ -64,9 +70,11 @@ class AtomicSavingMixin:
         self._staging = str(staging)
         try:
             super()._save_checkpoint(model, trial)
-        except BaseException:
+        except BaseException as error:
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
+            if is_disk_full(error) and not isinstance(error, DiskFull):
+                raise DiskFull(run_dir / name, checkpoint_bytes(self)) from error
             raise
         finally:
             self._staging = None
@@ -96,3 +104,21 @@ class AtomicSavingMixin:
         shutil.rmtree(staging, ignore_errors=True)
         rotate_checkpoints(output_dir=str(final.parent), save_total_limit=self.args.save_total_limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        record_weights(final.parent, final)  # after the move and the rotation: the checkpoints that remain
+
+
+def weights_bytes(model) -> int:
+    """The bytes of a model's parameters as saved (a ZeRO-3 partition counts whole: `ds_numel`)."""
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+
+
+def checkpoint_bytes(trainer) -> int:
+    """About the bytes of one checkpoint: the weights and the optimizer's state tensors (AdamW: two per weight; a
+    wrapped optimizer without a readable state counts as AdamW)."""
+    weights = weights_bytes(trainer.model)
+    state = getattr(trainer.optimizer, "state", None)
+    if not isinstance(state, dict) or not state:
+        return 3 * weights
+    optimizer = sum(t.numel() * t.element_size() for values in state.values() for t in values.values()
+                    if hasattr(t, "numel"))
+    return weights + optimizer
