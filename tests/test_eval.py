@@ -316,8 +316,8 @@ def test_callback_logs_task_scores_and_regression_prompts_with_the_loss(tiny_lla
     trainer.add_callback(EvalCallback(trainer, ["hfllm_synth"], every_n_steps=2, limit=2, regression_prompts=prompts,
                                       max_new_tokens=4))
     trainer.train()
-    evals = [entry for entry in trainer.state.log_history if "eval/regression/pass_rate" in entry]
+    evals = [entry for entry in trainer.state.log_history if "eval_tasks/regression_prompts/pass_rate" in entry]
     assert [entry["step"] for entry in evals] == [2, 4]
-    assert all(entry["eval/regression/pass_rate"] == pytest.approx(2 / 3) for entry in evals), evals
-    assert all(entry["eval/hfllm_synth/exact_match"] == 0.0 for entry in evals)
+    assert all(entry["eval_tasks/regression_prompts/pass_rate"] == pytest.approx(2 / 3) for entry in evals), evals
+    assert all(entry["eval_tasks/hfllm_synth/exact_match"] == 0.0 for entry in evals)
     assert "loss" in trainer.state.log_history[0] and model.training  # back in training mode

@@ -3,7 +3,9 @@ library_name, model-index with the run's evaluation results) and a body with the
 weights hashes, the commit, the loss curve, the evaluation table and a `from_pretrained` snippet.
 
 Everything comes from files the run folder already holds (recipe.yaml, run_info.json, trainer_state.json,
-eval_results.json, results.json from `hfllm eval`, config.json / adapter_config.json); nothing is recomputed.
+eval_results.json, results.json from `hfllm eval`, config.json / adapter_config.json); nothing is recomputed. The
+scores of a recipe's `eval_tasks:` / `regression_prompts:` during training are read from the log history (their last
+evaluation; `hfllm eval` scores of the final model take precedence for the same task).
 """
 
 import json
@@ -17,6 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..checkpoint import HUB_ID
 
+TRAINING_SCORES = "eval_tasks/"  # log-history prefix of EvalCallback's scores (hfllm/evaluation/callback.py)
 # the training command a run came from, by the keys its recipe.yaml holds
 METHOD_KEYS = {"beta": "dpo", "num_generations": "grpo", "desirable_weight": "kto", "model": "pretraining"}
 
@@ -68,15 +71,32 @@ def hub_datasets(recipe: dict[str, Any]) -> list[str]:
             and not Path(name).exists()]
 
 
+def training_scores(log_history: list[dict]) -> tuple[int | None, dict[str, dict[str, float]]]:
+    """(step, {task: {metric: value}}) of the last evaluation of the recipe's eval_tasks / regression_prompts during
+    training; (None, {}) without one."""
+    last = next((entry for entry in reversed(log_history) if any(k.startswith(TRAINING_SCORES) for k in entry)), None)
+    if last is None:
+        return None, {}
+    table: dict[str, dict[str, float]] = {}
+    for key, value in last.items():
+        if key.startswith(TRAINING_SCORES) and isinstance(value, (int, float)):
+            task, _, metric = key[len(TRAINING_SCORES):].partition("/")
+            table.setdefault(task, {})[metric] = float(value)
+    return last.get("step"), table
+
+
 def eval_results(facts: RunFacts, repo_id: str) -> list[EvalResult]:
-    """model-index entries: the validation loss (and perplexity) the run logged, and `hfllm eval` scores."""
+    """model-index entries: the validation loss (and perplexity) the run logged, `hfllm eval` scores, and the
+    scores of the recipe's eval_tasks at the last evaluation during training (tasks `hfllm eval` did not score)."""
     results = []
     validation = [entry["eval_loss"] for entry in facts.log_history if "eval_loss" in entry]
     if validation and math.isfinite(validation[-1]):
         for metric, value in (("loss", validation[-1]), ("perplexity", math.exp(min(validation[-1], 50)))):
             results.append(EvalResult(task_type="text-generation", dataset_type="validation", dataset_name="validation split of the training data",
                                       dataset_split="validation", metric_type=metric, metric_value=round(value, 4)))
-    for task, metrics in sorted(facts.eval_scores.items()):
+    _, during_training = training_scores(facts.log_history)
+    during_training = {task: metrics for task, metrics in during_training.items() if task not in facts.eval_scores}
+    for task, metrics in sorted({**facts.eval_scores, **during_training}.items()):
         for metric, value in sorted(metrics.items()):
             if metric == "sample_len" or not isinstance(value, (int, float)):
                 continue
@@ -193,6 +213,12 @@ def evaluation(facts: RunFacts) -> str:
         from ..evaluation.report import markdown_table
 
         lines += ["", markdown_table([{"name": facts.name, "chat_template_applied": False, "scores": facts.eval_scores}])]
+    step, during_training = training_scores(facts.log_history)
+    if during_training:
+        rows = "\n".join(f"| {task} | {metric} | {value:.4g} |" for task, metrics in sorted(during_training.items())
+                         for metric, value in sorted(metrics.items()))
+        lines += ["", f"Scores during training (step {step}; the recipe's `eval_tasks` / `regression_prompts`):", "",
+                  "| task | metric | value |", "|---|---|---|", rows]
     if len(lines) == 2:
         lines.append("No evaluation recorded for this run (`hfllm eval` writes one).")
     return "\n".join(lines)

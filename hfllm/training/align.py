@@ -22,6 +22,7 @@ from . import lifecycle
 from .distributed import with_strategy
 from .health import HealthArguments, HealthCallback, check_health_arguments, with_health
 from .preemption import PreemptionCallback
+from .tracking import EvalArguments, RunInfoCallback, check_eval_arguments, check_report_to, eval_callback
 from .run_info import write_run_info
 
 # method -> (module, config class, trainer class)
@@ -33,12 +34,14 @@ TRAINERS = {
     "grpo": ("trl", "GRPOConfig", "GRPOTrainer"),
 }
 # keys that may change between a run and its resumption: every command's and the exact-match limit
-SESSION_KEYS = lifecycle.SESSION_KEYS | {"exact_match_limit"}
+SESSION_KEYS = lifecycle.SESSION_KEYS | {"exact_match_limit", "eval_tasks", "eval_tasks_limit", "regression_prompts",
+                                         "eval_tasks_chat_template"}
 
 
 @dataclass
-class HfllmArguments(HealthArguments):
-    """Recipe keys hfllm adds to TRL's, with the training-health keys (`HealthArguments`, docs/reliability.md)."""
+class HfllmArguments(HealthArguments, EvalArguments):
+    """Recipe keys hfllm adds to TRL's, with the training-health keys (`HealthArguments`, docs/reliability.md) and
+    evaluation during training (`EvalArguments`: eval_tasks, regression_prompts; tracking.py)."""
 
     chat_template: str | None = field(
         default=None, metadata={"help": "shipped template name (smollm2, chatml) or .jinja path; saved with the model"}
@@ -124,6 +127,8 @@ def build(method: str, recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()
     # ---- recipe and output folder
     script_args, training_args, model_args, mixture_args, hfllm_args, *grpo_args = recipe.args
     check_health_arguments(hfllm_args)
+    check_eval_arguments(hfllm_args)
+    check_report_to(training_args.report_to)
     check_kernel_options(training_args.use_liger_kernel, False, model_args.attn_implementation)
     overwrite = hfllm_args.overwrite_output_dir
     resume = lifecycle.output_policy(recipe, training_args, overwrite, SESSION_KEYS)
@@ -170,6 +175,13 @@ def build(method: str, recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()
         model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
         peft_config=peft_config, callbacks=chosen, **trainer_kwargs,
     )
+    # eval_tasks / regression_prompts every eval_steps (chat template on when the tokenizer has one); run_info.json's
+    # facts to the trackers (tracking.py)
+    evaluator = eval_callback(hfllm_args, trainer, training_args.eval_steps or training_args.logging_steps,
+                              chat=bool(tokenizer.chat_template))
+    for callback in (evaluator, RunInfoCallback(trainer)):
+        if callback is not None:
+            trainer.add_callback(callback)
 
     def finish() -> None:  # held-out exact match (hfllm data synth's test.jsonl)
         if hfllm_args.exact_match_file and trainer.accelerator.is_main_process:
@@ -178,6 +190,8 @@ def build(method: str, recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()
             result = score_file(trainer.model, tokenizer, hfllm_args.exact_match_file, hfllm_args.exact_match_limit,
                                 training_args.output_dir)
             print(f"held-out: {result}")
+        if evaluator is not None:
+            evaluator.save_scores(training_args.output_dir)  # beside the final eval loss in eval_results.json
         trainer.accelerator.print(f"saved to {training_args.output_dir}")
 
     return lifecycle.Parts(

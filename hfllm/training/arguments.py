@@ -21,6 +21,7 @@ from . import lifecycle
 from .hardware import apply_hardware
 from .health import HealthArguments
 from .optim import OWN_OPTIMIZERS
+from .tracking import EvalArguments
 
 # HfllmConfig fields a recipe may set at top level; vocab_size comes from the tokenizer, special ids too
 MODEL_CONFIG_KEYS = {
@@ -51,6 +52,7 @@ PRETRAINING_DEFAULTS: dict[str, Any] = {
 SESSION_KEYS = lifecycle.SESSION_KEYS | {
     "stop_at_step", "stop_at_eval_loss", "logging_first_step", "preprocessing_num_workers", "num_samples",
     "sample_max_new_tokens", "samples_at_eval", "torch_num_threads",
+    "eval_tasks", "eval_tasks_limit", "regression_prompts", "eval_tasks_chat_template",  # measuring, not training
 }
 
 
@@ -114,8 +116,9 @@ class DataArguments:
 
 
 @dataclass
-class PretrainingArguments(TrainingArguments, HealthArguments):
-    """`TrainingArguments` plus pretraining keys and the training-health keys (`HealthArguments`). `optim: muon` and
+class PretrainingArguments(TrainingArguments, HealthArguments, EvalArguments):
+    """`TrainingArguments` plus pretraining keys, the training-health keys (`HealthArguments`) and evaluation during
+    training (`EvalArguments`: eval_tasks, regression_prompts; tracking.py). `optim: muon` and
     `optim: soap` are hfllm's own (hfllm/training/optim.py): Trainer only knows its own optimizer names, so it is
     given `adamw_torch` and `own_optimizer` records the choice for `PretrainTrainer.create_optimizer`."""
 

@@ -44,6 +44,7 @@ from .mfu import flops_per_token, peak_flops
 from .preemption import PreemptionCallback
 from .run_info import data_hash, tokenizer_hash, write_run_info
 from .tensor_parallel import check_tensor_parallel, shard_model, trainer_parallelism
+from .tracking import RunInfoCallback, check_eval_arguments, check_report_to, eval_callback
 from .trainer import PretrainTrainer
 
 LEAVE_OUT = ("resume_from_checkpoint", "overwrite_output_dir", "stop_at_step")  # recipe keys of one session
@@ -88,6 +89,8 @@ def build(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), *, text: Da
     if args.max_steps <= 0:
         raise HfllmError("set max_steps to a positive number of optimizer steps; pretraining is planned in steps")
     check_health_arguments(args)
+    check_eval_arguments(args)
+    check_report_to(args.report_to)
     check_kernel_options(args.use_liger_kernel, args.fp8, model_args.attn_implementation)
     args.gradient_accumulation_steps = gradient_accumulation(args, data_args.block_size)
     args.lr_scheduler_kwargs = lr_scheduler_kwargs(args)
@@ -167,6 +170,11 @@ def build(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), *, text: Da
         flops_per_token=flops, peak_flops=peak, tokens_per_step=tokens_per_step, router_load=router_load,
         sequence_lengths=lengths,
     )
+    # eval_tasks / regression_prompts every eval_steps; run_info.json's facts to the trackers (tracking.py)
+    evaluator = eval_callback(args, trainer, args.eval_steps, chat=False)
+    for callback in (evaluator, RunInfoCallback(trainer)):
+        if callback is not None:
+            trainer.add_callback(callback)
 
     def write_outputs() -> None:  # the tokenizer for a resumed run, the plan on screen and in run_info.json
         if not shared_folder:
@@ -183,6 +191,8 @@ def build(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), *, text: Da
                 append_samples(samples, Path(args.output_dir) / "samples.txt", "end of training")
         if args.should_save and args.num_samples > 0:
             plot_loss_curve(trainer.state.log_history, f"{args.output_dir}/loss_curve.png")
+        if evaluator is not None:
+            evaluator.save_scores(args.output_dir)  # eval_results.json and the summary on screen
 
     return lifecycle.Parts(
         recipe=recipe, trainer=trainer, tokenizer=tokenizer,
