@@ -180,6 +180,112 @@ def test_chat_template_must_mask_the_assistant_turns(subject):
     assert data_checks.check_chat_template(chat, required=True, assistant_only_loss=True).status == "FAIL"
 
 
+# ----------------------------------------------------------------------------- fine-tuning data: trained tokens per role
+# The shapes of three stock templates (structure, roles and special text as shipped; no {% generation %} markers,
+# as shipped): with assistant_only_loss their assistant mask is all zeros, the silent failure users report.
+
+LLAMA_3_1 = (
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n' }}{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+    "message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+QWEN3 = (
+    "{%- for message in messages %}{%- if message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+GEMMA = (  # no system role: the system text opens the first user turn; the assistant is "model"
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+
+@pytest.mark.parametrize("template", [LLAMA_3_1, QWEN3, GEMMA], ids=["llama-3.1", "qwen3", "gemma"])
+def test_stock_templates_train_nothing_with_assistant_only_loss(template):
+    from helpers import chat_bpe_tokenizer
+
+    from hfllm.data.chat_template import PROBE
+
+    chat = chat_bpe_tokenizer()
+    chat.chat_template = template
+    check = data_checks.check_trained_roles(chat, [PROBE], assistant_only_loss=True)
+    assert check.status == "FAIL" and check.measured.startswith("0% of") and "nothing trains" in check.measured
+
+
+def test_markers_around_the_replies_pass_and_around_user_turns_fail():
+    """Gemma with markers around each reply and its <end_of_turn> trains exactly the replies (the system text inside
+    the first user turn is attributed to the system); Qwen3 with markers around the whole loop trains every role."""
+    from helpers import chat_bpe_tokenizer
+
+    from hfllm.data.chat_template import PROBE
+
+    chat = chat_bpe_tokenizer()
+    chat.chat_template = GEMMA.replace(
+        "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}",
+        "{%- if role == 'model' -%}{% generation %}{{ message['content'] | trim }}{{ '<end_of_turn>' }}"
+        "{% endgeneration %}{{ '\\n' }}{%- else -%}{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}{%- endif -%}")
+    roles = data_checks.trained_tokens_per_role(chat, PROBE, assistant_only_loss=True)
+    assert roles["assistant"][0] == roles["assistant"][1] > 0  # every reply token
+    assert roles["user"][0] == roles["system"][0] == 0 < roles["user"][1] and roles["system"][1] > 0
+    assert 0 < roles["template"][0] < roles["template"][1]  # <end_of_turn> after the replies, no headers
+    assert data_checks.check_trained_roles(chat, [PROBE], assistant_only_loss=True).status == "pass"
+
+    chat.chat_template = "{% generation %}" + QWEN3.replace("{%- if add_generation_prompt", "{% endgeneration %}{%- if add_generation_prompt")
+    check = data_checks.check_trained_roles(chat, [PROBE], assistant_only_loss=True)
+    assert check.status == "FAIL" and "trains system and user tokens" in check.measured
+    chat.chat_template = chatml()  # hfllm's own template, right markers, but the recipe trains every token
+    assert data_checks.check_trained_roles(chat, [PROBE], assistant_only_loss=True).status == "pass"
+    assert data_checks.check_trained_roles(chat, [PROBE], assistant_only_loss=False).status == "FAIL"
+
+
+def chatml() -> str:
+    from hfllm.data.tokenizer import chatml_template
+
+    return chatml_template()
+
+
+# ----------------------------------------------------------------------------- decontamination against eval tasks
+
+
+def test_eval_items_in_training_data_are_listed():
+    """Exact (a question copied into a rendered chat, other case and punctuation) and 13-gram (a passage edited and
+    embedded in a longer document) overlaps are listed by task and index; clean data lists nothing."""
+    passage = " ".join(f"w{i}" for i in range(40))
+    items = {"qa": ["What is 17 plus 25?", "Name the capital of France."], "ppl": [passage, "a b c"]}
+    clean = ["<|im_start|>user\nWhat is 17 plus 26?<|im_end|>", "unrelated text " * 20]
+    assert data_checks.eval_overlap(clean, items) == []
+    copied = clean + ["<|im_start|>user\nwhat is 17 PLUS 25<|im_end|>\n<|im_start|>assistant\n42<|im_end|>",
+                      "prefix " * 30 + passage.replace("w20", "changed") + " suffix"]
+    assert [(task, index, kind) for task, index, kind, _ in data_checks.eval_overlap(copied, items)] == [
+        ("qa", 0, "exact"), ("ppl", 0, "13-gram")]
+
+
+def test_check_against_a_recipes_eval_tasks(tmp_path):
+    """The recipe names hfllm_synth: clean training chats pass; one of its items copied in fails, listed."""
+    from hfllm.evaluation.harness import load_tasks
+
+    [task] = load_tasks(["hfllm_synth"])
+    question = data_checks.eval_items(task)[5]
+    recipe = write_recipe(tmp_path / "recipe.yaml", {"model_name_or_path": "m", "eval_tasks": ["hfllm_synth"]})
+    tasks = data_checks.recipe_eval_tasks(str(recipe))
+    train = [f"<|im_start|>user\nSay the word {word}.<|im_end|>" for word in ("alpha", "beta", "gamma")]
+    assert data_checks.check_eval_contamination(train, tasks).status == "pass"
+    check = data_checks.check_eval_contamination(train + [f"<|im_start|>user\n{question}<|im_end|>"], tasks)
+    assert check.status == "FAIL" and check.measured.startswith("1 exact, 0 13-gram of 200 items of hfllm_synth")
+    assert f"hfllm_synth[5] exact: {question[:60]!r}" in check.measured
+    assert data_checks.check_eval_contamination(train, None).status == "info"
+
+
 # ----------------------------------------------------------------------------- SFT recipes and model folders
 
 
@@ -193,6 +299,7 @@ def test_sft_recipe_passes_with_lora_and_assistant_masks(tmp_path, tiny_llama_ch
     checks = {check.name: check for check in doctor.run_checks(subject, say=lambda line: None)}
     assert [check for check in checks.values() if check.status == "FAIL"] == []
     assert checks["chat template"].status == "pass" and "exactly the replies" in checks["chat template"].measured
+    assert checks["trained tokens per role"].status == "pass" and "user 0% of" in checks["trained tokens per role"].measured
     assert not (tmp_path / "out").exists()  # nothing written where the recipe's run would go
 
 

@@ -20,8 +20,9 @@ import time
 from collections.abc import Callable
 
 from .checks import Check, format_table
-from .data_checks import (check_bos_eos, check_chat_template, check_contamination, check_newlines, check_round_trip,
-                          check_special_tokens, check_vocabulary)
+from .data_checks import (check_bos_eos, check_chat_template, check_contamination, check_eval_contamination,
+                          check_newlines, check_round_trip, check_special_tokens, check_trained_roles, check_vocabulary,
+                          recipe_eval_tasks)
 from .model_checks import (check_causal_mask, check_init_loss, check_label_shift, check_overfit, check_reproducible,
                            check_resume)
 from .subjects import SAMPLE_DOCUMENTS, STEPS, Subject, subject_for
@@ -45,6 +46,10 @@ def run_checks(subject: Subject, say: Callable[[str], None] = print) -> list[Che
     add(check_contamination(subject.train_texts, subject.validation_texts))
     add(check_chat_template(tokenizer, subject.chat, subject.assistant_only_loss,
                             subject.conversations[0] if subject.conversations else None))
+    if subject.chat and subject.conversations:  # SFT on chat data: what the template trains
+        add(check_trained_roles(tokenizer, subject.conversations, subject.assistant_only_loss))
+    if eval_tasks := recipe_eval_tasks(subject.label):  # the recipe evaluates on these: none of it in training
+        add(check_eval_contamination(subject.train_texts, eval_tasks))
 
     model = subject.new_model()
     add(check_init_loss(model, subject.batch, subject.config.vocab_size))

@@ -1,6 +1,8 @@
 """Tokenizer and data checks: round trip, newlines, BOS/EOS rules, distinct special tokens, vocabulary use and
-unknowns, train/validation contamination (exact and near-duplicate documents), the chat template."""
+unknowns, train/validation contamination (exact and near-duplicate documents), the chat template; for fine-tuning
+data the trained-token share per role and decontamination against the recipe's eval tasks."""
 
+import re
 import zlib
 
 import numpy as np
@@ -205,3 +207,144 @@ def check_chat_template(tokenizer, required: bool, assistant_only_loss: bool = F
     share = sum(encoded["assistant_masks"]) / len(encoded["input_ids"])
     measured = f"renders; masks {share:.0%} of tokens: {'exactly' if trained == replies else 'not'} the replies"
     return Check("chat template", measured, expected, verdict(trained == replies) if required else "info")
+
+
+# ----------------------------------------------------------------------------- fine-tuning data: trained tokens per role
+# What SFT trains on is decided by TRL's rule (trl/trainer/sft_trainer.py, "Build a labels column"): conversational
+# data with assistant_only_loss trains the tokens the template's {% generation %} markers cover
+# (`apply_chat_template(return_assistant_tokens_mask=True)`, as TRL calls it); without it, every token. A template
+# without markers gives an all-zero mask: nothing trains (TRL stops with a RuntimeError, other toolkits train on
+# nothing); markers around the wrong span train the user's turns.
+
+ROLES = ("system", "user", "assistant", "template")  # "template": tokens outside every message's content
+
+
+def trained_tokens_per_role(tokenizer, conversation: list[dict], assistant_only_loss: bool) -> dict[str, list[int]]:
+    """{role: [trained, total]} tokens of one conversation as TRL would train it. A token belongs to the message
+    whose content it overlaps (found in order in the rendered text); headers, turn ends and other template text are
+    "template"."""
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if assistant_only_loss:
+        trained = tokenizer.apply_chat_template(conversation, return_dict=True,
+                                                return_assistant_tokens_mask=True)["assistant_masks"]
+    else:
+        trained = [1] * len(encoded["input_ids"])
+    spans, cursor = [], 0  # (start, end, role) of each message's content in the rendered text
+    for message in conversation:
+        start = text.find(message["content"], cursor) if message["content"] else -1
+        if start >= 0:
+            spans.append((start, start + len(message["content"]), message["role"]))
+            cursor = start + len(message["content"])
+    counts = {role: [0, 0] for role in ROLES}
+    for (start, end), mask in zip(encoded["offset_mapping"], trained):
+        role = next((r for s, e, r in spans if start < e and end > s), "template")
+        role = role if role in counts else "template"
+        counts[role][0] += bool(mask)
+        counts[role][1] += 1
+    return counts
+
+
+def check_trained_roles(tokenizer, conversations: list[list[dict]], assistant_only_loss: bool) -> Check:
+    """SFT trains some but not all tokens, and no token of a system or user message (sample conversations)."""
+    totals = {role: [0, 0] for role in ROLES}
+    for conversation in conversations:
+        for role, (trained, total) in trained_tokens_per_role(tokenizer, conversation, assistant_only_loss).items():
+            totals[role][0] += trained
+            totals[role][1] += total
+    trained, total = sum(t for t, _ in totals.values()), sum(n for _, n in totals.values())
+    share = trained / max(total, 1)
+    per_role = ", ".join(f"{role} {t / n:.0%} of {n}" for role, (t, n) in totals.items() if n)
+    leaked = [role for role in ("system", "user") if totals[role][0]]
+    ok = 0 < trained < total and not leaked
+    hint = ("" if ok else "; nothing trains: put {% generation %} markers around the assistant replies"
+            if trained == 0 else f"; trains {' and '.join(leaked)} tokens" if leaked else "; trains every token")
+    return Check("trained tokens per role", f"{share:.0%} of {total} tokens trained: {per_role}{hint}",
+                 "0% < share < 100%, system 0%, user 0%", verdict(ok))
+
+
+# ----------------------------------------------------------------------------- decontamination against eval tasks
+# An eval item is its longest text field (the question, the passage, the context). Exact: its words, normalized
+# (case, punctuation, whitespace), appear contiguously in a training document. Near: it shares a word 13-gram with
+# the training data, the overlap test of GPT-3 and lm-eval's decontamination. 13-grams rather than MinHash here: an
+# eval item sits inside a much longer training document (a rendered chat, a play), whose Jaccard similarity to the
+# item is small, so MinHash (the train/validation check above, whole documents) would miss it; a shared 13-gram
+# finds it at any length.
+
+OVERLAP_WORDS = 13
+MIN_EXACT_WORDS = 3  # shorter items ("4", "yes") occur everywhere
+LISTED_ITEMS = 10
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def eval_items(task) -> list[str]:
+    """The longest text field of each document of an lm-eval Task (after its own process_docs)."""
+    items = []
+    for doc in task.eval_docs:
+        texts = [value for value in doc.values() if isinstance(value, str)]
+        texts += [v for value in doc.values() if isinstance(value, list) for v in value if isinstance(v, str)]
+        items.append(max(texts, key=len, default=""))
+    return items
+
+
+def eval_overlap(train: list[str], items: dict[str, list[str]]) -> list[tuple[str, int, str, str]]:
+    """(task, index, "exact" | "13-gram", item) for every eval item found in the training texts. The items' 13-grams
+    are indexed and the training text scanned once (the training data is the large side)."""
+    corpus = " " + " ".join(" ".join(_words(text)) + " |" for text in train) + " "  # "|": no match across documents
+    item_grams: dict[tuple[str, ...], list[tuple[str, int]]] = {}
+    for task, texts in items.items():
+        for index, item in enumerate(texts):
+            words = _words(item)
+            for i in range(len(words) - OVERLAP_WORDS + 1):
+                item_grams.setdefault(tuple(words[i : i + OVERLAP_WORDS]), []).append((task, index))
+    shared: set[tuple[str, int]] = set()
+    for text in train:
+        words = _words(text)
+        for i in range(len(words) - OVERLAP_WORDS + 1):
+            shared.update(item_grams.get(tuple(words[i : i + OVERLAP_WORDS]), ()))
+    found = []
+    for task, texts in items.items():
+        for index, item in enumerate(texts):
+            words = _words(item)
+            if len(words) >= MIN_EXACT_WORDS and f" {' '.join(words)} " in corpus:
+                found.append((task, index, "exact", item))
+            elif (task, index) in shared:
+                found.append((task, index, "13-gram", item))
+    return found
+
+
+def check_eval_contamination(train: list[str], task_names: list[str] | None) -> Check:
+    """Training documents against the documents of the recipe's `eval_tasks` (hfllm's offline tasks and any lm-eval
+    task whose data is cached); the overlapping items are listed."""
+    name = "decontamination against eval_tasks"
+    if not task_names:
+        return Check(name, "the recipe names no eval_tasks", "eval_tasks to check", "info")
+    from ..evaluation.harness import load_tasks
+
+    try:
+        tasks = load_tasks(task_names)
+    except HfllmError as error:  # e.g. a Hub task whose data is not cached (offline)
+        return Check(name, f"tasks not loadable: {error}", "the tasks' documents", "info")
+    items = {task.config.task: eval_items(task) for task in tasks}
+    found = eval_overlap(train, items)
+    exact = sum(kind == "exact" for *_, kind, _ in found)
+    listed = "; ".join(f"{task}[{index}] {kind}: {item[:60]!r}" for task, index, kind, item in found[:LISTED_ITEMS])
+    more = f" (+{len(found) - LISTED_ITEMS} more)" if len(found) > LISTED_ITEMS else ""
+    measured = (f"{exact} exact, {len(found) - exact} 13-gram of {sum(map(len, items.values()))} items of "
+                f"{', '.join(items)}" + (f": {listed}{more}" if found else ""))
+    return Check(name, measured, "0, 0", verdict(not found))
+
+
+def recipe_eval_tasks(label: str | None) -> list[str] | None:
+    """The `eval_tasks` a recipe file names (a model folder: the recipe.yaml of its run)."""
+    from pathlib import Path
+
+    from ..recipe import RECIPE_FILE, read_yaml
+
+    if not label:
+        return None
+    path = Path(label) / RECIPE_FILE if Path(label).is_dir() else Path(label)
+    return read_yaml(str(path)).get("eval_tasks") if path.is_file() else None
