@@ -46,28 +46,29 @@ def test_pretraining_recipe_scores_prompts_every_eval_steps_and_at_the_end(tmp_p
 
 
 def test_sft_recipe_scores_reach_eval_results_and_the_model_card(tmp_path, tiny_llama_chat_dir, synth_dir):
-    """SFT (TRL): scores at eval_steps with the chat template applied; eval_results.json keeps TRL's final eval loss
-    and adds them; `hfllm push`'s card lists them in the model-index and the evaluation section."""
+    """SFT (TRL) with an lm-eval task: scored at the last step (one evaluation: every eval_steps is the pretraining
+    test's, the same callback), TRL's own training logs kept at every step; eval_results.json keeps TRL's final eval
+    loss and adds the scores; `hfllm push`'s card lists them in the model-index and the evaluation section."""
     from hfllm.shipping.card import build_card
     from hfllm.shipping.push import run_facts
 
-    recipe = adaptation_recipe(tmp_path, tiny_llama_chat_dir, synth_dir / "sft.jsonl", max_steps=4, logging_steps=1,
-                               max_length=128, assistant_only_loss=True, eval_steps=2, eval_tasks=["hfllm_synth"],
+    recipe = adaptation_recipe(tmp_path, tiny_llama_chat_dir, synth_dir / "sft.jsonl", max_steps=3, logging_steps=1,
+                               max_length=128, assistant_only_loss=True, eval_steps=3, eval_tasks=["hfllm_synth"],
                                eval_tasks_limit=2, regression_prompts=PROMPTS, eval_strategy="steps",
                                test_split_size=0.25)
     assert sft_main([str(recipe)]) == 0
     out = tmp_path / "out"
     history = log_history(out)
-    assert scored(history, "eval_tasks/regression_prompts/pass_rate") == {2: 0.5, 4: 0.5}
-    assert list(scored(history, "eval_tasks/hfllm_synth/exact_match")) == [2, 4]
-    assert [e["step"] for e in history if "mean_token_accuracy" in e] == [1, 2, 3, 4]  # TRL's own metrics untouched
+    assert scored(history, "eval_tasks/regression_prompts/pass_rate") == {3: 0.5}
+    assert list(scored(history, "eval_tasks/hfllm_synth/exact_match")) == [3]
+    assert [e["step"] for e in history if "mean_token_accuracy" in e] == [1, 2, 3]  # TRL's own metrics untouched
 
     report = json.loads((out / "eval_results.json").read_text())
     assert "eval_loss" in report and report["eval_tasks/regression_prompts/pass_rate"] == 0.5
 
     card = str(build_card(run_facts(out, "tiny-sft"), "me/tiny-sft", "apache-2.0"))
     assert "name: hfllm_synth" in card and "name: regression_prompts" in card  # model-index entries
-    assert "Scores during training (step 4;" in card and "| regression_prompts | pass_rate | 0.5 |" in card
+    assert "Scores during training (step 3;" in card and "| regression_prompts | pass_rate | 0.5 |" in card
 
 
 @pytest.mark.parametrize("keys, message", [
