@@ -1,6 +1,8 @@
 """`hfllm doctor` (hfllm/diagnostics/): it passes on a healthy tiny recipe, and each check fails on something broken on
 purpose (a leaking mask, unshifted labels, a tokenizer that drops newlines, overlapping splits, unseeded runs, ...)."""
 
+import tempfile
+
 import pytest
 import torch
 from helpers import CORPUS, TINY, write_recipe
@@ -300,6 +302,11 @@ def test_sft_recipe_passes_with_lora_and_assistant_masks(tmp_path, tiny_llama_ch
     assert [check for check in checks.values() if check.status == "FAIL"] == []
     assert checks["chat template"].status == "pass" and "exactly the replies" in checks["chat template"].measured
     assert checks["trained tokens per role"].status == "pass" and "user 0% of" in checks["trained tokens per role"].measured
+    with tempfile.TemporaryDirectory() as scratch:  # the check's mask is the one TRL's prepared labels hold
+        prepared = subject.trainer(scratch).train_dataset[0]
+    trl_trained = [label != -100 for label in prepared["labels"]]
+    assert trl_trained == data_checks.trained_mask(subject.tokenizer, subject.conversations[0], True)[:len(trl_trained)]
+    assert 0 < sum(trl_trained) < len(trl_trained)
     assert not (tmp_path / "out").exists()  # nothing written where the recipe's run would go
 
 

@@ -219,17 +219,23 @@ def check_chat_template(tokenizer, required: bool, assistant_only_loss: bool = F
 ROLES = ("system", "user", "assistant", "template")  # "template": tokens outside every message's content
 
 
+def trained_mask(tokenizer, conversation: list[dict], assistant_only_loss: bool) -> list[bool]:
+    """Which tokens of a conversation TRL's SFT trains (before truncation): the assistant mask of the chat template
+    with assistant_only_loss, else all of them."""
+    encoded = tokenizer.apply_chat_template(conversation, return_dict=True,
+                                            return_assistant_tokens_mask=assistant_only_loss)
+    return [bool(m) for m in encoded["assistant_masks"]] if assistant_only_loss else [True] * len(encoded["input_ids"])
+
+
 def trained_tokens_per_role(tokenizer, conversation: list[dict], assistant_only_loss: bool) -> dict[str, list[int]]:
     """{role: [trained, total]} tokens of one conversation as TRL would train it. A token belongs to the message
     whose content it overlaps (found in order in the rendered text); headers, turn ends and other template text are
     "template"."""
     text = tokenizer.apply_chat_template(conversation, tokenize=False)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if assistant_only_loss:
-        trained = tokenizer.apply_chat_template(conversation, return_dict=True,
-                                                return_assistant_tokens_mask=True)["assistant_masks"]
-    else:
-        trained = [1] * len(encoded["input_ids"])
+    trained = trained_mask(tokenizer, conversation, assistant_only_loss)
+    if len(trained) != len(encoded["input_ids"]):
+        raise HfllmError("the chat template's text tokenizes differently from its token ids; check the template")
     spans, cursor = [], 0  # (start, end, role) of each message's content in the rendered text
     for message in conversation:
         start = text.find(message["content"], cursor) if message["content"] else -1
