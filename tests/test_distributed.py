@@ -20,6 +20,7 @@ import torch
 from helpers import CORPUS, TINY, adaptation_recipe, data_args, free_port, losses, series, write_recipe
 
 from hfllm.checkpoint import load
+from hfllm.checkpoint.provenance import verify
 from hfllm.run_pretrain import main as pretrain_main
 from hfllm.run_sft import main as sft_main
 from hfllm.training.distributed import STRATEGIES, SHARDED
@@ -155,6 +156,7 @@ def test_pretraining(strategy, tmp_path):
                                 "--resume_from_checkpoint", str(uninterrupted / "checkpoint-2")])
     assert len(losses(uninterrupted)) == 4
     assert losses(resumed) == losses(uninterrupted)  # exactly
+    assert verify(uninterrupted).ok and verify(resumed).ok  # run_info.json's weights hashes, written by the main process
 
     final_loss = fixed_data_loss(uninterrupted)  # the saved model loads in one process
     assert final_loss == pytest.approx(losses(uninterrupted)[-1], abs=0.5)
@@ -190,7 +192,8 @@ def test_shipped_config_with_a_shipped_recipe(strategy, tmp_path):
         optimizer.step()
         schedule.step()
     assert series(out, "learning_rate") == pytest.approx(expected, rel=1e-6)  # 0, 1e-3, 5.5e-4: down to min_lr
-    assert (out / "model.safetensors").is_file()
+    provenance = verify(out)  # run_info.json's weights hashes (ZeRO-3 also a checkpoint's per-rank model states)
+    assert (out / "model.safetensors").is_file() and provenance.ok and "model.safetensors" in provenance.matched
 
 
 def test_samples_at_eval_with_sharded_weights(tmp_path):
