@@ -28,6 +28,15 @@ API: dict[str, str] = {
     "kto": "hfllm.training.align:kto",
     "grpo": "hfllm.training.align:grpo",
     "RunResult": "hfllm.training.lifecycle:RunResult",
+    "synth": "hfllm.data.synth:synth",
+    "doctor": "hfllm.diagnostics:doctor",
+    "plan": "hfllm.training.plan:plan",
+    "evaluate": "hfllm.evaluation.run:evaluate",
+    "generate": "hfllm.inference.generate:generate",
+    "chat": "hfllm.inference.chat:chat",
+    "convert": "hfllm.models.convert:convert",
+    "export": "hfllm.models.convert:export",
+    "push": "hfllm.shipping.push:push",
 }
 
 __all__ = ["HfllmConfig", "HfllmError", "HfllmForCausalLM", "HfllmModel", "get_preset", "__version__", *API]

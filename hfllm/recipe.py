@@ -120,12 +120,25 @@ def recipe_argv(recipe: RecipeInput, overrides: Mapping[str, Any]) -> list:
     return argv
 
 
+SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"  # the repository's recipes/, installed with the package
+
+
+def find_recipe(path: str | os.PathLike) -> Path:
+    """`path` itself when it exists; else, for `recipes/...` (the shipped recipes), the copy installed with hfllm, so
+    that `hfllm.pretrain("recipes/tiny.yaml")` works from any folder (a notebook, an installed package)."""
+    given = Path(path)
+    if given.exists() or given.is_absolute() or given.parts[:1] != ("recipes",):
+        return given
+    shipped = SHIPPED_RECIPES.joinpath(*given.parts[1:])
+    return shipped if shipped.is_file() else given
+
+
 def read_yaml(path: str | Mapping[str, Any]) -> dict[str, Any]:
     """A recipe file as a mapping; a missing file, invalid YAML or a non-mapping is one line. A mapping (the Python
     API's recipe) is taken as the file's content."""
     if isinstance(path, Mapping):
         return copy.deepcopy(dict(path))
-    recipe_path = Path(path)
+    recipe_path = find_recipe(path)
     if not recipe_path.is_file():
         raise HfllmError(f"recipe '{path}' does not exist; give a YAML file (examples under recipes/)")
     try:

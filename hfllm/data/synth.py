@@ -121,10 +121,25 @@ def synth_main(argv: list[str], prog: str) -> int:
     args = parser.parse_args(argv)
     if args.n_train < 1 or args.n_test < 1:
         raise HfllmError("--n-train and --n-test must be at least 1")
-    rows = synthesize(args.task, args.n_train, args.n_test, args.seed)  # validates before anything is written
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, file_rows in rows.items():
-        write_jsonl(out / f"{name}.jsonl", file_rows)
-    print(f"wrote {args.n_train} train and {args.n_test} test items of '{args.task}' to {out}")
+    synth(args.task, args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
     return 0
+
+
+def synth(task: str, out: str | Path, *, n_train: int = 1000, n_test: int = 100, seed: int = 0) -> dict[str, Path]:
+    """Write a verifiable synthetic instruction task as JSONL files in `out`, as `hfllm data synth` does: sft.jsonl
+    (chat messages), preference.jsonl (chosen/rejected), prompts.jsonl (GRPO prompts with answers) and test.jsonl
+    (held-out items for exact match). Returns {name: path}.
+
+        files = hfllm.synth("arithmetic", "runs/data", n_train=200)
+    """
+    if n_train < 1 or n_test < 1:
+        raise HfllmError("--n-train and --n-test must be at least 1")
+    rows = synthesize(task, n_train, n_test, seed)  # validates before anything is written
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, file_rows in rows.items():
+        paths[name] = folder / f"{name}.jsonl"
+        write_jsonl(paths[name], file_rows)
+    print(f"wrote {n_train} train and {n_test} test items of '{task}' to {folder}")
+    return paths
