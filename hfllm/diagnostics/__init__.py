@@ -13,11 +13,17 @@ trip, BOS/EOS rules, newlines, distinct special tokens, vocabulary use and unkno
 
 It spans stages (data, models, training), hence a top-level package beside recipe.py and checkpoint/. Nothing is
 written outside a temporary folder.
+
+In Python: `hfllm.doctor("recipes/tiny.yaml")` -> a `Report` (the checks as data, `.passed`; `print()` shows the table).
 """
 
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..recipe import RecipeInput, recipe_argv
 
 from .checks import Check, format_table
 from .data_checks import (check_bos_eos, check_chat_template, check_contamination, check_eval_contamination,
@@ -67,10 +73,55 @@ def run_checks(subject: Subject, say: Callable[[str], None] = print) -> list[Che
 
 
 
-def main(argv: list[str], prog: str = "hfllm doctor") -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {prog} RECIPE.yaml [--key value ...] | MODEL_DIR\n\n" + __doc__.split("\n\n")[0])
-        return 0
+PROG = "hfllm doctor"  # the API's errors read as the command's
+
+
+@dataclass
+class Report:
+    """The doctor's checks on one recipe or model folder: what each measured, what was expected, its result."""
+
+    label: str  # the recipe or model folder checked
+    checks: list[Check]
+    seconds: float
+
+    @property
+    def failed(self) -> list[str]:
+        return [check.name for check in self.checks if check.status == "FAIL"]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def __str__(self) -> str:
+        """The table and the summary line, as `hfllm doctor` prints them."""
+        return (format_table(self.checks) + f"\n\n{len(self.checks) - len(self.failed)} of {len(self.checks)} checks "
+                f"passed in {self.seconds:.0f} s" + (f"; failed: {', '.join(self.failed)} (exit code {EXIT_FAILED})"
+                                                     if self.failed else ""))
+
+
+def doctor(recipe_or_model_dir: RecipeInput, **overrides: Any) -> Report:
+    """Run the pre-flight checklist of a training run at a tiny size on the recipe's own architecture (shrunk),
+    tokenizer and data (`hfllm doctor`): init loss, causal mask, label shift, one batch overfits, seeded runs equal,
+    exact resume, tokenizer round trip, BOS/EOS, special tokens, vocabulary use, train/validation contamination, chat
+    template masks. Nothing is written outside a temporary folder; a failed check raises nothing.
+
+    Args:
+        recipe_or_model_dir: a pretraining or SFT recipe (a YAML path or its mapping), or a model folder (checked
+            with the recipe.yaml it was trained with, else on Shakespeare).
+        **overrides: recipe keys, as `hfllm doctor RECIPE --key value` takes them (e.g. `seed=3`).
+
+    Returns:
+        A `Report`: `.checks` (name, measured, expected, status "pass"/"FAIL"/"info"), `.passed`, `.failed`;
+        `print(report)` shows the command's table. Bad input raises `HfllmError` with the line the command prints.
+
+    Example:
+        >>> report = hfllm.doctor("recipes/tiny.yaml"); assert report.passed, report
+    """
+    return run(recipe_argv(recipe_or_model_dir, overrides), PROG)
+
+
+def run(argv: list, prog: str, say: Callable[[str], None] = print) -> Report:
+    """`RECIPE [--key value ...] | MODEL_DIR` (the recipe may be a mapping) -> the checks, each `say`d as it ends."""
     import datasets
     import transformers
 
@@ -79,11 +130,17 @@ def main(argv: list[str], prog: str = "hfllm doctor") -> int:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()  # e.g. the tied head "missing" from a resumed checkpoint
     subject = subject_for(argv, prog)
-    print(f"{prog}: {subject.label}: {subject.config.num_hidden_layers} layers x {subject.config.hidden_size}, "
-          f"vocab {subject.config.vocab_size}", flush=True)
-    checks = run_checks(subject, say=lambda line: print(line, flush=True))
-    print("\n" + format_table(checks))
-    failed = [check.name for check in checks if check.status == "FAIL"]
-    print(f"\n{len(checks) - len(failed)} of {len(checks)} checks passed in {time.perf_counter() - start:.0f} s" +
-          (f"; failed: {', '.join(failed)} (exit code {EXIT_FAILED})" if failed else ""))
-    return EXIT_FAILED if failed else 0
+    label = subject.label or "the recipe mapping"
+    say(f"{prog}: {label}: {subject.config.num_hidden_layers} layers x {subject.config.hidden_size}, "
+        f"vocab {subject.config.vocab_size}")
+    checks = run_checks(subject, say=say)
+    return Report(label, checks, time.perf_counter() - start)
+
+
+def main(argv: list[str], prog: str = "hfllm doctor") -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {prog} RECIPE.yaml [--key value ...] | MODEL_DIR\n\n" + __doc__.split("\n\n")[0])
+        return 0
+    report = run(argv, prog, say=lambda line: print(line, flush=True))
+    print("\n" + str(report))
+    return EXIT_FAILED if report.failed else 0

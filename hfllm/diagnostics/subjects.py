@@ -244,13 +244,13 @@ def model_dir_subject(folder: str, argv: list[str], prog: str) -> Subject:
     return subject
 
 
-def subject_for(argv: list[str], prog: str) -> Subject:
-    """RECIPE.yaml (pretraining, or SFT: it names `model_name_or_path`) or MODEL_DIR, each with `--key value`
-    overrides."""
+def subject_for(argv: list, prog: str) -> Subject:
+    """RECIPE.yaml or its mapping (pretraining, or SFT: it names `model_name_or_path`) or MODEL_DIR, each with
+    `--key value` overrides."""
     from ..recipe import read_yaml
 
     target, rest = argv[0], argv[1:]
-    if Path(target).is_dir():
+    if isinstance(target, str) and Path(target).is_dir():
         return model_dir_subject(target, rest, prog)
     if "model_name_or_path" in read_yaml(target):
         return sft_subject(argv, prog)

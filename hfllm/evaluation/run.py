@@ -6,18 +6,22 @@
 
 Flags follow lm-eval's names; both forms go through `hfllm.recipe` (the one recipe loader). Everything is checked
 (models exist, tasks resolve and render, --limit) before any model runs and before anything is written.
+
+In Python: `hfllm.evaluate("runs/sft", tasks="hfllm_offline", limit=5)` -> an `Evaluation` (the scores as data).
 """
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..checkpoint import COMPUTE_DTYPES, QUANT_TYPES, load, quantization_config, spec_kind
 from ..errors import HfllmError
-from ..recipe import Recipe, load_recipe
+from ..recipe import Recipe, RecipeInput, load_recipe, recipe_argv
 from .harness import evaluate_model, load_tasks, scores
 from .report import markdown_table, write_report, write_sample_logs
 
@@ -64,7 +68,7 @@ class EvalArguments:
 
 def parse_args(argv: list[str], prog: str) -> tuple[EvalArguments, Recipe]:
     """`RECIPE.yaml [--key value ...]` or `MODEL [MODEL ...] --key value ...`, checked."""
-    if argv and argv[0].endswith((".yaml", ".yml")):
+    if argv and (isinstance(argv[0], Mapping) or argv[0].endswith((".yaml", ".yml"))):
         recipe = load_recipe(argv, (EvalArguments,), prog)
     else:
         models = [arg for arg in argv[: next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))]]
@@ -105,8 +109,63 @@ def run_names(models: list[str]) -> list[str]:
     return [f"{name}-{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
 
 
-def main(argv: list[str], prog: str = "hfllm eval") -> int:
-    args, recipe = parse_args(argv, prog)
+PROG = "hfllm eval"  # the API's errors read as the command's
+
+
+@dataclass
+class Evaluation:
+    """What `hfllm eval` measured: a run per model (name, model, architecture, quantization, chat template, scores)
+    and the report files written (none without `output_path`)."""
+
+    runs: list[dict[str, Any]]
+    files: list[Path]
+
+    @property
+    def scores(self) -> dict[str, dict[str, dict[str, float]]]:
+        """{model name: {task: {metric: value}}}; names as in the report's columns (the folder's name)."""
+        return {run["name"]: run["scores"] for run in self.runs}
+
+    @property
+    def report_path(self) -> Path | None:
+        """results.md, when an `output_path` was given."""
+        return next((path for path in self.files if path.name == "results.md"), None)
+
+    def __str__(self) -> str:
+        return markdown_table(self.runs)
+
+
+def evaluate(models: str | os.PathLike | list[str | os.PathLike] | None = None, *, recipe: RecipeInput | None = None,
+             tasks: str | list[str] | None = None, **overrides: Any) -> Evaluation:
+    """Evaluate models on lm-eval tasks in process (`hfllm eval`): the offline suite, hfllm's own tasks, or any
+    lm-eval task whose data is at hand.
+
+    Args:
+        models: checkpoint folders, adapter folders, .gguf files or Hub ids (one or a list); or `models:` in the recipe.
+        recipe: an eval recipe (a YAML path such as "recipes/eval/offline_suite.yaml", or its mapping).
+        tasks: task names, a list or comma-separated ("hfllm_offline", "hfllm_synth,arc_easy").
+        **overrides: the recipe's keys: `limit` (documents per task; below 1 a fraction), `batch_size`,
+            `apply_chat_template`, `output_path` (results.json/.md/.png written there), `log_samples`, `device`,
+            `load_in_4bit` ... (`hfllm eval --help` lists them).
+
+    Returns:
+        An `Evaluation`: `.scores` ({model: {task: {metric: value}}}), `.runs`, `.files` and `.report_path`;
+        `print()` shows the Markdown table. Bad input raises `HfllmError` with the line the command prints.
+
+    Example:
+        >>> hfllm.evaluate(["runs/base", "runs/sft"], tasks="hfllm_offline", limit=10).scores
+    """
+    given = {"models": [models] if isinstance(models, (str, os.PathLike)) else models, "tasks": tasks}
+    keys = {key: value for key, value in given.items() if value is not None} | overrides
+    if recipe is not None:
+        argv = recipe_argv(recipe, keys)
+    else:
+        flags = recipe_argv({}, {key: value for key, value in keys.items() if key != "models"})[1:]
+        argv = [*map(os.fspath, keys.get("models", [])), *flags]
+    return run(*parse_args(argv, PROG))
+
+
+def run(args: EvalArguments, recipe: Recipe) -> Evaluation:
+    """The checked arguments of `hfllm eval` -> every model evaluated on every task, the report written."""
     metadata = {"synth_data": args.synth_data} if args.synth_data else None
     tasks = load_tasks(args.tasks, args.include_path, metadata)
 
@@ -133,11 +192,19 @@ def main(argv: list[str], prog: str = "hfllm eval") -> int:
         samples[name] = results.get("samples", {})
         del model
 
-    print(markdown_table(runs))
+    files = []
     if args.output_path:
         config = {key: value for key, value in vars(args).items() if key != "models"}
-        for path in [*write_report(runs, config, args.output_path), recipe.save(args.output_path)]:
-            print(f"wrote {path}")
+        files = [*write_report(runs, config, args.output_path), recipe.save(args.output_path)]
         for name in samples if args.log_samples else []:
-            write_sample_logs(samples[name], name, args.output_path)
+            files += write_sample_logs(samples[name], name, args.output_path)
+    return Evaluation(runs, files)
+
+
+def main(argv: list[str], prog: str = "hfllm eval") -> int:
+    evaluation = run(*parse_args(argv, prog))
+    print(evaluation)
+    for path in evaluation.files:
+        if not path.name.startswith("samples_"):
+            print(f"wrote {path}")
     return 0

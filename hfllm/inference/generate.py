@@ -8,16 +8,18 @@
     hfllm generate runs/sft --load_in_4bit --prompt "..."                   bitsandbytes 4-bit weights (also --load_in_8bit)
     hfllm generate runs/sft --prompt_lookup 10 --prompt "Fix the typos: ..." speculative decoding (also --assistant DRAFT)
 
-In Python: `complete(model, tokenizer, prompts, Decoding(...), chat=True)` (transformers_engine.py) -> a `Completion`
-per prompt and sequence.
+In Python: `hfllm.generate("runs/sft", "Once upon a time", max_new_tokens=64)` -> a `Completion` per prompt and
+sequence (the command prints their text); the keywords are the flags above.
 """
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from transformers import set_seed
+from transformers import PreTrainedModel, set_seed
 
 from ..errors import HfllmError
 from .engine import Engine
@@ -26,15 +28,55 @@ from .options import (Decoding, Parser, add_decoding_arguments, add_engine_argum
                       require_chat_template)
 from .transformers_engine import Completion, TransformersEngine, complete, stream
 
-__all__ = ["Completion", "complete", "main", "read_prompts", "stream"]
+__all__ = ["Completion", "complete", "generate", "main", "read_prompts", "stream"]
+
+PROG = "hfllm generate"  # the API's errors read as the command's
 
 
-# ----------------------------------------------------------------------------- command line
+def generate(model: str | os.PathLike | tuple[PreTrainedModel, Any], prompts: str | list[str] | None = None,
+             **options: Any) -> list[Completion]:
+    """Complete each prompt with `model`, in left-padded batches (the same text `hfllm generate` prints).
+
+    Args:
+        model: an hfllm or transformers folder, a PEFT adapter folder, a .gguf file or a Hub id; or a loaded
+            `(model, tokenizer)` pair (put in eval mode).
+        prompts: one prompt or a list of them (or `prompt_file="prompts.txt"`, one prompt per line).
+        **options: the command's flags as keywords: `max_new_tokens` (128), `do_sample`, `temperature`, `top_p`,
+            `top_k`, `min_p`, `repetition_penalty`, `seed`, `stop` (a text or a list), `num_return_sequences`,
+            `chat` and `system` (the chat template), `batch_size`, `dtype`, `load_in_4bit`, `engine` ("torch" or
+            "llama.cpp"), `gguf_quant`, `threads`, `assistant` / `prompt_lookup` (speculative decoding),
+            `stream` (print the text to stdout as it comes; one prompt) ... (`hfllm generate --help` lists them).
+
+    Returns:
+        A `Completion` per prompt and sequence, in order: `.text`, `.finish_reason`, token counts, timings.
+        Bad input raises `HfllmError` with the line the command prints.
+
+    Example:
+        >>> [c.text for c in hfllm.generate("runs/sft", ["2+3=", "4+4="], max_new_tokens=8)]
+    """
+    spec, loaded = _model_argument(model)
+    if prompts is not None:
+        options = {**options, "prompt": [prompts] if isinstance(prompts, str) else list(prompts)}
+    elif options.get("prompt_file") is None:
+        raise HfllmError("give the prompts: generate(model, \"text\" or [...]), or prompt_file=FILE")
+    return run(_parser(PROG).parse_options([spec], options), loaded)
 
 
-def main(argv: list[str], prog: str) -> int:
-    """`hfllm generate MODEL [--prompt TEXT ... | --prompt_file FILE] [options]` (stdin when no prompt is given)."""
-    args = _parser(prog).parse_args(argv)
+def _model_argument(model) -> tuple[str, tuple[PreTrainedModel, Any] | None]:
+    """MODEL as the command line names it, and the loaded (model, tokenizer) pair when one was given."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model), None
+    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], PreTrainedModel):
+        return f"<{type(model[0]).__name__} in memory>", model
+    if isinstance(model, PreTrainedModel):
+        raise HfllmError("a loaded model needs its tokenizer: give (model, tokenizer), or the model's folder")
+    raise HfllmError(f"model must be a folder, a .gguf file, a Hub id or a (model, tokenizer) pair; got "
+                     f"{type(model).__name__}")
+
+
+def run(args: argparse.Namespace, loaded: tuple[PreTrainedModel, Any] | None = None) -> list[Completion]:
+    """The parsed flags of `hfllm generate` -> the completions (`--stream`: the text also written to stdout as it
+    comes). `loaded`: an in-memory (model, tokenizer) in MODEL's place."""
     decoding = Decoding.from_args(args)
     threads = engine_threads(args)
     if args.stream and args.json:
@@ -46,13 +88,22 @@ def main(argv: list[str], prog: str) -> int:
     prompts = read_prompts(args.prompt, args.prompt_file)
     if args.stream and len(prompts) > 1:
         raise HfllmError(f"--stream works on one prompt; got {len(prompts)} (drop --stream to complete them in batches)")
-    engine = open_engine(args, decoding, threads, chat=args.chat)
+    engine = open_engine(args, decoding, threads, chat=args.chat, loaded=loaded)
     if args.stream:
-        engine.stream_to(prompts[0], decoding, sys.stdout, chat=args.chat, system=args.system)
+        completion = engine.stream_to(prompts[0], decoding, sys.stdout, chat=args.chat, system=args.system)
         print()
-        return 0
-    completions = engine.complete(prompts, decoding, chat=args.chat, system=args.system)
-    for i, completion in enumerate(completions):
+        return [completion]
+    return engine.complete(prompts, decoding, chat=args.chat, system=args.system)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str], prog: str) -> int:
+    """`hfllm generate MODEL [--prompt TEXT ... | --prompt_file FILE] [options]` (stdin when no prompt is given)."""
+    args = _parser(prog).parse_args(argv)
+    completions = run(args)
+    for i, completion in enumerate([] if args.stream else completions):
         if args.json:
             print(json.dumps(completion.as_json(), ensure_ascii=False))
         else:
@@ -60,11 +111,16 @@ def main(argv: list[str], prog: str) -> int:
     return 0
 
 
-def open_engine(args: argparse.Namespace, decoding: Decoding, threads: int, *, chat: bool) -> Engine:
+def open_engine(args: argparse.Namespace, decoding: Decoding, threads: int, *, chat: bool,
+                loaded: tuple[PreTrainedModel, Any] | None = None) -> Engine:
     """The engine of `--engine`: MODEL loaded for transformers' generate() (with the draft model of --assistant), or
     its GGUF file loaded by llama.cpp on `threads` threads; `chat`: one line when MODEL has no chat template. torch's
     generator is seeded with `--seed` once loaded (llama.cpp seeds each answer itself). Shared by `hfllm generate` and
-    `hfllm chat`."""
+    `hfllm chat`. `loaded`: a (model, tokenizer) pair in MODEL's place (the torch engine; the model is put in eval
+    mode)."""
+    if loaded is not None and (args.engine != "torch" or decoding.float16_weights or quantization_from_args(args)):
+        raise HfllmError("a loaded (model, tokenizer) runs on the torch engine as it is; give its folder for "
+                         "--engine llama.cpp, --float16_weights or quantized loading")
     if args.engine == "llama.cpp":
         from .llama_cpp_engine import open_llama_cpp
 
@@ -72,8 +128,12 @@ def open_engine(args: argparse.Namespace, decoding: Decoding, threads: int, *, c
         if chat:
             engine.require_chat_template(args.model)
         return engine
-    model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args),
-                                          float16_weights=decoding.float16_weights)
+    if loaded is not None:
+        model, tokenizer = loaded
+        model.eval()  # no dropout while decoding (batches are padded on the left by hfllm.generation)
+    else:
+        model, tokenizer = load_for_inference(args.model, args.dtype, quantization_from_args(args),
+                                              float16_weights=decoding.float16_weights)
     if chat:
         require_chat_template(tokenizer, args.model)
     assistant = load_assistant(decoding.assistant, model, tokenizer, args.dtype) if decoding.assistant else None

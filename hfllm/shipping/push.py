@@ -14,13 +14,17 @@ and every GGUF file by llama.cpp, and both must answer a few chats as the source
 
 The token comes from huggingface_hub (`HF_TOKEN` or `hf auth login`), is handed only to the Hub client, and is never
 written to a file or printed; a staged file that contains it stops the upload.
+
+In Python: `hfllm.push("runs/sft", "me/tiny-sft", dry_run="staged/")` -> a `Pushed` (the folder or URL and the files).
 """
 
 import dataclasses
 import fnmatch
+import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -193,19 +197,56 @@ def _last_samples(text: str, limit: int = 1500) -> str:
     return (text[start:] if start >= 0 else text)[:limit]
 
 
-def main(argv: list[str], prog: str = "hfllm push") -> int:
-    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="folder with the final model of a run (hfllm, transformers or PEFT adapter)")
-    parser.add_argument("repo_id", help="Hub repository, NAMESPACE/NAME")
-    parser.add_argument("--private", action="store_true", help="create the repository private")
-    parser.add_argument("--revision", default=None, help="branch to upload to (created if missing; default main)")
-    parser.add_argument("--license", default="apache-2.0", choices=LICENSES, help="the card's license (default apache-2.0)")
-    parser.add_argument("--dry_run", metavar="OUT", default=None, help="write the folder that would be uploaded to OUT; upload nothing")
-    parser.add_argument("--format", default="auto", choices=FORMATS,
-                        help="hfllm checkpoints: auto (default) publishes the native transformers class when it is "
-                             "exact, else hfllm's own code; native or hfllm force one")
-    args = parser.parse_args(argv)
+PROG = "hfllm push"  # the API's errors read as the command's
 
+
+@dataclass
+class Pushed:
+    """What `hfllm push` did: the files staged, and where they are (a dry run's folder) or went (the commit URL)."""
+
+    repo_id: str
+    files: list[str]
+    staged: Path | None = None  # dry run: the folder written
+    url: str | None = None  # upload: the Hub commit
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        if self.staged is not None:
+            return f"staged {len(self.files)} files for {self.repo_id} in {self.staged}: {', '.join(self.files)}"
+        return (f"pushed {len(self.files)} files to {self.repo_id}" + (f" ({self.revision})" if self.revision else "")
+                + f": {self.url}")
+
+
+def push(run_dir: str | os.PathLike, repo_id: str, *, dry_run: str | os.PathLike | None = None, private: bool = False,
+         format: str = "auto", license: str = "apache-2.0", token: str | None = None,
+         revision: str | None = None) -> Pushed:
+    """Publish a run's model on the Hugging Face Hub with a model card, after checking that the staged folder loads and
+    answers as the run's model does (`hfllm push`).
+
+    Args:
+        run_dir: the folder a training command saved its final model to (hfllm, transformers or a PEFT adapter).
+        repo_id: the Hub repository, NAMESPACE/NAME.
+        dry_run: write the folder that would be uploaded there (a new or empty folder) and upload nothing.
+        private: create the repository private.
+        format: "auto" (the native transformers class when it is exact, else hfllm's own code), "native" or "hfllm".
+        license: the card's license (apache-2.0, mit, cc-by-4.0, ...).
+        token: the Hub token (default: huggingface_hub's, from HF_TOKEN or `hf auth login`); never written anywhere.
+        revision: the branch to upload to (created if missing; default main).
+
+    Returns:
+        A `Pushed`: `.files` (the names staged), `.staged` (the dry run's folder) or `.url` (the Hub commit).
+        Bad input raises `HfllmError` with the line the command prints; nothing is half-written.
+
+    Example:
+        >>> hfllm.push("runs/sft", "me/tiny-sft", dry_run="staged")
+    """
+    options = dict(dry_run=dry_run, private=private, format=format, license=license, revision=revision)
+    args = _parser(PROG).parse_options([run_dir, repo_id], options)
+    return run(args, token)
+
+
+def run(args, token: str | None = None) -> Pushed:
+    """The parsed arguments of `hfllm push` -> the folder staged (`--dry_run`) or uploaded with `token`."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # the checks load models: their bars are noise here
@@ -216,14 +257,13 @@ def main(argv: list[str], prog: str = "hfllm push") -> int:
         check_output_dir(args.dry_run)
         with atomic_output(args.dry_run) as out:
             names = stage_checked(run_dir, args.repo_id, out, args.license, args.format)
-        print(f"staged {len(names)} files for {args.repo_id} in {args.dry_run}: {', '.join(names)}")
-        return 0
+        return Pushed(args.repo_id, names, staged=Path(args.dry_run))
 
     from huggingface_hub import constants, get_token
 
     if constants.HF_HUB_OFFLINE:
         raise HfllmError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it to push, or use --dry_run OUT")
-    token = get_token()
+    token = token or get_token()
     if token is None:
         raise HfllmError("no Hugging Face token found; run `hf auth login` or set HF_TOKEN (or use --dry_run OUT)")
     with tempfile.TemporaryDirectory(prefix="hfllm-push-") as folder:
@@ -232,5 +272,23 @@ def main(argv: list[str], prog: str = "hfllm push") -> int:
         if leaks:
             raise HfllmError(f"your Hub token is written in {', '.join(leaks)}; remove it from {run_dir} before pushing")
         url = upload(Path(folder), args.repo_id, private=args.private, revision=args.revision, token=token)
-    print(f"pushed {len(names)} files to {args.repo_id}" + (f" ({args.revision})" if args.revision else "") + f": {url}")
+    return Pushed(args.repo_id, names, url=url, revision=args.revision)
+
+
+def _parser(prog: str) -> ArgumentParser:
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="folder with the final model of a run (hfllm, transformers or PEFT adapter)")
+    parser.add_argument("repo_id", help="Hub repository, NAMESPACE/NAME")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--revision", default=None, help="branch to upload to (created if missing; default main)")
+    parser.add_argument("--license", default="apache-2.0", choices=LICENSES, help="the card's license (default apache-2.0)")
+    parser.add_argument("--dry_run", metavar="OUT", default=None, help="write the folder that would be uploaded to OUT; upload nothing")
+    parser.add_argument("--format", default="auto", choices=FORMATS,
+                        help="hfllm checkpoints: auto (default) publishes the native transformers class when it is "
+                             "exact, else hfllm's own code; native or hfllm force one")
+    return parser
+
+
+def main(argv: list[str], prog: str = "hfllm push") -> int:
+    print(run(_parser(prog).parse_args(argv)))
     return 0

@@ -12,18 +12,24 @@ Every formula is in docs/scaling.md. Memory per device, for P parameters sharded
 The activation and transient terms were derived from the tensors autograd saves for hfllm's decoder layer with
 SDPA attention (saved-tensor hooks), and the whole estimate is checked against the measured peak RSS of CPU
 training runs in tests/test_plan.py.
+
+In Python: `hfllm.plan("recipes/350m.yaml", gpu="h100", gpus=8)` -> a `Plan` (`micro_batch()` is None when it does
+not fit; `report(plan)` is the command's text).
 """
 
 import contextlib
 import io
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import ArgumentParser, HfllmError
 from ..models import HfllmForCausalLM, parameter_counts
+from ..recipe import RecipeInput, recipe_argv
 from .arguments import global_batch_sequences, parse_recipe
 from .distributed import STRATEGIES, SHARDED
 from .mfu import flops_per_token
@@ -219,7 +225,8 @@ def state_bytes(model: torch.nn.Module, optim: str, precision: str, strategy: st
 # ----------------------------------------------------------------------------- a recipe's plan
 
 
-def plan_recipe(argv: list[str], *, strategy: str, device: str, devices: int, mfu: float, prog: str = "hfllm plan") -> Plan:
+def plan_recipe(argv: list, *, strategy: str, device: str, devices: int, mfu: float, prog: str = "hfllm plan") -> Plan:
+    """`RECIPE [--key value ...]` (the recipe may be a mapping) planned on `devices` x `device` with `strategy`."""
     from transformers.utils import logging as transformers_logging
 
     verbosity = transformers_logging.get_verbosity()
@@ -252,7 +259,8 @@ def plan_recipe(argv: list[str], *, strategy: str, device: str, devices: int, mf
     per_token = activation_bytes_per_token(config, attn, block, precision, False)
     per_token_checkpointed = activation_bytes_per_token(config, attn, block, precision, True)
     return Plan(
-        recipe=argv[0], model=model_args.model, strategy=strategy, device=device, devices=devices, precision=precision,
+        recipe=argv[0] if isinstance(argv[0], str) else "the recipe mapping",
+        model=model_args.model, strategy=strategy, device=device, devices=devices, precision=precision,
         counts=parameter_counts(model), layers=config.num_hidden_layers, block_size=block,
         flops_per_token=flops_per_token(model, block), tokens_planned=global_batch * block * args.max_steps,
         global_batch=global_batch, weights=weights, gradients=gradients, optimizer=optimizer, host_memory=host,
@@ -314,19 +322,52 @@ def _parser(prog: str) -> ArgumentParser:
     return parser
 
 
-def main(argv: list[str], prog: str = "hfllm plan") -> int:
-    parser = _parser(prog)
-    args, overrides = parser.parse_known_args(argv)
+PROG = "hfllm plan"  # the API's errors read as the command's
+
+
+def plan(recipe: RecipeInput, *, strategy: str = "ddp", gpu: str = "h100", gpus: int = 1, mfu: float = 0.4,
+         **overrides: Any) -> Plan:
+    """Size, compute, memory per device, micro-batch and time of a pretraining recipe on `gpus` x `gpu`, without
+    training or allocating anything (`hfllm plan`; the formulas are in docs/scaling.md).
+
+    Args:
+        recipe: a pretraining recipe (a YAML path or its mapping).
+        strategy: how training is spread: ddp, fsdp2, zero2, zero3, zero3_offload, ...
+        gpu: h100, a100-80g, a100-40g, l4, t4, 4090, 5090, or cpu (this machine's memory and FLOPs).
+        gpus: the number of devices.
+        mfu: the assumed model FLOPs utilisation, in (0, 1].
+        **overrides: recipe keys (e.g. `max_steps=1000`, `block_size=2048`).
+
+    Returns:
+        A `Plan` (memory in bytes per device): `.counts`, `.flops_per_token`, `.tokens_planned`, `peak(...)`,
+        `train_seconds()`, and `micro_batch()`: (micro-batch, accumulation), or None when the recipe does not fit;
+        a recipe that does not fit raises nothing. `hfllm.training.plan.report(plan)` is the command's text.
+        Bad input raises `HfllmError` with the line the command prints.
+
+    Example:
+        >>> hfllm.plan("recipes/350m.yaml", gpu="t4", strategy="zero3").micro_batch()
+    """
+    args = _parser(PROG).parse_options(["RECIPE"], dict(strategy=strategy, gpu=gpu, gpus=gpus, mfu=mfu))
+    return checked_plan(recipe_argv(recipe, overrides), args, PROG)
+
+
+def checked_plan(argv: list, args, prog: str) -> Plan:
+    """`RECIPE [--key value ...]` planned with the checked device flags `args` of `_parser`."""
     if args.gpus < 1:
         raise HfllmError(f"--gpus must be at least 1 (got {args.gpus})")
     if not 0 < args.mfu <= 1:
         raise HfllmError(f"--mfu must be in (0, 1] (got {args.mfu})")
-    if not Path(args.recipe).is_file():
-        raise HfllmError(f"recipe '{args.recipe}' does not exist; give a pretraining recipe YAML file")
-    plan = plan_recipe([args.recipe, *overrides], strategy=args.strategy, device=args.gpu, devices=args.gpus, mfu=args.mfu, prog=prog)
-    print(report(plan))
-    if plan.micro_batch() is None:
-        raise HfllmError(refusal(plan, [args.recipe, *overrides]))
+    if not isinstance(argv[0], Mapping) and not Path(argv[0]).is_file():
+        raise HfllmError(f"recipe '{argv[0]}' does not exist; give a pretraining recipe YAML file")
+    return plan_recipe(argv, strategy=args.strategy, device=args.gpu, devices=args.gpus, mfu=args.mfu, prog=prog)
+
+
+def main(argv: list[str], prog: str = "hfllm plan") -> int:
+    args, overrides = _parser(prog).parse_known_args(argv)
+    result = checked_plan([args.recipe, *overrides], args, prog)
+    print(report(result))
+    if result.micro_batch() is None:
+        raise HfllmError(refusal(result, [args.recipe, *overrides]))
     return 0
 
 
