@@ -288,7 +288,22 @@ def load_as_native(spec: str | Path, dtype: str | torch.dtype = "auto") -> tuple
 
 
 def convert(src: str | Path, out: str | Path, dtype: str = "auto") -> Path:
-    """Convert a transformers checkpoint folder or .gguf file at `src` into an hfllm checkpoint at `out`."""
+    """Convert a transformers checkpoint folder or .gguf file into an hfllm checkpoint (`hfllm convert`): the same
+    weights in hfllm's own family, which trains with every hfllm recipe and feature.
+
+    Args:
+        src: a transformers checkpoint folder (Llama, Mistral, Qwen2, ... that hfllm's family expresses) or a .gguf file.
+        out: the new checkpoint folder (new or empty; written whole or not at all).
+        dtype: the weights' dtype: "auto" (the source's), "float32", "bfloat16" or "float16".
+
+    Returns:
+        `out`. Bad input raises `HfllmError` with the line the command prints.
+
+    Example:
+        >>> hfllm.convert("smollm2-135m/", "runs/smollm2-hfllm")
+    """
+    if dtype not in DTYPES:
+        raise HfllmError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     src, out = Path(src), Path(out)
     check_output_dir(out)
     model, tokenizer = load_native(src, DTYPES[dtype])
@@ -298,9 +313,22 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto") -> Path:
 
 
 def export(src: str | Path, out: str | Path, to: str = "transformers", quant: str | None = None) -> Path:
-    """Export the hfllm checkpoint at `src` to a native transformers checkpoint folder at `out` (no remote code
-    needed), or with `to="gguf"` to a GGUF file plus Ollama Modelfile in `out` (see gguf_export.py); returns the
-    folder or the GGUF file."""
+    """Export an hfllm checkpoint (`hfllm export`): to the native transformers class it maps to (loads without hfllm
+    or remote code), or with `to="gguf"` to a GGUF file plus an Ollama `Modelfile` for llama.cpp and Ollama.
+
+    Args:
+        src: an hfllm checkpoint folder.
+        out: the new folder (new or empty; written whole or not at all).
+        to: "transformers" or "gguf".
+        quant: the GGUF weights (`to="gguf"` only): f32, f16 (default), bf16, q8_0, q4_0, q4_k_m.
+
+    Returns:
+        The folder (`to="transformers"`) or the GGUF file. Bad input raises `HfllmError` with the line the command
+        prints.
+
+    Example:
+        >>> hfllm.export("runs/sft", "runs/sft-gguf", to="gguf", quant="q8_0")
+    """
     from .gguf_export import QUANTS, export_gguf
 
     src, out = Path(src), Path(out)
