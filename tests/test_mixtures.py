@@ -35,7 +35,7 @@ def test_fractions_are_realized_seeded_and_without_repeats():
     again = mix_datasets([a, b], configs, seed=0)
     assert list(again.train["text"]) == texts and again.sha256 == mixture.sha256
     other = mix_datasets([a, b], configs, seed=1)
-    assert list(other.train["text"]) != texts and other.sha256 != mixture.sha256
+    assert set(other.train["text"]) != set(texts) and other.sha256 != mixture.sha256  # other rows of a, not only order
     assert mixture.summary().startswith("data mixture: a 70.0% of rows (weight 0.7, ")
 
 

@@ -1,9 +1,13 @@
 """SFT packing (`packing: true`): TRL's best-fit-decreasing rows, padding-free batches with per-sample position_ids,
 and attention that never crosses samples, on hfllm models, native Llama and LoRA adapters."""
 
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from helpers import adaptation_recipe
 
 from hfllm.data.packing import batch_fill, packed_fill, padded_fill
@@ -51,20 +55,22 @@ def test_packing_fills_rows_and_batches_are_padding_free(packed_llama):
     fill = packed_fill(rows, 256)
     assert 0.5 < fill <= 1 and fill == sum(map(sum, rows)) / (256 * len(rows))
     line = batch_fill(dataset, args)
-    assert line.startswith(f"packing: {sum(map(len, rows))} samples in {len(rows)} rows of 256 tokens, {fill:.1%} real tokens")
+    assert line == f"packing: {sum(map(len, rows))} samples in {len(rows)} rows of 256 tokens, {fill:.1%} real tokens per batch"
 
 
 def test_padded_fill_counts_real_tokens_in_padded_batches():
     assert padded_fill([4, 4, 2, 2], batch_size=4) == 12 / 16
     assert padded_fill([3, 3], batch_size=1) == 1.0
     assert packed_fill([[3, 1], [2]], max_length=4) == 6 / 8
+    unpacked = Dataset.from_dict({"input_ids": [[1] * 4, [1] * 2]})
+    args = SimpleNamespace(per_device_train_batch_size=2, seed=0, max_length=8)
+    assert batch_fill(unpacked, args) == "no packing: 2 samples, 75.0% real tokens per batch of 2 padded to its longest"
+    assert batch_fill(Dataset.from_dict({"chosen_input_ids": [[1]]}), args) is None  # DPO's data: no line
 
 
 def test_assistant_only_loss_marks_exactly_the_assistant_tokens_when_packed(packed_llama, synth_dir):
     """Each packed sample's labels are its own tokens where the template marks assistant tokens, -100 elsewhere."""
     tokenizer = packed_llama.processing_class
-    import json
-
     expected = {}
     for line in (synth_dir / "sft.jsonl").read_text().splitlines():
         rendered = tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=True, return_dict=True,

@@ -196,16 +196,15 @@ def packed_fill(seq_lengths: list[list[int]], max_length: int) -> float:
 
 
 def batch_fill(dataset, args) -> str | None:
-    """One line for the run log: samples, rows and the share of real tokens per batch, packed or padded (TRL's
-    prepared SFT train dataset: `seq_lengths` per packed row, else `input_ids` per sample; None for other data)."""
+    """One line for the run log: the share of real tokens per batch, in packed rows (TRL's prepared SFT dataset has
+    `seq_lengths` per row) or in batches padded to their longest sample; None for data without `input_ids`."""
     if "seq_lengths" in dataset.column_names:
         rows = dataset["seq_lengths"]
-        lengths = [length for row in rows for length in row]
-        return (f"packing: {len(lengths)} samples in {len(rows)} rows of {args.max_length} tokens, "
-                f"{packed_fill(rows, args.max_length):.1%} real tokens (padded batches of "
-                f"{args.per_device_train_batch_size} would hold {padded_fill(lengths, args.per_device_train_batch_size, args.seed):.1%})")
+        return (f"packing: {sum(map(len, rows))} samples in {len(rows)} rows of {args.max_length} tokens, "
+                f"{packed_fill(rows, args.max_length):.1%} real tokens per batch")
     if "input_ids" not in dataset.column_names:
         return None
     lengths = [len(ids) for ids in dataset["input_ids"]]
-    return (f"no packing: {len(lengths)} samples, {padded_fill(lengths, args.per_device_train_batch_size, args.seed):.1%} "
-            f"real tokens in batches of {args.per_device_train_batch_size} padded to their longest (packing: true fills rows)")
+    batch_size = args.per_device_train_batch_size
+    return (f"no packing: {len(lengths)} samples, {padded_fill(lengths, batch_size, args.seed):.1%} real tokens per "
+            f"batch of {batch_size} padded to its longest")
