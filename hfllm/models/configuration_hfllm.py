@@ -4,6 +4,9 @@ One config covers every variant; the variant is a matter of fields:
   - dense Llama: the defaults (GQA/MQA through `num_key_value_heads`, optional `qk_norm` and qkv bias)
   - sliding window: `sliding_window=W` and `layer_types` ("sliding_attention" / "full_attention" per layer)
   - MoE: `num_experts > 0` (top-k routing, optional shared experts, aux-loss-free balancing)
+  - positions: `position_embedding` "rope" (default), "alibi" (Press et al. 2022) or "none" (NoPE)
+  - modded-nanogpt's speedrun options: `mlp_activation: relu2`, `final_logit_softcapping`, `value_embeddings`,
+    `unet_skips`, `zero_init_output_projections`
 
 This file is copied next to saved checkpoints (`trust_remote_code=True`), so it imports only transformers.
 """
@@ -12,6 +15,9 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
+POSITION_EMBEDDINGS = ("rope", "alibi", "none")
+MLP_ACTIVATIONS = ("gated", "relu2")
+MODDED_NANOGPT_VALUE_EMBEDDINGS = 3  # `value_embeddings: true`: the record runs' three tables
 ROPE_TYPES = ("default", *sorted(ROPE_INIT_FUNCTIONS))
 
 
@@ -52,6 +58,20 @@ class HfllmConfig(PreTrainedConfig):
         router_bias_update_rate: aux-loss-free balancing (DeepSeek-V3): after each optimizer step, each expert's
             routing bias moves by this amount towards balance; 0 disables it.
         output_router_logits: return router logits (and compute the auxiliary losses) by default.
+        position_embedding: "rope" (rotary, `rope_parameters`), "alibi" (a per-head linear distance penalty on the
+            attention scores, Press et al. 2022, arXiv 2108.12409) or "none" (NoPE: causal attention alone,
+            Kazemnejad et al. 2023, arXiv 2305.19466).
+        mlp_activation: "gated" (SwiGLU with `hidden_act`: down(act(gate(x)) * up(x))) or "relu2" (non-gated
+            down(relu(up(x))^2), So et al. 2021, arXiv 2109.08668, as in modded-nanogpt's records).
+        final_logit_softcapping: cap * tanh(logits / cap) on the LM head's logits (Gemma 2's field, arXiv 2408.00118;
+            modded-nanogpt); None disables it.
+        value_embeddings: number of extra token-embedding tables mixed into the attention values (modded-nanogpt):
+            table i serves layer i and layer L - N + i, v = lambda_0 * v + lambda_1 * embedding(token); `true` means 3.
+            A model of fewer than N layers builds one table per layer.
+        unet_skips: U-net skips (modded-nanogpt): the outputs of the first L // 2 layers are added, with learned
+            weights (initialised to 1), to the inputs of the last L // 2 layers in reverse order.
+        zero_init_output_projections: initialise o_proj and down_proj to zero, so that every block starts as the
+            identity (modded-nanogpt; "ReZero"-like, arXiv 2003.04887). Only the initialisation changes.
     """
 
     model_type = "hfllm"
@@ -114,6 +134,12 @@ class HfllmConfig(PreTrainedConfig):
     router_z_loss_coef: int | float = 0.0
     router_bias_update_rate: int | float = 0.0
     output_router_logits: bool = False
+    position_embedding: str = "rope"
+    mlp_activation: str = "gated"
+    final_logit_softcapping: int | float | None = None
+    value_embeddings: int | bool = 0
+    unet_skips: bool = False
+    zero_init_output_projections: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -135,6 +161,8 @@ class HfllmConfig(PreTrainedConfig):
             self.moe_intermediate_size = self.intermediate_size
         if self.mlp_only_layers is None:
             self.mlp_only_layers = []
+        if isinstance(self.value_embeddings, bool):
+            self.value_embeddings = MODDED_NANOGPT_VALUE_EMBEDDINGS if self.value_embeddings else 0
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = 0.01 if self.num_experts > 0 else 0.0
         if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:
@@ -149,7 +177,7 @@ class HfllmConfig(PreTrainedConfig):
         has_dense_mlp = any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers))
         builds = {
             ".self_attn.q_norm": self.qk_norm, ".self_attn.k_norm": self.qk_norm,
-            ".mlp.gate_proj": has_dense_mlp, ".mlp.up_proj": has_dense_mlp, ".mlp.down_proj": has_dense_mlp,
+            ".mlp.gate_proj": has_dense_mlp and self.mlp_activation == "gated", ".mlp.up_proj": has_dense_mlp, ".mlp.down_proj": has_dense_mlp,
             ".mlp.experts": self.num_experts > 0, ".mlp.shared_experts.": self.num_experts > 0 and self.num_shared_experts > 0,
         }
         plan = type(self).base_model_tp_plan
@@ -167,7 +195,14 @@ class HfllmConfig(PreTrainedConfig):
             f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
             f"({self.num_key_value_heads})",
         )
-        self._check(self.head_dim % 2 == 0, f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        self._check(
+            self.position_embedding in POSITION_EMBEDDINGS,
+            f"unknown position_embedding '{self.position_embedding}'; allowed: {', '.join(POSITION_EMBEDDINGS)}",
+        )
+        self._check(
+            self.position_embedding != "rope" or self.head_dim % 2 == 0,
+            f"head_dim ({self.head_dim}) must be even for rotary embeddings",
+        )
         rope_type = self.rope_parameters.get("rope_type", "default")
         self._check(
             rope_type in ROPE_TYPES, f"unknown rope_type '{rope_type}' in rope_parameters; allowed: {', '.join(ROPE_TYPES)}"
@@ -182,6 +217,23 @@ class HfllmConfig(PreTrainedConfig):
             "sliding_attention" not in self.layer_types or (self.sliding_window or 0) > 0,
             "layer_types has 'sliding_attention' layers but sliding_window is not a positive integer; set sliding_window",
         )
+        self._check(
+            self.mlp_activation in MLP_ACTIVATIONS,
+            f"unknown mlp_activation '{self.mlp_activation}'; allowed: {', '.join(MLP_ACTIVATIONS)}",
+        )
+        self._check(
+            self.mlp_activation == "gated" or self.num_experts == 0,
+            "mlp_activation relu2 is for dense models; MoE experts are gated (set num_experts: 0 or mlp_activation: gated)",
+        )
+        self._check(
+            self.final_logit_softcapping is None or self.final_logit_softcapping > 0,
+            f"final_logit_softcapping ({self.final_logit_softcapping}) must be positive, or null to disable it",
+        )
+        self._check(self.value_embeddings >= 0, f"value_embeddings ({self.value_embeddings}) must be 0 or more")
+        self._check(
+            not self.unet_skips or self.num_hidden_layers >= 2,
+            "unet_skips needs at least 2 layers (the first half's outputs feed the second half)",
+        )
         if self.num_experts > 0:
             self._check(
                 1 <= self.num_experts_per_tok <= self.num_experts,
@@ -194,6 +246,21 @@ class HfllmConfig(PreTrainedConfig):
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.num_experts > 0 and layer_idx not in self.mlp_only_layers
+
+    @property
+    def value_embedding_tables(self) -> int:
+        """How many value-embedding tables the model builds: `value_embeddings`, at most one per layer."""
+        return min(self.value_embeddings, self.num_hidden_layers)
+
+    def value_embedding_index(self, layer_idx: int) -> int | None:
+        """The value-embedding table layer `layer_idx` mixes in: table i serves the first layers (i) and the last
+        ones (L - N + i), as modded-nanogpt shares its tables between the two ends of the stack; None for no table."""
+        count, layers = self.value_embedding_tables, self.num_hidden_layers
+        if layer_idx < count:
+            return layer_idx
+        if layer_idx >= layers - count:
+            return layer_idx - (layers - count)
+        return None
 
 
 __all__ = ["HfllmConfig", "HfllmConfigError"]

@@ -118,6 +118,24 @@ def hfllm_config_from(src: PreTrainedConfig) -> HfllmConfig:
 # --------------------------------------------------------------------------- configs: hfllm -> native
 
 
+def hfllm_only_variants(config: HfllmConfig) -> list[str]:
+    """The variants of `config` that no native Llama-family architecture (nor llama.cpp's) computes, each named
+    with its config field: ALiBi and NoPE positions and modded-nanogpt's options. Zero-initialised output
+    projections change only the initialisation, so they export."""
+    variants = []
+    if config.position_embedding != "rope":
+        variants.append(f"position_embedding: {config.position_embedding}")
+    if config.mlp_activation != "gated":
+        variants.append(f"mlp_activation: {config.mlp_activation}")
+    if config.final_logit_softcapping is not None:
+        variants.append(f"final_logit_softcapping: {config.final_logit_softcapping:g}")
+    if config.value_embeddings:
+        variants.append(f"value_embeddings: {config.value_embeddings}")
+    if config.unet_skips:
+        variants.append("unet_skips: true")
+    return variants
+
+
 def native_config_from(config: HfllmConfig) -> PreTrainedConfig:
     """The native transformers config that computes exactly what `config` computes, or an HfllmError saying why
     none does. Choice: MoE -> Mixtral (or Qwen3-MoE with QK-norm / dense layers); dense -> Llama, Mistral (sliding
@@ -138,6 +156,10 @@ def native_config_from(config: HfllmConfig) -> PreTrainedConfig:
 
     def refuse(reason: str) -> HfllmError:
         return HfllmError(f"no native transformers architecture matches this model: {reason}")
+
+    if variants := hfllm_only_variants(config):
+        raise refuse(f"{'; '.join(variants)} exist only in hfllm's own code; keep the hfllm checkpoint "
+                     "(it loads with trust_remote_code=True)")
 
     if config.mlp_bias and (config.num_experts or sliding or config.qk_norm):
         raise refuse("mlp_bias is only supported by Llama (dense, full attention, no qk_norm)")
@@ -338,6 +360,7 @@ def export(src: str | Path, out: str | Path, to: str = "transformers", quant: st
         raise HfllmError(f"--quant {quant} needs --to gguf and one of: {', '.join(QUANTS)}")
     if read_config(src).get("model_type") != "hfllm":
         raise HfllmError(f"'{src}' is not an hfllm checkpoint (model_type is not 'hfllm'); nothing to export")
+    native_config_from(HfllmConfig.from_pretrained(src))  # refuses what no native class computes, before loading
     check_output_dir(out)
     model, tokenizer = load(src, dtype="auto" if to == "transformers" else torch.float32)
     native = to_native(model)

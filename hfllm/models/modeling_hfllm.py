@@ -1,9 +1,11 @@
 """hfllm's decoder-only transformer: one family, read top to bottom.
 
-    RMSNorm -> rotary embedding -> attention (GQA, optional QK-norm, sliding window) -> SwiGLU MLP
-    -> MoE (router, fused experts, shared experts) -> decoder layer -> model -> causal-LM head (+ MoE losses)
+    RMSNorm -> rotary embedding / ALiBi slopes -> attention (GQA, optional QK-norm, sliding window, value
+    embeddings) -> SwiGLU or ReLU² MLP -> MoE (router, fused experts, shared experts) -> decoder layer -> model
+    (optional U-net skips) -> causal-LM head (+ optional logit soft-capping, MoE losses)
 
-Llama, Mistral (sliding window) and MoE variants differ only by config fields (see `configuration_hfllm.py`).
+Llama, Mistral (sliding window) and MoE variants, ALiBi / NoPE positions and modded-nanogpt's speedrun options
+differ only by config fields (see `configuration_hfllm.py`).
 Attention kernels (eager / sdpa / flash_attention_2 / flex_attention) are swapped through transformers'
 `ALL_ATTENTION_FUNCTIONS`, KV caches through its `Cache` classes, experts kernels through `use_experts_implementation`.
 Shapes: B batch, T new tokens, S key length (cache included), H hidden, nh / nkv heads, hd head dim, E experts.
@@ -16,6 +18,7 @@ runs, with one warning, unless one of the contracts is missing.
 
 import dataclasses
 import inspect
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,18 +230,60 @@ def apply_rotary_pos_emb(
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
 
+def alibi_slopes(num_heads: int, device: torch.device | None = None) -> torch.Tensor:
+    """ALiBi's per-head slopes m_h (Press et al. 2022, arXiv 2108.12409, section 3): for n heads a power of 2, the
+    geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8); otherwise the slopes of the closest smaller power of 2, c,
+    followed by every other slope of 2c (the paper's rule, from its reference code). Returns (nh,) float32."""
+
+    def power_of_2(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_2(closest) + power_of_2(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
+def alibi_attention_mask(
+    attention_mask: torch.Tensor | None, slopes: torch.Tensor, query_length: int, key_length: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The causal / padding mask as an additive float mask with ALiBi's bias: -m_h * (i - j) where query i may see key
+    j, the dtype's minimum elsewhere. Keys are the last `key_length` positions and the queries the last
+    `query_length` of them (a dynamic KV cache, full or sliding), so i - j is the distance in tokens; left padding
+    shifts both alike. attention_mask: None (causal only), boolean (True = attend) or additive float, (B, 1, T, S).
+    Returns (B or 1, nh, T, S)."""
+    device = slopes.device
+    query_positions = torch.arange(key_length - query_length, key_length, device=device)  # (T,)
+    distance = query_positions[:, None] - torch.arange(key_length, device=device)[None, :]  # (T, S): i - j
+    if attention_mask is None:
+        allowed = (distance >= 0)[None, None]  # (1, 1, T, S)
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask[..., :key_length]
+    else:
+        allowed = attention_mask[..., :key_length] == 0
+    bias = -slopes[None, :, None, None] * distance[None, None].to(torch.float32)  # (1, nh, T, S)
+    return torch.where(allowed, bias, torch.finfo(torch.float32).min).to(dtype)
+
+
 class HfllmMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); or, with `mlp_activation: relu2`, the non-gated ReLU² MLP of modded-nanogpt's
+    records: down(relu(up(x))^2) (Primer, So et al. 2021, arXiv 2109.08668)."""
 
     def __init__(self, config: HfllmConfig, intermediate_size: int | None = None):
         super().__init__()
         intermediate_size = intermediate_size or config.intermediate_size
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.gated = config.mlp_activation == "gated"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        if config.zero_init_output_projections:
+            self.down_proj.zero_init = True  # `_init_weights` starts it at zero (modded-nanogpt)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.down_proj(F.relu(self.up_proj(x)).square())
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -274,7 +319,8 @@ def eager_attention_forward(
 
 
 class HfllmAttention(nn.Module):
-    """Multi-head attention with grouped key/value heads, rotary positions and an optional sliding window."""
+    """Multi-head attention with grouped key/value heads, rotary / ALiBi / no positions, an optional sliding window
+    and optional value embeddings (modded-nanogpt: v = lambda_0 * v + lambda_1 * value_embedding(token))."""
 
     def __init__(self, config: HfllmConfig, layer_idx: int):
         super().__init__()
@@ -292,33 +338,46 @@ class HfllmAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.attention_out_bias)
+        if config.zero_init_output_projections:
+            self.o_proj.zero_init = True  # `_init_weights` starts it at zero (modded-nanogpt)
         if config.qk_norm:
             self.q_norm = HfllmRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = HfllmRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        if config.value_embedding_index(layer_idx) is not None:
+            self.value_lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # (2,): weights of v and the value embedding
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        value_embedding: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """value_embedding: (B, T, nkv * hd) this layer's value-embedding lookup, or None."""
         input_shape = hidden_states.shape[:-1]  # (B, T)
         hidden_shape = (*input_shape, -1, self.head_dim)
 
         query_states = self.q_proj(hidden_states).view(hidden_shape)  # (B, T, nh, hd)
         key_states = self.k_proj(hidden_states).view(hidden_shape)  # (B, T, nkv, hd)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
+        if value_embedding is not None:
+            value_embedding = value_embedding.view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
+            value_states = self.value_lambdas[0] * value_states + self.value_lambdas[1] * value_embedding
         if self.config.qk_norm:
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)  # (B, n, T, hd)
 
-        cos, sin = position_embeddings
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if position_embeddings is not None:  # rope; ALiBi biases the scores below, NoPE has no positions
+            cos, sin = position_embeddings
+            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
         if cache is not None:  # append this step's keys/values; returns the whole cache (B, nkv, S, hd)
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+
+        if self.config.position_embedding == "alibi":
+            attention_mask, kwargs = self.alibi(attention_mask, query_states, key_states, kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -336,6 +395,23 @@ class HfllmAttention(nn.Module):
         )  # (B, T, nh, hd)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, nh * hd)
         return self.o_proj(attn_output), attn_weights
+
+    def alibi(
+        self, attention_mask, query_states: torch.Tensor, key_states: torch.Tensor, kwargs: dict
+    ) -> tuple[torch.Tensor | object, dict]:
+        """ALiBi in the attention kernel's own terms: eager and SDPA take the bias inside an additive float mask;
+        flex attention adds it in its `score_mod` (transformers' `position_bias`) next to the block mask.
+        FlashAttention-2 has `alibi_slopes`, but transformers' FlashAttention call does not pass them on."""
+        implementation = self.config._attn_implementation
+        slopes = alibi_slopes(query_states.shape[1], query_states.device)  # (nh,)
+        query_length, key_length = query_states.shape[-2], key_states.shape[-2]
+        if "flash" in implementation:
+            raise ValueError(f"position_embedding 'alibi' is not wired to {implementation} (transformers' FlashAttention "
+                             "call does not pass alibi_slopes); use attn_implementation sdpa or flex_attention")
+        if implementation == "flex_attention":  # the mask is a BlockMask: causal and padding stay in it
+            bias = alibi_attention_mask(None, slopes, query_length, key_length, torch.float32)  # (1, nh, T, S)
+            return attention_mask, {**kwargs, "position_bias": bias.expand(query_states.shape[0], -1, -1, -1)}
+        return alibi_attention_mask(attention_mask, slopes, query_length, key_length, query_states.dtype), kwargs
 
 
 class HfllmRouter(nn.Module):
@@ -381,6 +457,7 @@ class HfllmExperts(nn.Module):
         intermediate, hidden = config.moe_intermediate_size, config.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * intermediate, hidden))  # (E, 2I, H)
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, intermediate))  # (E, H, I)
+        self.zero_init = config.zero_init_output_projections  # `_init_weights` starts down_proj at zero
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(
@@ -440,6 +517,7 @@ class HfllmDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        value_embedding: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         residual = hidden_states  # (B, T, H)
@@ -450,6 +528,7 @@ class HfllmDecoderLayer(GradientCheckpointingLayer):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            value_embedding=value_embedding,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -484,6 +563,12 @@ class HfllmPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.expert_bias)
             init.zeros_(module.tokens_per_expert)
+        elif isinstance(module, HfllmAttention) and hasattr(module, "value_lambdas"):
+            init.constant_(module.value_lambdas, 0.5)
+        elif isinstance(module, HfllmModel) and module.skip_weights is not None:
+            init.ones_(module.skip_weights)
+        if getattr(module, "zero_init", False):  # an output projection under zero_init_output_projections
+            init.zeros_(module.down_proj if isinstance(module, HfllmExperts) else module.weight)
 
 
 class HfllmModel(HfllmPreTrainedModel):
@@ -496,7 +581,17 @@ class HfllmModel(HfllmPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([HfllmDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = HfllmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = HfllmRotaryEmbedding(config=config)
+        if config.position_embedding == "rope":
+            self.rotary_emb = HfllmRotaryEmbedding(config=config)
+        # modded-nanogpt's value embeddings: (V, nkv * hd) tables, each shared by a layer near each end of the stack
+        kv_width = config.num_key_value_heads * config.head_dim
+        self.value_embeds = None
+        if config.value_embeddings:
+            self.value_embeds = nn.ModuleList(
+                [nn.Embedding(config.vocab_size, kv_width) for _ in range(config.value_embedding_tables)]
+            )
+        # U-net skips (modded-nanogpt): layer L - n + i receives the output of layer n - 1 - i, weighted
+        self.skip_weights = nn.Parameter(torch.ones(config.num_hidden_layers // 2)) if config.unet_skips else None
         self.has_sliding_layers = "sliding_attention" in config.layer_types
         self.gradient_checkpointing = False
         self.post_init()
@@ -516,6 +611,11 @@ class HfllmModel(HfllmPreTrainedModel):
         cache = _cache_argument(cache, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if self.value_embeds is not None and input_ids is None:
+            raise ValueError("value_embeddings look up token ids: pass input_ids, not inputs_embeds")
+        if self.config.position_embedding == "alibi" and getattr(cache, "is_compileable", False):
+            raise ValueError("position_embedding 'alibi' measures distances in the dynamic KV cache; a static cache "
+                             "(cache_implementation='static', compiled generation) is not supported")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, H)
         if use_cache and cache is None:
@@ -539,8 +639,16 @@ class HfllmModel(HfllmPreTrainedModel):
                 mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)  # cos, sin: (B, T, hd)
+        position_embeddings = None  # ALiBi biases the attention scores in each layer; NoPE has no positions
+        if self.config.position_embedding == "rope":
+            position_embeddings = self.rotary_emb(hidden_states, position_ids)  # cos, sin: (B, T, hd)
+        value_embeddings = [table(input_ids) for table in self.value_embeds or ()]  # each (B, T, nkv * hd)
+        skip_count = 0 if self.skip_weights is None else len(self.skip_weights)
+        first_decoder, skips = self.config.num_hidden_layers - skip_count, []  # U-net: the encoder's outputs
         for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):  # fewer: an early exit
+            if skip_count and i >= first_decoder:
+                hidden_states = hidden_states + self.skip_weights[i - first_decoder] * skips.pop()
+            table = self.config.value_embedding_index(i)
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=mask_mapping[self.config.layer_types[i]],
@@ -548,8 +656,11 @@ class HfllmModel(HfllmPreTrainedModel):
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=use_cache,
+                value_embedding=None if table is None else value_embeddings[table],
                 **kwargs,
             )
+            if i < skip_count:
+                skips.append(hidden_states)
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache})
 
 
@@ -674,6 +785,8 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
         method, so that a kernel fusing the two (Liger's fused linear cross-entropy, hfllm/training/kernels.py) can
         replace it on an instance without touching the rest of `forward`."""
         logits = self.lm_head(hidden_states)  # (B, T, V)
+        if (cap := self.config.final_logit_softcapping) is not None:  # Gemma 2 / modded-nanogpt soft cap
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -699,4 +812,5 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
         return load / load.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
-__all__ = ["HfllmForCausalLM", "HfllmModel", "HfllmPreTrainedModel", "load_balancing_loss", "router_z_loss"]
+__all__ = ["HfllmForCausalLM", "HfllmModel", "HfllmPreTrainedModel", "alibi_slopes", "load_balancing_loss",
+           "router_z_loss"]

@@ -105,7 +105,7 @@ def apply_liger_kernel_to_hfllm(
         name = type(module).__name__
         if rms_norm and name == "HfllmRMSNorm":
             _patch_rms_norm_module(module, eps=module.variance_epsilon)  # casting "llama": hfllm's float32 rule
-        elif swiglu and name == "HfllmMLP" and model.config.hidden_act in ("silu", "swish"):
+        elif swiglu and name == "HfllmMLP" and module.gated and model.config.hidden_act in ("silu", "swish"):
             _patch_swiglu_module(module, LigerSwiGLUMLP)
     if fused_linear_cross_entropy:
         model.logits_and_loss = MethodType(_fused_logits_and_loss, model)
@@ -123,7 +123,8 @@ def _fused_logits_and_loss(self, hidden_states: torch.Tensor, labels: torch.Long
     if not skip_logits or labels is None:
         return type(self).logits_and_loss(self, hidden_states, labels, **kwargs)
     loss = LigerForCausalLMLoss(hidden_states=hidden_states, lm_head_weight=self.lm_head.weight, labels=labels,
-                                hidden_size=self.config.hidden_size, **kwargs)
+                                hidden_size=self.config.hidden_size,
+                                final_logit_softcapping=self.config.final_logit_softcapping, **kwargs)
     return None, loss
 
 

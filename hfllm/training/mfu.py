@@ -3,8 +3,9 @@
 FLOPs per trained token (forward + backward, PaLM appendix B / nanoGPT):
     6 * N_matmul + 12 * n_layer * n_head * head_dim * T_attn
 N_matmul is `parameter_counts(model)["active_matmul"]` (hfllm.models): the weights that multiply activations per
-token, MoE experts counted for the top-k only. T_attn is the context each query sees:
-the block size, or the sliding window when smaller.
+token, MoE experts counted for the top-k only, less any other lookup table (modded-nanogpt's value embeddings are read,
+not multiplied). T_attn is the context each query sees: the block size, or the sliding window when smaller.
+Elementwise work (norms, ALiBi's bias, soft-capping, U-net and value-embedding mixing) is left out, as in PaLM.
 
 Peak FLOP/s: the dense bf16 tensor-core figure of known GPUs (times the number of GPUs). On a CPU there is no
 datasheet number, so the peak is *measured* with a large matmul in the training dtype at start; CPU MFU is an estimate
@@ -43,7 +44,14 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     window = getattr(config, "sliding_window", None)
     context = min(seq_len, window) if window else seq_len
     attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * context
-    return 6 * parameter_counts(model)["active_matmul"] + attention
+    return 6 * (parameter_counts(model)["active_matmul"] - extra_lookup_parameters(model)) + attention
+
+
+def extra_lookup_parameters(model: nn.Module) -> int:
+    """Parameters of embedding tables other than the input embedding (hfllm's value embeddings): looked up per token,
+    never multiplied, so they cost no matmul FLOPs."""
+    tables = [module for module in model.modules() if isinstance(module, nn.Embedding)]
+    return sum(table.weight.numel() for table in tables if table is not model.get_input_embeddings())
 
 
 def peak_flops(dtype: torch.dtype) -> tuple[float, str]:
