@@ -34,18 +34,24 @@ def tiny_recipe(folder: Path, **keys) -> dict:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """2 values x 2 seeds of one axis, plus the baseline: 6 points of 8 steps."""
+    """2 values x 2 seeds of one axis, plus the baseline: 6 points of 8 steps, 4 trained (the value 3e-3 is the
+    baseline's own, so its points are the baseline's)."""
     folder = tmp_path_factory.mktemp("sweep")
     recipe = tiny_recipe(folder)
-    results = ablate(recipe, {"learning_rate": [1e-3, 1e-2]}, budget=("steps", 8), seeds=2, out=folder / "out")
+    results = ablate(recipe, {"learning_rate": [3e-3, 1e-2]}, budget=("steps", 8), seeds=2, out=folder / "out")
     return recipe, results
 
 
 def test_tiny_sweep_writes_the_table_with_seed_spread(sweep, capsys):
     _, results = sweep
-    assert [row["variant"] for row in results.rows] == ["baseline", "learning_rate=0.001", "learning_rate=0.01"]
-    assert [(p["variant"], p["seed"]) for p in results.points] == [
-        (variant, seed) for variant in ("baseline", "learning_rate=0.001", "learning_rate=0.01") for seed in (7, 8)]
+    variants = ("baseline", "learning_rate=0.003", "learning_rate=0.01")
+    assert [row["variant"] for row in results.rows] == list(variants)
+    assert [(p["variant"], p["seed"]) for p in results.points] == [(v, seed) for v in variants for seed in (7, 8)]
+    assert len({p["key"] for p in results.points}) == 4  # the baseline's value trains once
+    assert len(list((results.out / "points").iterdir())) == 4
+    same = results.rows[1]
+    assert same["final_eval_loss"] == results.rows[0]["final_eval_loss"] and same["verdict"] == "noise"
+    assert results.rows[2]["verdict"] in ("better", "worse", "noise")
     assert all(p["steps"] == 8 and p["tokens"] == 8 * 2 * 16 for p in results.points)  # the same budget everywhere
     for row in results.rows:
         finals = [p["final_eval_loss"] for p in results.points if p["variant"] == row["variant"]]
@@ -79,9 +85,10 @@ def test_rerun_reuses_finished_points_and_trains_the_missing_one(sweep):
     recipe, results = sweep
     out = results.out
     logs = {p["key"]: (out / "logs" / f"{p['key']}.txt").stat().st_size for p in results.points}
+    assert len(logs) == 4
     missing = results.points[-1]["key"]
     (out / "points" / f"{missing}.json").unlink()  # as if the sweep had been killed during its last point
-    again = ablate(recipe, {"learning_rate": [1e-3, 1e-2]}, budget=("steps", 8), seeds=2, out=out)
+    again = ablate(recipe, {"learning_rate": [3e-3, 1e-2]}, budget=("steps", 8), seeds=2, out=out)
     grown = [key for key, size in logs.items() if (out / "logs" / f"{key}.txt").stat().st_size != size]
     assert grown == [missing]  # only the unfinished point trained again
     assert [p["final_eval_loss"] for p in again.points[:-1]] == [p["final_eval_loss"] for p in results.points[:-1]]
@@ -166,7 +173,7 @@ def test_fit_recovers_a_known_law_and_its_bootstrap_covers_it():
     law = fit_law(n, d, losses)
     assert law.alpha == pytest.approx(LAW.alpha, abs=0.04) and law.beta == pytest.approx(LAW.beta, abs=0.04)
     assert law.E == pytest.approx(LAW.E, abs=0.1)
-    laws = bootstrap(n, d, losses, law, samples=30)
+    laws = bootstrap(n, d, losses, law, samples=20)
     low, high = interval([each.alpha for each in laws])
     assert low < LAW.alpha < high and high - low < 0.2
     # compute-optimal split at C = 6 N D: D/N from the closed form, and the loss there is the lowest at that C

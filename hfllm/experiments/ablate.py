@@ -14,7 +14,6 @@ larger standard deviation of the two) is labelled "noise" (docs/experiments.md).
 """
 
 import itertools
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from .points import (
     Interrupted,
     Point,
     Tokenizers,
-    describe_point,
     mean_spread,
     resolve_points,
     run_points,
@@ -41,7 +39,7 @@ RESERVED = {"seed": "--seeds", "max_steps": "--budget steps N", "output_dir": "-
 
 
 @dataclass
-class Results:
+class AblationResults:
     """What `ablate` returns: one row per variant (the table), every point's record, and where they were written."""
 
     rows: list[dict[str, Any]]
@@ -54,7 +52,7 @@ class Results:
 
 
 def ablate(recipe: str | Path | Mapping, axes: Mapping[str, Sequence], *, budget=("steps", 200), seeds: int = 1,
-           out: str | Path = "runs/ablate", grid: bool = False, prog: str = PROG, **overrides) -> Results:
+           out: str | Path = "runs/ablate", grid: bool = False, prog: str = PROG, **overrides) -> AblationResults:
     """Train the baseline and each variant of `axes` ({key: [values]}) `seeds` times under `budget`; the table
     as data. Bad input raises HfllmError before anything is written."""
     budget, out = Budget.of(budget), Path(out)
@@ -66,12 +64,12 @@ def ablate(recipe: str | Path | Mapping, axes: Mapping[str, Sequence], *, budget
     resolve_points(recipe, overrides, points, budget, out, prog, tokenizers)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        records = run_points(points, out, prog, tokenizers, describe_point)
+        records = run_points(points, out, prog, tokenizers)
     except Interrupted as stop:
-        return Results([], [], out, stop.exit_code)
+        return AblationResults([], [], out, stop.exit_code)
     ordered = [records[point.key] | {"variant": point.variant, "seed": point.seed} for point in points]
     rows = summarize(ordered)
-    results = Results(rows, ordered, out)
+    results = AblationResults(rows, ordered, out)
     write_json(out / "results.json", {"budget": str(budget), "seeds": seeds, "rows": rows, "points": ordered})
     (out / "results.md").write_text(f"# ablation: budget {budget}, {seeds} seed(s)\n\n{table(rows)}\n",
                                     encoding="utf-8")

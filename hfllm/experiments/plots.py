@@ -61,10 +61,13 @@ def plot_scaling(cells: list[dict], law: Law | None, holdout: dict | None, path:
     if law is not None:
         optimal = [law.optimal(c) for c in flops]
         frontier.plot(flops, [law.loss(n, d) for n, d in optimal], "k--", label="fit: compute-optimal frontier")
-        parameters = np.logspace(np.log10(min(c["parameters"] for c in cells) / 3),
-                                 np.log10(max(c["parameters"] for c in cells) * 3), 100)
+        sizes_n = [c["parameters"] for c in cells] + ([holdout["parameters"]] if holdout else [])
+        parameters = np.logspace(np.log10(min(sizes_n) / 3), np.log10(max(sizes_n) * 3), 100)
         grid_c, grid_n = np.meshgrid(flops, parameters)
-        levels = contours.contour(grid_c, grid_n, law.loss(grid_n, grid_c / (6 * grid_n)), levels=12, cmap="magma")
+        best = [law.loss(n, d) for n, d in optimal]
+        worst = max(c["loss"] for c in cells if c["loss"] is not None)
+        levels = contours.contour(grid_c, grid_n, law.loss(grid_n, grid_c / (6 * grid_n)), cmap="magma",
+                                  levels=np.linspace(min(best), worst + 0.1 * (worst - min(best)), 10))
         contours.clabel(levels, fontsize=7, fmt="%.2f")
         contours.plot(flops, [n for n, _ in optimal], "k--", label="N_opt(C)")
     contours.scatter(computes, [c["parameters"] for c in cells], c="tab:blue", s=15, label="runs")

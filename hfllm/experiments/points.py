@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,11 +275,10 @@ def point_file(out: Path, key: str) -> Path:
     return out / "points" / f"{key}.json"
 
 
-def run_points(points: list[Point], out: Path, prog: str, tokenizers: Tokenizers,
-               describe: Callable[[dict], str]) -> dict[str, dict]:
+def run_points(points: list[Point], out: Path, prog: str, tokenizers: Tokenizers) -> dict[str, dict]:
     """Train every point not finished in `out` yet (each key once); {key: record} of all points. A point ends in
     `OUT/points/<key>.json` only once trained to its end; an interrupted point (SIGINT / SIGTERM) stops the sweep
-    with its exit code (HfllmError-free: the caller returns it)."""
+    with its exit code (`Interrupted`; the caller returns it)."""
     records: dict[str, dict] = {}
     unique = list({point.key: point for point in points}.values())
     for point in unique:
@@ -301,7 +300,7 @@ def run_points(points: list[Point], out: Path, prog: str, tokenizers: Tokenizers
             write_json(point_file(out, point.key), record)
             records[point.key] = record
             bar.update()
-            tqdm.write(describe(record), file=sys.stderr)
+            tqdm.write(describe_point(record), file=sys.stderr)
     finally:
         bar.close()
     return records

@@ -30,7 +30,7 @@ from ..training.arguments import parse_recipe
 from ..training.pretrain import resolve_config
 from .fit import Law, bootstrap, fit_law, interval
 from .plots import plot_scaling
-from .points import Budget, Interrupted, Point, Tokenizers, describe_point, resolve_points, run_points, write_json
+from .points import Budget, Interrupted, Point, Tokenizers, resolve_points, run_points, write_json
 
 PROG = "hfllm scaling"
 CHINCHILLA_TOKENS_PER_PARAMETER = 20
@@ -89,7 +89,7 @@ def scaling(recipe: str | Path | Mapping, *, sizes: Sequence[str] | None = None,
     out.mkdir(parents=True, exist_ok=True)
 
     try:
-        records = run_points(grid, out, prog, tokenizers, describe_point)
+        records = run_points(grid, out, prog, tokenizers)
         ordered = [records[p.key] | {"variant": p.variant, "seed": p.seed} for p in grid]
         cells = grid_cells(grid, ordered)
         violations = monotonicity(cells)
@@ -108,14 +108,15 @@ def scaling(recipe: str | Path | Mapping, *, sizes: Sequence[str] | None = None,
         held_out = None
         if held:
             point = held[0]
-            parameters, tokens_ = point.shape["parameters"]["total"], point.recipe.args[2].max_steps * point.shape["tokens_per_step"]
-            predicted = float(law.loss(parameters, tokens_))
-            band = interval([float(each.loss(parameters, tokens_)) for each in laws])
-            print(f"{point.variant}: {parameters / 1e6:.3f}M parameters, {tokens_:,} tokens; predicted final "
+            parameters = point.shape["parameters"]["total"]
+            tokens_trained = point.recipe.args[2].max_steps * point.shape["tokens_per_step"]
+            predicted = float(law.loss(parameters, tokens_trained))
+            band = interval([float(each.loss(parameters, tokens_trained)) for each in laws])
+            print(f"{point.variant}: {parameters / 1e6:.3f}M parameters, {tokens_trained:,} tokens; predicted final "
                   f"validation loss {predicted:.4f} (95% interval {band[0]:.4f}-{band[1]:.4f}); training it", flush=True)
-            record = run_points(held, out, prog, tokenizers, describe_point)[point.key]
+            record = run_points(held, out, prog, tokenizers)[point.key]
             actual = record["final_eval_loss"]
-            held_out = {"variant": point.variant, "key": point.key, "parameters": parameters, "tokens": tokens_,
+            held_out = {"variant": point.variant, "key": point.key, "parameters": parameters, "tokens": tokens_trained,
                         "predicted": predicted, "interval": band, "loss": actual,
                         "error": None if actual is None else actual - predicted,
                         "relative_error": None if actual is None else (actual - predicted) / actual}
