@@ -113,3 +113,22 @@ def test_pretraining_recipes_take_a_mixture(tmp_path):
     with pytest.raises(HfllmError, match=r"^`tokens` weights are counted with a tokenizer folder"):
         bad = parse_pretraining_recipe([str(write_recipe(tmp_path / "r.yaml", keys | {"tokenizer": "bpe"}))], "x")
         load_text_and_mixture(bad.args[1], seed=0)
+
+
+def test_pretraining_run_info_keeps_the_mixture(tmp_path, capsys):
+    """A fraction-weighted pretraining mixture (char tokenizer trained on it): the plan's line and run_info.json."""
+    from helpers import TINY
+
+    from hfllm.training.pretrain import build as build_pretraining
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{name} {i} " * 9}) + "\n" for i in range(40)))
+    keys = dict(model="llama-tiny", output_dir=str(tmp_path / "out"), max_steps=1, datasets=[
+        {"path": str(tmp_path / "a.jsonl"), "fraction": 1}, {"path": str(tmp_path / "b.jsonl"), "fraction": 1}])
+    recipe = parse_pretraining_recipe([str(write_recipe(tmp_path / "r.yaml", keys)), *TINY], "hfllm pretrain")
+    parts = build_pretraining(recipe)
+    (tmp_path / "out").mkdir(exist_ok=True)
+    parts.write_outputs()
+    record = json.loads((tmp_path / "out" / "run_info.json").read_text())["data_mixture"]
+    assert [(s["rows"], s["share"]) for s in record["sources"]] == [(36, 0.5), (36, 0.5)]  # 10 % of each held out
+    assert f"data mixture: {tmp_path / 'a.jsonl'} 50.0% of rows (weight 1, 36 rows)" in capsys.readouterr().out
