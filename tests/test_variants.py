@@ -150,6 +150,19 @@ def test_alibi_flex_attention_equals_eager():
     torch.testing.assert_close(flex[1, 5:], eager[1, 5:], atol=1e-5, rtol=1e-5)
 
 
+def test_alibi_refuses_flash_attention_and_static_caches_in_one_line():
+    """FlashAttention-2 has `alibi_slopes`, but transformers' call does not pass them; a static cache holds empty
+    slots, so the distances of a dynamic cache do not apply: both refused by name."""
+    model = tiny("alibi")
+    ids, _ = left_padded()
+    model.config._attn_implementation = "flash_attention_2"  # as loaded on a GPU with flash-attn installed
+    with pytest.raises(ValueError, match="^position_embedding 'alibi' is not wired to flash_attention_2 .*use attn_"):
+        model(ids)
+    model.config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="^position_embedding 'alibi' .* a static cache .* is not supported$"):
+        model.generate(ids[:1], max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
 def test_positions_matter_only_where_the_variant_says():
     """Without positions, a prefix's last-token logits are those of a NoPE model: RoPE and ALiBi change them."""
     ids, _ = left_padded()
@@ -371,6 +384,29 @@ def test_zero_init_exports_to_llama_and_gguf(tiny_llama_shakespeare_dir, tmp_pat
     ids = tokenizer("ROMEO:\nWhat light", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(read.eval()(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow  # llama.cpp (llama-cpp-python) loads the file: ~10 s
+def test_llama_cpp_runs_the_zero_init_export_like_hfllm(tiny_llama_shakespeare_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from hfllm.assets import llama_cpp
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_shakespeare_dir)
+    model = tiny("zero_init", "sdpa", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    path = export(tmp_path / "model", tmp_path / "gguf", to="gguf", quant="f32")
+    llama = llama_cpp().Llama(model_path=str(path), n_ctx=128, n_threads=1, n_threads_batch=1, verbose=False)
+    ids = tokenizer("ROMEO:\nWhat light", add_special_tokens=False)["input_ids"]
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    generated = []
+    for token in llama.generate(ids, temp=0.0, top_k=1):
+        generated.append(token)
+        if len(generated) == len(expected):
+            break
+    llama.close()
+    assert generated == expected
 
 
 # ----------------------------------------------------------------------------- the shipped recipes
