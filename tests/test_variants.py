@@ -163,6 +163,19 @@ def test_alibi_refuses_flash_attention_and_static_caches_in_one_line():
         model.generate(ids[:1], max_new_tokens=2, do_sample=False, cache_implementation="static")
 
 
+def test_alibi_refuses_a_flex_attention_that_would_drop_its_bias(monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def flex_without_bias(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
+        raise AssertionError("not reached")
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flex_attention", flex_without_bias)
+    model = tiny("alibi")
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="^position_embedding 'alibi' needs transformers' flex attention to take"):
+        model(left_padded()[0])
+
+
 def test_positions_matter_only_where_the_variant_says():
     """Without positions, a prefix's last-token logits are those of a NoPE model: RoPE and ALiBi change them."""
     ids, _ = left_padded()

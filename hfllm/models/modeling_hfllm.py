@@ -265,6 +265,22 @@ def alibi_attention_mask(
     return torch.where(allowed, bias, torch.finfo(torch.float32).min).to(dtype)
 
 
+def check_alibi_support(attn_implementation: str, cache: Cache | None) -> None:
+    """ALiBi's refusals, each in one line: FlashAttention-2 has `alibi_slopes` but transformers' FlashAttention call
+    does not pass them; a flex attention without `position_bias` would drop the bias silently; a static cache holds
+    empty slots, so the distances of a dynamic cache do not apply."""
+    if "flash" in attn_implementation:
+        raise ValueError(f"position_embedding 'alibi' is not wired to {attn_implementation} (transformers' "
+                         "FlashAttention call does not pass alibi_slopes); use attn_implementation sdpa or flex_attention")
+    if attn_implementation == "flex_attention" and "position_bias" not in _parameters(
+            ALL_ATTENTION_FUNCTIONS["flex_attention"]):
+        raise ValueError(f"position_embedding 'alibi' needs transformers' flex attention to take a position_bias, "
+                         f"which transformers {transformers.__version__}'s does not; use attn_implementation sdpa")
+    if getattr(cache, "is_compileable", False):
+        raise ValueError("position_embedding 'alibi' measures distances in the dynamic KV cache; a static cache "
+                         "(cache_implementation='static', compiled generation) is not supported")
+
+
 class HfllmMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); or, with `mlp_activation: relu2`, the non-gated ReLU² MLP of modded-nanogpt's
     records: down(relu(up(x))^2) (Primer, So et al. 2021, arXiv 2109.08668)."""
@@ -401,13 +417,10 @@ class HfllmAttention(nn.Module):
     ) -> tuple[torch.Tensor | object, dict]:
         """ALiBi in the attention kernel's own terms: eager and SDPA take the bias inside an additive float mask;
         flex attention adds it in its `score_mod` (transformers' `position_bias`) next to the block mask.
-        FlashAttention-2 has `alibi_slopes`, but transformers' FlashAttention call does not pass them on."""
+        Other kernels are refused before any work (`check_alibi_support`)."""
         implementation = self.config._attn_implementation
         slopes = alibi_slopes(query_states.shape[1], query_states.device)  # (nh,)
         query_length, key_length = query_states.shape[-2], key_states.shape[-2]
-        if "flash" in implementation:
-            raise ValueError(f"position_embedding 'alibi' is not wired to {implementation} (transformers' FlashAttention "
-                             "call does not pass alibi_slopes); use attn_implementation sdpa or flex_attention")
         if implementation == "flex_attention":  # the mask is a BlockMask: causal and padding stay in it
             bias = alibi_attention_mask(None, slopes, query_length, key_length, torch.float32)  # (1, nh, T, S)
             return attention_mask, {**kwargs, "position_bias": bias.expand(query_states.shape[0], -1, -1, -1)}
@@ -613,9 +626,8 @@ class HfllmModel(HfllmPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if self.value_embeds is not None and input_ids is None:
             raise ValueError("value_embeddings look up token ids: pass input_ids, not inputs_embeds")
-        if self.config.position_embedding == "alibi" and getattr(cache, "is_compileable", False):
-            raise ValueError("position_embedding 'alibi' measures distances in the dynamic KV cache; a static cache "
-                             "(cache_implementation='static', compiled generation) is not supported")
+        if self.config.position_embedding == "alibi":
+            check_alibi_support(self.config._attn_implementation, cache)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, H)
         if use_cache and cache is None:
