@@ -158,8 +158,8 @@ def native_config_from(config: HfllmConfig) -> PreTrainedConfig:
         return HfllmError(f"no native transformers architecture matches this model: {reason}")
 
     if variants := hfllm_only_variants(config):
-        raise refuse(f"{'; '.join(variants)} exist only in hfllm's own code; keep the hfllm checkpoint "
-                     "(it loads with trust_remote_code=True)")
+        raise refuse(f"{'; '.join(variants)} (only hfllm's own code computes {'it' if len(variants) == 1 else 'them'}); "
+                     "keep the hfllm checkpoint, which loads with trust_remote_code=True")
 
     if config.mlp_bias and (config.num_experts or sliding or config.qk_norm):
         raise refuse("mlp_bias is only supported by Llama (dense, full attention, no qk_norm)")
