@@ -221,12 +221,15 @@ def load_recipe(
 
     merged = {**(defaults or {}), **file_values, **flags}
     merged = {key: value for key, value in merged.items() if key not in free_keys}
-    structured = {}  # mappings and lists of mappings bypass the command-line parsing
+    # mappings, lists of mappings and lists for a key typed `str | list[str]` (report_to) bypass the command-line
+    # parsing, which would read such a list as one value
+    single = {action.dest for action in parser._actions if action.nargs is None}
+    structured = {}
     for key in list(merged):
         value = merged[key]
         if key in flags and isinstance(value, str) and value.startswith(("[", "{")):
             value = _yaml_scalar(value)  # `--lr_scheduler_kwargs '{num_decay_steps: 10}'`
-        if isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)):
+        if isinstance(value, dict) or (isinstance(value, list) and value and (isinstance(value[0], dict) or key in single)):
             structured[key] = value
             del merged[key]
         else:
