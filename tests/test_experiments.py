@@ -1,6 +1,8 @@
 """hfllm ablate and hfllm scaling: a tiny sweep with seeds, resuming, bad input, equal-FLOPs steps, the scaling
 grid's monotonicity checks and the fit of L(N, D) on losses drawn from a known law."""
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -38,17 +40,21 @@ def sweep(tmp_path_factory):
     baseline's own, so its points are the baseline's)."""
     folder = tmp_path_factory.mktemp("sweep")
     recipe = tiny_recipe(folder)
-    results = ablate(recipe, {"learning_rate": [3e-3, 1e-2]}, budget=("steps", 8), seeds=2, out=folder / "out")
-    return recipe, results
+    progress = io.StringIO()
+    with contextlib.redirect_stderr(progress):
+        results = ablate(recipe, {"learning_rate": [3e-3, 1e-2]}, budget=("steps", 8), seeds=2, out=folder / "out")
+    return recipe, results, progress.getvalue()
 
 
-def test_tiny_sweep_writes_the_table_with_seed_spread(sweep, capsys):
-    _, results = sweep
+def test_tiny_sweep_writes_the_table_with_seed_spread(sweep):
+    _, results, progress = sweep
     variants = ("baseline", "learning_rate=0.003", "learning_rate=0.01")
     assert [row["variant"] for row in results.rows] == list(variants)
     assert [(p["variant"], p["seed"]) for p in results.points] == [(v, seed) for v in variants for seed in (7, 8)]
     assert len({p["key"] for p in results.points}) == 4  # the baseline's value trains once
     assert len(list((results.out / "points").iterdir())) == 4
+    done = [line for line in progress.splitlines() if line.startswith("done ")]  # one line per trained point
+    assert len(done) == 4 and done[0].startswith("done baseline seed 7: final validation loss ")
     same = results.rows[1]
     assert same["final_eval_loss"] == results.rows[0]["final_eval_loss"] and same["verdict"] == "noise"
     assert results.rows[2]["verdict"] in ("better", "worse", "noise")
@@ -82,7 +88,7 @@ def test_noise_label_compares_the_difference_with_the_seed_spread():
 
 
 def test_rerun_reuses_finished_points_and_trains_the_missing_one(sweep):
-    recipe, results = sweep
+    recipe, results, _ = sweep
     out = results.out
     logs = {p["key"]: (out / "logs" / f"{p['key']}.txt").stat().st_size for p in results.points}
     assert len(logs) == 4

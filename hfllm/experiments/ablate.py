@@ -51,10 +51,19 @@ class AblationResults:
         return table(self.rows)
 
 
-def ablate(recipe: str | Path | Mapping, axes: Mapping[str, Sequence], *, budget=("steps", 200), seeds: int = 1,
+def ablate(recipe: str | Path | Mapping, axes: Mapping[str, Sequence], /, *, budget=("steps", 200), seeds: int = 1,
            out: str | Path = "runs/ablate", grid: bool = False, prog: str = PROG, **overrides) -> AblationResults:
-    """Train the baseline and each variant of `axes` ({key: [values]}) `seeds` times under `budget`; the table
-    as data. Bad input raises HfllmError before anything is written."""
+    """Train the recipe (the baseline) and each value of one axis (every combination with `grid=True`), each
+    `seeds` times under the same budget, as `hfllm ablate` does; the table as data.
+
+    recipe: a YAML recipe file or the same keys as a dict; axes: {recipe key: [values]}; budget: ("steps", N),
+    ("flops", F) or ("seconds", S); seeds: runs of each point (the recipe's seed, seed + 1, ...); out: the folder of
+    results.md / results.json / results.png and of the finished points, which a rerun reuses; overrides: any recipe
+    key, for every point. Bad input raises HfllmError with the command's line, before anything is written.
+
+        results = hfllm.ablate("recipes/tiny.yaml", {"learning_rate": [1e-3, 6e-3]}, budget=("flops", 2e13), seeds=3)
+        results.rows[1]["final_eval_loss"], results.rows[1]["verdict"]
+    """
     budget, out = Budget.of(budget), Path(out)
     if budget.kind not in ("flops", "seconds", "steps"):
         raise HfllmError(f"ablate's budget is flops, seconds or steps (got {budget.kind})")

@@ -280,7 +280,10 @@ def run_points(points: list[Point], out: Path, prog: str, tokenizers: Tokenizers
     `OUT/points/<key>.json` only once trained to its end; an interrupted point (SIGINT / SIGTERM) stops the sweep
     with its exit code (`Interrupted`; the caller returns it)."""
     records: dict[str, dict] = {}
-    unique = list({point.key: point for point in points}.values())
+    first: dict[str, Point] = {}
+    for point in points:
+        first.setdefault(point.key, point)  # points of one key train once, named by the first
+    unique = list(first.values())
     for point in unique:
         if point_file(out, point.key).is_file():
             records[point.key] = json.loads(point_file(out, point.key).read_text(encoding="utf-8"))

@@ -56,11 +56,20 @@ class ScalingResults:
         return report(self)
 
 
-def scaling(recipe: str | Path | Mapping, *, sizes: Sequence[str] | None = None, tokens: Sequence[float] | None = None,
+def scaling(recipe: str | Path | Mapping, /, *, sizes: Sequence[str] | None = None, tokens: Sequence[float] | None = None,
             holdout: str | None = None, seeds: int | None = None, out: str | Path = "runs/scaling",
             prog: str = PROG, **overrides) -> ScalingResults:
-    """Train the grid, check it, fit the law, predict and train the held-out run; results as data. Bad input raises
-    HfllmError before anything is written."""
+    """Train the grid of sizes x token budgets, check that bigger and longer are better, fit L(N, D), predict and
+    train the held-out run, as `hfllm scaling` does; the results as data (`exit_code` 4 when a check failed).
+
+    recipe: a YAML recipe file or the same keys as a dict, optionally with a `scaling:` section (sizes, tokens,
+    holdout, seeds) that the keyword arguments replace; sizes: ["LAYERSxWIDTH", ...]; tokens: [tokens per run, ...];
+    holdout: "SIZE@TOKENS"; out: the folder of results.md / results.json / scaling.png and of the finished runs, which
+    a rerun reuses; overrides: any recipe key, for every run. Bad input raises HfllmError before anything is written.
+
+        results = hfllm.scaling("recipes/scaling/shakespeare-char.yaml", out="runs/scaling-char")
+        results.law.alpha, results.intervals["alpha"], results.holdout["error"], results.violations
+    """
     base, options = split_recipe(recipe)
     sizes = list(sizes if sizes is not None else options.get("sizes") or [])
     budgets = [float(t) for t in (tokens if tokens is not None else options.get("tokens") or [])]
