@@ -145,6 +145,23 @@ def test_flops_budget_gives_each_variant_its_steps(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_seconds_budget_times_each_point_and_keys_it_by_the_budget(tmp_path):
+    """Steps from a probe's seconds per step; the key holds the budget, so a rerun (other timings) reuses it."""
+    recipe = tiny_recipe(tmp_path)
+    runs = []
+    for _ in range(2):
+        points = grid_points({"hidden_size": [64]}, grid=False, seeds=1, seed=7)
+        resolve_points(recipe, {}, points, Budget("seconds", 1.0), tmp_path / "out", "hfllm ablate", Tokenizers())
+        runs.append(points)
+    for first, again in zip(*runs):
+        assert first.key == again.key and first.recipe.args[2].max_steps >= 1
+    assert runs[0][0].key != runs[0][1].key
+    with pytest.raises(HfllmError, match=r"budget seconds 1e-06 is below one optimizer step of baseline \("):
+        resolve_points(recipe, {}, grid_points({"hidden_size": [64]}, grid=False, seeds=1, seed=7),
+                       Budget("seconds", 1e-6), tmp_path / "out", "hfllm ablate", Tokenizers())
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- scaling: checks and fit
 
 LAW = Law(E=1.2, A=80.0, B=300.0, alpha=0.35, beta=0.3)
