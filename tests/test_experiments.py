@@ -140,13 +140,14 @@ def test_flops_budget_gives_each_variant_its_steps(tmp_path):
         config.vocab_size = point.shape["parameters"]["embedding"] // config.hidden_size
         per_token = flops_per_token(HfllmForCausalLM(config), 16)
         assert point.shape["flops_per_token"] == per_token
-        assert point.recipe.args[2].max_steps == budget // (per_token * 32)
+        assert point.recipe.args[2].max_steps == math.floor(budget / (per_token * 32))
     assert points[1].recipe.args[2].max_steps < points[0].recipe.args[2].max_steps / 2
     assert not (tmp_path / "out").exists()
 
 
 def test_seconds_budget_times_each_point_and_keys_it_by_the_budget(tmp_path):
-    """Steps from a probe's seconds per step; the key holds the budget, so a rerun (other timings) reuses it."""
+    """Steps from a probe's seconds per step; the key holds the budget, so a rerun (other timings) reuses it, and
+    a rerun after the sweep started keeps the first timings (OUT/timings.json)."""
     recipe = tiny_recipe(tmp_path)
     runs = []
     for _ in range(2):
@@ -155,7 +156,16 @@ def test_seconds_budget_times_each_point_and_keys_it_by_the_budget(tmp_path):
         runs.append(points)
     for first, again in zip(*runs):
         assert first.key == again.key and first.recipe.args[2].max_steps >= 1
+        assert first.recipe.args[2].max_steps == math.floor(1.0 / first.seconds_per_step + 1e-9)
     assert runs[0][0].key != runs[0][1].key
+    (tmp_path / "out" / "timings.json").parent.mkdir()
+    (tmp_path / "out" / "timings.json").write_text(json.dumps({runs[0][0].key: 0.1}))  # as the first run wrote it
+    points = grid_points({"hidden_size": [64]}, grid=False, seeds=1, seed=7)
+    resolve_points(recipe, {}, points, Budget("seconds", 1.0), tmp_path / "out", "hfllm ablate", Tokenizers())
+    assert points[0].seconds_per_step == 0.1 and points[0].recipe.args[2].max_steps == 10
+    assert points[1].seconds_per_step != 0.1  # not timed before: probed now
+    (tmp_path / "out" / "timings.json").unlink()
+    (tmp_path / "out").rmdir()
     with pytest.raises(HfllmError, match=r"budget seconds 1e-06 is below one optimizer step of baseline \("):
         resolve_points(recipe, {}, grid_points({"hidden_size": [64]}, grid=False, seeds=1, seed=7),
                        Budget("seconds", 1e-6), tmp_path / "out", "hfllm ablate", Tokenizers())

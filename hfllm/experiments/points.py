@@ -9,7 +9,8 @@ sweep reuses it instead of training again (a killed sweep continues with the poi
     budget flops F      steps = F / (FLOPs per token x tokens per step), FLOPs per token counted as `hfllm plan`
                         counts them (training/mfu.py: 6N + attention), so a bigger variant trains fewer steps
     budget seconds S    steps = S / (seconds per step measured on this machine by a short probe of each point,
-                        evaluation left out); the key holds the budget, not the measured steps, so a rerun reuses
+                        evaluation left out), kept in OUT/timings.json; the key holds the budget, not the measured
+                        steps, and a rerun reuses both
     budget tokens T     (scaling) steps = T / tokens per step
 
 Points are trained with `pretrain.build` + `lifecycle.run` in one process, sharing one tokenizer per data source
@@ -50,6 +51,7 @@ BUDGET_KINDS = ("flops", "seconds", "steps", "tokens")
 # so they are not part of the point's key)
 POINT_KEYS = {"overwrite_output_dir": True, "num_samples": 0, "disable_tqdm": True, "report_to": "none"}
 PROBE_STEPS = (3, 8)  # seconds budget: steps run before timing, steps timed
+TIMINGS_FILE = "timings.json"  # seconds budget: {point key: seconds per step} of the probes
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Point:
     argv: list = field(default_factory=list)
     key: str = ""  # hash of the resolved recipe (without the session keys and output folder)
     shape: dict[str, Any] = field(default_factory=dict)  # parameters, flops_per_token, tokens_per_step
+    seconds_per_step: float | None = None  # seconds budget: the probe's timing (kept in OUT/timings.json)
 
 
 # ----------------------------------------------------------------------------- resolving a point
@@ -95,18 +98,25 @@ class Point:
 
 def resolve_points(recipe, overrides: Mapping[str, Any], points: list[Point], budget: Budget, out: Path,
                    prog: str, tokenizers: "Tokenizers") -> None:
-    """Resolve every point in place (recipe, steps, key, shape); every mistake raises before anything is written."""
+    """Resolve every point in place (recipe, steps, key, shape); every mistake raises before anything is written.
+    Under a seconds budget a point timed by an earlier run of the sweep keeps that timing (OUT/timings.json), so a
+    rerun gives every point the steps of the invocation that timed them all."""
+    timings_file = out / TIMINGS_FILE
+    timings = json.loads(timings_file.read_text(encoding="utf-8")) if timings_file.is_file() else {}
     for point in points:
         values = {**overrides, **point.overrides, "seed": point.seed}
         argv = recipe_argv(recipe, values)
         first = parse_recipe(argv, prog)  # the recipe's own checks: unknown key, type, value rules
         tokenizer = tokenizers.get(first)
         point.shape = model_shape(first, tokenizer)
+        if budget.kind == "seconds":
+            point.key = recipe_key({**first.resolved, "max_steps": str(budget)})
+            point.seconds_per_step = timings.get(point.key)
         probe = {**values, **POINT_KEYS, "max_steps": sum(PROBE_STEPS), "eval_strategy": "no"}
         steps = budget_steps(budget, point, lambda folder: recipe_argv(recipe, {**probe, "output_dir": folder}),
                              prog, tokenizer)
-        keyed = {**first.resolved, "max_steps": steps if budget.kind != "seconds" else str(budget)}
-        point.key = recipe_key(keyed)
+        if budget.kind != "seconds":
+            point.key = recipe_key({**first.resolved, "max_steps": steps})
         point.argv = recipe_argv(recipe, {**values, "max_steps": steps, **POINT_KEYS,
                                           "output_dir": str(out / "runs" / point.key)})
         point.recipe = parse_recipe(point.argv, prog)
@@ -142,14 +152,21 @@ def budget_steps(budget: Budget, point: Point, probe: Callable[[str], list], pro
         steps, unit = round(budget.value / tokens_per_step), tokens_per_step
     elif budget.kind == "flops":
         unit = per_token * tokens_per_step
-        steps = int(budget.value // unit)
+        steps = whole_steps(budget.value / unit)
     else:
-        unit = seconds_per_step(probe, prog, tokenizer)
-        steps = int(budget.value // unit)
+        if point.seconds_per_step is None:
+            point.seconds_per_step = seconds_per_step(probe, prog, tokenizer)
+        unit = point.seconds_per_step
+        steps = whole_steps(budget.value / unit)
     if steps < 1:
         raise HfllmError(f"budget {budget} is below one optimizer step of {point.variant} ({unit:.4g} {budget.kind} "
                          f"per step); raise it to at least {unit:.3g}")
     return steps
+
+
+def whole_steps(ratio: float) -> int:
+    """The steps that fit in the budget: 1.0 s / 0.1 s per step is 10 (`1.0 // 0.1` is 9.0 in floating point)."""
+    return math.floor(ratio + 1e-9)
 
 
 def seconds_per_step(probe: Callable[[str], list], prog: str, tokenizer) -> float:
@@ -280,6 +297,11 @@ def run_points(points: list[Point], out: Path, prog: str, tokenizers: Tokenizers
     `OUT/points/<key>.json` only once trained to its end; an interrupted point (SIGINT / SIGTERM) stops the sweep
     with its exit code (`Interrupted`; the caller returns it)."""
     records: dict[str, dict] = {}
+    timed = {point.key: point.seconds_per_step for point in points if point.seconds_per_step is not None}
+    if timed:
+        timings_file = out / TIMINGS_FILE
+        earlier = json.loads(timings_file.read_text(encoding="utf-8")) if timings_file.is_file() else {}
+        write_json(timings_file, {**earlier, **timed})
     first: dict[str, Point] = {}
     for point in points:
         first.setdefault(point.key, point)  # points of one key train once, named by the first
