@@ -37,6 +37,8 @@ API: dict[str, str] = {
     "convert": "hfllm.models.convert:convert",
     "export": "hfllm.models.convert:export",
     "push": "hfllm.shipping.push:push",
+    "ablate": "hfllm.experiments.ablate:ablate",
+    "scaling": "hfllm.experiments.scaling:scaling",
 }
 
 __all__ = ["HfllmConfig", "HfllmError", "HfllmForCausalLM", "HfllmModel", "get_preset", "__version__", *API]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from helpers import write_corpus
 
 from hfllm.cli import main as cli
@@ -238,3 +239,25 @@ def test_scaling_grid_end_to_end(tmp_path, capsys):
     report = (tmp_path / "out" / "results.md").read_text()
     assert "## held-out run" in report and "Chinchilla: ≈20" in report
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 10_000
+
+
+SHIPPED_SCALING = {"recipes/scaling/shakespeare-char.yaml": ["1x32", "1x64", "2x64", "2x96"],  # head dimension 32
+                   "recipes/scaling/fineweb-125m.yaml": ["1x64", "1x128", "2x128", "2x192"]}  # head dimension 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shipped", SHIPPED_SCALING)
+def test_shipped_scaling_recipe_runs_at_tiny_size(shipped, tmp_path):
+    *sizes, holdout = SHIPPED_SCALING[shipped]
+    """The shipped grids with tiny sizes, budgets and local text (fineweb's data and BPE tokenizer swapped for the
+    test corpus and a char tokenizer): the recipe's other keys parse and train."""
+    train, validation = write_corpus(tmp_path)
+    tiny = dict(tokenizer="char", dataset=None, dataset_config=None, streaming=False, train_files=[train],
+                validation_files=[validation], block_size=16, per_device_train_batch_size=2, global_batch_size=None,
+                global_batch_tokens=None, per_device_eval_batch_size=4, max_eval_samples=4, eval_steps=50,
+                dataloader_num_workers=0, bf16=False, torch_num_threads=1, vocab_size=None,
+                tokenizer_train_documents=None)
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / shipped).read_text())
+    results = scaling(str(Path(__file__).resolve().parents[1] / shipped), sizes=sizes, tokens=[320, 640],
+                      holdout=f"{holdout}@640", out=tmp_path / "out", **{k: v for k, v in tiny.items() if k in recipe})
+    assert len(results.cells) == 6 and results.holdout["loss"] is not None

@@ -54,3 +54,14 @@ def test_recipe_runs(recipe, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("All:", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+
+
+def test_every_shipped_recipe_is_run_by_a_test():
+    """A recipe is run by a test that globs its folder (pretraining: recipes/*.yaml here; recipes/<method>/ in
+    test_adapt_recipes, recipes/eval/ in test_eval, recipes/variants/ in test_variants) or that names its path."""
+    root = Path(__file__).resolve().parents[1]
+    globbed = {"recipes", "sft", "dpo", "orpo", "kto", "grpo", "eval", "variants"}
+    tests_text = "".join(path.read_text() for path in (root / "tests").glob("test_*.py"))
+    unrun = [path.relative_to(root).as_posix() for path in (root / "recipes").rglob("*.yaml")
+             if path.parent.name not in globbed and path.relative_to(root).as_posix() not in tests_text]
+    assert not unrun, f"no test runs {unrun}"
