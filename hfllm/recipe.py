@@ -229,7 +229,9 @@ def load_recipe(
         value = merged[key]
         if key in flags and isinstance(value, str) and value.startswith(("[", "{")):
             value = _yaml_scalar(value)  # `--lr_scheduler_kwargs '{num_decay_steps: 10}'`
-        if isinstance(value, dict) or (isinstance(value, list) and value and (isinstance(value[0], dict) or key in single)):
+        tokens = key in flags and isinstance(merged[key], list)  # `--key a b`: words, not a YAML list
+        if isinstance(value, dict) or (isinstance(value, list) and value and (
+                isinstance(value[0], dict) or (key in single and not tokens))):
             structured[key] = value
             del merged[key]
         else:

@@ -24,7 +24,14 @@ KERNEL = "hfllm-notebook-test"
 # what each notebook must print at tiny size on this CPU: that each stage did its work
 PRINTED = {
     "quickstart.ipynb": ["final validation loss:", "HfllmForCausalLM", "Paris"],
+    "fine-tune.ipynb": ["held-out: ", "QLoRA skipped: no GPU", "4 messages in the conversation"],
+    "align.ipynb": ["exact match: base "],
+    "evaluate.ipynb": ["byte perplexity"],
+    "ship.ipynb": ["staged ", "FROM ./"],
+    "chat.ipynb": ["assistant:"],
 }
+# what a training notebook shows as rich output: transformers' notebook progress bar and the RunResult's loss curve
+SHOWN = {name: ["<progress", "data:image/png;base64,"] for name in ("quickstart.ipynb", "fine-tune.ipynb")}
 
 
 class NotebookFailed(Exception):
@@ -70,7 +77,10 @@ def kernel_env(jupyter_path, monkeypatch, tmp_path) -> Path:
     monkeypatch.setenv("JUPYTER_PATH", jupyter_path)
     monkeypatch.setenv("HFLLM_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("HFLLM_SOURCE", str(ROOT))
-    monkeypatch.delenv("PYTHONPATH", raising=False)  # conftest points subprocesses at the checkout; a user's kernel
+    # a user's kernel: conftest points subprocesses at the checkout (PYTHONPATH) and quiets transformers, which would
+    # also turn Trainer's progress bar off (disable_tqdm defaults to on above the warning level)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
     work = tmp_path / "elsewhere"
     work.mkdir()
     return work
@@ -89,6 +99,10 @@ def test_notebook_runs_in_a_kernel(path, kernel_env):
     assert f" from {installed}/" in setup_line, f"hfllm was not installed into the kernel:\n{text[:800]}"
     for expected in PRINTED.get(path.name, []):
         assert expected in text, f"{path.name} did not print {expected!r}:\n{text[-3000:]}"
+    html = "".join(output.get("data", {}).get("text/html", "") for cell in notebook.cells
+                   for output in cell.get("outputs", []))
+    for expected in SHOWN.get(path.name, []):
+        assert expected in html, f"{path.name} did not show {expected!r} inline"
 
 
 def test_the_runner_reports_the_cell_that_raised(kernel_env):
