@@ -22,7 +22,7 @@ from . import lifecycle
 from .distributed import with_strategy
 from .health import HealthArguments, HealthCallback, check_health_arguments, with_health
 from .preemption import PreemptionCallback
-from .tracking import EvalArguments, RunInfoCallback, check_eval_arguments, check_report_to, eval_callback
+from .tracking import EvalArguments, add_tracking, check_eval_arguments, check_report_to
 from .run_info import write_run_info
 
 # method -> (module, config class, trainer class)
@@ -177,11 +177,8 @@ def build(method: str, recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()
     )
     # eval_tasks / regression_prompts every eval_steps (chat template on when the tokenizer has one); run_info.json's
     # facts to the trackers (tracking.py)
-    evaluator = eval_callback(hfllm_args, trainer, training_args.eval_steps or training_args.logging_steps,
-                              chat=bool(tokenizer.chat_template))
-    for callback in (evaluator, RunInfoCallback(trainer)):
-        if callback is not None:
-            trainer.add_callback(callback)
+    evaluator = add_tracking(hfllm_args, trainer, training_args.eval_steps or training_args.logging_steps,
+                             chat=bool(tokenizer.chat_template))
 
     def finish() -> None:  # held-out exact match (hfllm data synth's test.jsonl)
         if hfllm_args.exact_match_file and trainer.accelerator.is_main_process:

@@ -44,7 +44,7 @@ from .mfu import flops_per_token, peak_flops
 from .preemption import PreemptionCallback
 from .run_info import data_hash, tokenizer_hash, write_run_info
 from .tensor_parallel import check_tensor_parallel, shard_model, trainer_parallelism
-from .tracking import RunInfoCallback, check_eval_arguments, check_report_to, eval_callback
+from .tracking import add_tracking, check_eval_arguments, check_report_to
 from .trainer import PretrainTrainer
 
 LEAVE_OUT = ("resume_from_checkpoint", "overwrite_output_dir", "stop_at_step")  # recipe keys of one session
@@ -171,10 +171,7 @@ def build(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), *, text: Da
         sequence_lengths=lengths,
     )
     # eval_tasks / regression_prompts every eval_steps; run_info.json's facts to the trackers (tracking.py)
-    evaluator = eval_callback(args, trainer, args.eval_steps, chat=False)
-    for callback in (evaluator, RunInfoCallback(trainer)):
-        if callback is not None:
-            trainer.add_callback(callback)
+    evaluator = add_tracking(args, trainer, args.eval_steps, chat=False)
 
     def write_outputs() -> None:  # the tokenizer for a resumed run, the plan on screen and in run_info.json
         if not shared_folder:

@@ -76,6 +76,17 @@ def eval_callback(eval_args: EvalArguments, trainer, every: float | None, chat: 
                         regression_prompts=eval_args.regression_prompts)
 
 
+def add_tracking(eval_args: EvalArguments, trainer, every: float | None, chat: bool) -> TrainerCallback | None:
+    """Add to `trainer` what every training command reports while it trains: the recipe's `EvalCallback`
+    (`eval_callback`) and `RunInfoCallback`. Returns the EvalCallback (None without one), whose scores the command
+    saves at the end (`save_scores`)."""
+    evaluator = eval_callback(eval_args, trainer, every, chat)
+    for callback in (evaluator, RunInfoCallback(trainer)):
+        if callback is not None:
+            trainer.add_callback(callback)
+    return evaluator
+
+
 def check_report_to(report_to: list[str] | str | None) -> None:
     """Every tracker named in `report_to` is installed (transformers would fail later, inside Trainer)."""
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
