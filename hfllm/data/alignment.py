@@ -50,12 +50,6 @@ def row_token_counter(tokenizer) -> Callable[[dict[str, list]], list[int]]:
     return count
 
 
-def load_splits(method: str, script_args, mixture_args, eval_wanted: bool, seed: int = 0, tokenizer=None):
-    """(train, eval or None) from the recipe's mixture (`datasets:`) or `dataset_name`, checked for `method`
-    (`load_mixture` without its record)."""
-    return load_mixture(method, script_args, mixture_args, eval_wanted, seed, tokenizer)[:2]
-
-
 def load_mixture(method: str, script_args, mixture_args, eval_wanted: bool, seed: int = 0, tokenizer=None):
     """(train, eval or None, `Mixture` or None) from the recipe's `datasets:` mixed by weight with `seed` (the
     `tokenizer` counts `tokens` weights), or from `dataset_name`; checked for `method`. `test_split_size` holds out

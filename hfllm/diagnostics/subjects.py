@@ -178,14 +178,14 @@ def sft_subject(argv: list[str], prog: str) -> Subject:
     """An SFT recipe as `hfllm sft` builds it (`training.align.build`): its first rows, the base model's tokenizer
     with the recipe's chat template (checked here), the base architecture shrunk."""
     from ..checkpoint import load_tokenizer, spec_kind
-    from ..data.alignment import load_splits
+    from ..data.alignment import load_mixture
     from ..data.chat_template import load_template
     from ..training.align import build, parse_recipe
 
     recipe = parse_recipe("sft", argv, prog)
     script_args, args, model_args, mixture_args, hfllm_args = recipe.args
     spec_kind(model_args.model_name_or_path)  # one line when the base model is missing
-    train, evaluation = load_splits("sft", script_args, mixture_args, args.eval_strategy != "no")
+    train, evaluation, _ = load_mixture("sft", script_args, mixture_args, args.eval_strategy != "no")
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     if hfllm_args.chat_template:
         tokenizer.chat_template = load_template(hfllm_args.chat_template)
