@@ -153,12 +153,12 @@ def run(parts: Parts, prog: str, argv: list) -> RunResult:
     """Train the built parts to the end, a preemption or a stop (TrainingHalted, exit code 3, is raised when the
     health checks stop the run)."""
     trainer = parts.trainer
+    args = trainer.args
 
     def result(exit_code: int, metrics: dict | None = None) -> RunResult:
         return RunResult(Path(args.output_dir), exit_code, trainer.state.global_step, trainer.state.max_steps,
                          dict(metrics or {}), list(trainer.state.log_history))
 
-    args = trainer.args
     if args.should_save:
         if not parts.output_opened:
             open_output_dir(parts.recipe, args.output_dir, parts.resume, parts.overwrite, parts.leave_out)
