@@ -40,6 +40,8 @@ PRIVATE_NAMES = [
     ("transformers.distributed.tensor_parallel:ALL_PARALLEL_STYLES.register", set(),
      "models/modeling_hfllm.py: registers hfllm_grad_sum"),
     ("transformers:PreTrainedModel._init_weights", {"module"}, "models/convert.py: rotary buffers after conversion"),
+    ("transformers.integrations.flex_attention:flex_attention_forward", {"position_bias"},
+     "models/modeling_hfllm.py: ALiBi's bias under flex attention (check_alibi_support refuses without it)"),
     # accelerate
     ("accelerate:ParallelismConfig._validate_accelerator", {"accelerator"},
      "training/tensor_parallel.py: tensor parallel on CPU processes"),
