@@ -14,7 +14,7 @@ from helpers import write_corpus
 
 from hfllm.cli import main as cli
 from hfllm.errors import HfllmError
-from hfllm.experiments.ablate import ablate, grid_points, verdict
+from hfllm.experiments.ablate import ablate, grid_points, parse_axis, verdict
 from hfllm.experiments.fit import Law, bootstrap, fit_law, interval
 from hfllm.experiments.points import Budget, Tokenizers, resolve_points
 from hfllm.experiments.scaling import monotonicity, scaling
@@ -111,6 +111,7 @@ def test_rerun_reuses_finished_points_and_trains_the_missing_one(sweep):
     (["--axis", "learning_rate"], "--axis learning_rate: give KEY=V1,V2"),
     (["--axis", "seed=1,2"], "axis 'seed' is set by the sweep itself; use --seeds"),
     (["--axis", "learning_rate=1e-3", "--budget", "hours", "2"], "budget hours 2"),
+    (["--axis", "layer_types=[full_attention"], "unbalanced brackets"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, args, message):
     recipe = tmp_path / "recipe.yaml"
@@ -119,6 +120,13 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, args
     error = capsys.readouterr().err.strip()
     assert message in error and "\n" not in error
     assert not (tmp_path / "out").exists()
+
+
+def test_axis_values_may_be_yaml_lists_or_mappings():
+    assert parse_axis("layer_types=[mamba, full_attention],[full_attention,full_attention]") == (
+        "layer_types", ["[mamba, full_attention]", "[full_attention,full_attention]"])
+    assert parse_axis("lr_scheduler_kwargs={min_lr: 1e-4, x: 2},{}") == ("lr_scheduler_kwargs", ["{min_lr: 1e-4, x: 2}", "{}"])
+    assert parse_axis("learning_rate=1e-3,,2e-3") == ("learning_rate", ["1e-3", "2e-3"])
 
 
 def test_grid_combines_axes_only_when_asked():

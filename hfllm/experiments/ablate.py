@@ -171,10 +171,20 @@ def table(rows: list[dict]) -> str:
 
 
 def parse_axis(text: str) -> tuple[str, list[str]]:
+    """`KEY=V1,V2` -> (KEY, [V1, V2]); commas inside brackets or braces belong to a value, so a value can be a YAML
+    list or mapping: `layer_types=[mamba,full_attention],[full_attention,full_attention]`."""
     key, sep, values = text.partition("=")
     if not sep or not key or not values.strip(","):
         raise HfllmError(f"--axis {text}: give KEY=V1,V2 (a recipe key and comma-separated values)")
-    return key.strip(), [value.strip() for value in values.split(",") if value.strip()]
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(values + ","):
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            parts.append(values[start:i].strip())
+            start = i + 1
+    if depth != 0:
+        raise HfllmError(f"--axis {text}: unbalanced brackets in the values")
+    return key.strip(), [part for part in parts if part]
 
 
 def parser(prog: str) -> ArgumentParser:
