@@ -188,7 +188,9 @@ def test_full_depth_is_the_shared_layers_n_r_times_and_depth_one_the_unique_laye
 
 def test_router_weight_gets_gradient_and_balancing_loss_joins_the_lm_loss():
     """The LM loss alone trains the router (its weight scales each token's last recursion); the balancing loss is
-    Switch's N_r * sum_j f_j P_j over the depths, added with its coefficient."""
+    Switch's N_r * sum_j f_j P_j over the depths, added with its coefficient while `output_router_logits` is on (the
+    default with num_recursions)."""
+    assert HfllmConfig(num_recursions=3).output_router_logits and not HfllmConfig().output_router_logits
     model = tiny(recursion_balance_loss_coef=0.0).train()
     ids, mask = left_padded()
     labels = ids.masked_fill(mask == 0, -100)
@@ -204,6 +206,9 @@ def test_router_weight_gets_gradient_and_balancing_loss_joins_the_lm_loss():
     with torch.no_grad():
         weighted = model(ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(weighted.loss, out.loss.detach() + 0.5 * out.aux_loss.detach())
+    with torch.no_grad():  # router losses off, as for MoE (hfllm doctor's label check): the LM loss alone
+        alone = model(ids, attention_mask=mask, labels=labels, output_router_logits=False)
+    assert alone.aux_loss is None and torch.equal(alone.loss, out.loss.detach())
 
 
 def test_a_token_never_depends_on_later_tokens():

@@ -53,6 +53,8 @@ def shrink(config: PreTrainedConfig, layers: int = 2, head_dim: int = 16) -> dic
     """Config overrides for a tiny copy of an architecture: `layers` layers, at most 2 key/value heads with the same
     query-per-key/value ratio, `head_dim`-wide heads; sliding windows, layer types and experts kept (Mixture-of-Recursions'
     middle_cycle keeps 3 layers: a unique first and last around a shared middle)."""
+    if getattr(config, "num_recursions", 0) > 1 and config.recursion_sharing == "middle_cycle":
+        layers = max(layers, 3)  # Mixture-of-Recursions: a unique first and last layer around a shared middle
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     kv = min(kv_heads, 2)
@@ -70,8 +72,6 @@ def shrink(config: PreTrainedConfig, layers: int = 2, head_dim: int = 16) -> dic
         overrides["num_hidden_layers"] = len(overrides["layer_types"])
     if getattr(config, "num_experts", 0):
         overrides["moe_intermediate_size"] = hidden // 2
-    if getattr(config, "num_recursions", 0) > 1 and config.recursion_sharing == "middle_cycle":
-        overrides["num_hidden_layers"] = max(overrides["num_hidden_layers"], min(3, config.num_hidden_layers))
     if getattr(config, "mlp_only_layers", None):
         overrides["mlp_only_layers"] = [i for i in config.mlp_only_layers if i < overrides["num_hidden_layers"]]
     return overrides

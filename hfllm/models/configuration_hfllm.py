@@ -61,7 +61,8 @@ class HfllmConfig(PreTrainedConfig):
         router_z_loss_coef: weight of the router z-loss (mean squared log-sum-exp of router logits).
         router_bias_update_rate: aux-loss-free balancing (DeepSeek-V3): after each optimizer step, each expert's
             routing bias moves by this amount towards balance; 0 disables it.
-        output_router_logits: return router logits (and compute the auxiliary losses) by default.
+        output_router_logits: return router logits (and compute the auxiliary losses) by default; defaults to true
+            with `num_recursions` (its balancing loss) and false otherwise.
         position_embedding: "rope" (rotary, `rope_parameters`), "alibi" (a per-head linear distance penalty on the
             attention scores, Press et al. 2022, arXiv 2108.12409) or "none" (NoPE: causal attention alone,
             Kazemnejad et al. 2023, arXiv 2305.19466).
@@ -146,7 +147,7 @@ class HfllmConfig(PreTrainedConfig):
     router_aux_loss_coef: int | float | None = None
     router_z_loss_coef: int | float = 0.0
     router_bias_update_rate: int | float = 0.0
-    output_router_logits: bool = False
+    output_router_logits: bool | None = None
     position_embedding: str = "rope"
     mlp_activation: str = "gated"
     final_logit_softcapping: int | float | None = None
@@ -179,6 +180,8 @@ class HfllmConfig(PreTrainedConfig):
             self.mlp_only_layers = []
         if isinstance(self.value_embeddings, bool):
             self.value_embeddings = MODDED_NANOGPT_VALUE_EMBEDDINGS if self.value_embeddings else 0
+        if self.output_router_logits is None:
+            self.output_router_logits = self.num_recursions > 1
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = 0.01 if self.num_experts > 0 else 0.0
         if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:

@@ -818,15 +818,15 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
         r"""
         labels: (B, T) token ids, -100 where no loss is wanted. They are the inputs themselves: the loss shifts them
             by one internally (position t predicts token t+1), so never shift them before calling.
-        output_router_logits: return each MoE layer's router logits and add the auxiliary losses to the loss;
-            defaults to `config.output_router_logits`.
+        output_router_logits: return each MoE layer's router logits and add the auxiliary losses to the loss (with
+            `num_recursions`: the recursion router's balancing loss); defaults to `config.output_router_logits`.
         """
         cache = _cache_argument(cache, kwargs)
         is_moe = self.config.num_experts > 0
         is_mor = self.config.num_recursions > 1
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        output_router_logits = output_router_logits and is_moe
+        output_router_logits = output_router_logits and (is_moe or is_mor)
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -834,7 +834,7 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_router_logits=output_router_logits,
+            output_router_logits=output_router_logits and is_moe,  # the recursion router's logits always come back
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)  # (B, T', H)
@@ -844,11 +844,11 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
         token_mask = None  # (B, T) over this call's tokens; during cached generation the mask also covers the past
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1]:]
-        if is_mor:  # the recursion router's balancing loss over its N_r depths (top-1)
+        if output_router_logits and is_mor:  # the recursion router's balancing loss over its N_r depths (top-1)
             aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_recursions, 1, token_mask)
             if loss is not None:
                 loss = loss + self.config.recursion_balance_loss_coef * aux_loss
-        if output_router_logits and outputs.router_logits:
+        elif output_router_logits and outputs.router_logits:
             aux_loss = load_balancing_loss(
                 outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, token_mask
             )
