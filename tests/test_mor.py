@@ -241,9 +241,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 # ----------------------------------------------------------------------------- generation, saving, counting, export
 
 
-@pytest.mark.parametrize("sharing", ["middle_cycle", "cycle"])
-def test_cached_greedy_generation_equals_uncached_alone_and_left_padded(sharing):
-    model = tiny("sdpa", recursion_sharing=sharing)
+@pytest.mark.parametrize("fields", [{}, {"recursion_sharing": "cycle"}, {"position_embedding": "alibi"},
+                                    {"position_embedding": "none", "qk_norm": True}], ids=["middle_cycle", "cycle",
+                                                                                          "alibi", "nope+qk_norm"])
+def test_cached_greedy_generation_equals_uncached_alone_and_left_padded(fields):
+    """Recursive KV sharing: deeper recursions read the first recursion's cached keys, whatever the positions."""
+    model = tiny("sdpa", **fields)
     ids, mask = left_padded()
     settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     for prompt, prompt_mask in ((ids[1:, 5:], mask[1:, 5:]), (ids, mask)):
