@@ -51,7 +51,10 @@ class Subject:
 
 def shrink(config: PreTrainedConfig, layers: int = 2, head_dim: int = 16) -> dict:
     """Config overrides for a tiny copy of an architecture: `layers` layers, at most 2 key/value heads with the same
-    query-per-key/value ratio, `head_dim`-wide heads; sliding windows, layer types and experts kept."""
+    query-per-key/value ratio, `head_dim`-wide heads; sliding windows, layer types and experts kept (Mixture-of-Recursions'
+    middle_cycle keeps 3 layers: a unique first and last around a shared middle)."""
+    if getattr(config, "num_recursions", 0) > 1 and config.recursion_sharing == "middle_cycle":
+        layers = max(layers, 3)  # Mixture-of-Recursions: a unique first and last layer around a shared middle
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     kv = min(kv_heads, 2)

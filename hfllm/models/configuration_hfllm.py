@@ -7,6 +7,8 @@ One config covers every variant; the variant is a matter of fields:
   - positions: `position_embedding` "rope" (default), "alibi" (Press et al. 2022) or "none" (NoPE)
   - modded-nanogpt's speedrun options: `mlp_activation: relu2`, `final_logit_softcapping`, `value_embeddings`,
     `unet_skips`, `zero_init_output_projections`
+  - Mixture-of-Recursions (Bae et al. 2025, arXiv 2507.10524): `num_recursions`, `recursion_sharing`,
+    `recursion_balance_loss_coef`
 
 This file is copied next to saved checkpoints (`trust_remote_code=True`), so it imports only transformers.
 """
@@ -17,6 +19,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 LAYER_TYPES = ("full_attention", "sliding_attention")
 POSITION_EMBEDDINGS = ("rope", "alibi", "none")
 MLP_ACTIVATIONS = ("gated", "relu2")
+RECURSION_SHARINGS = ("middle_cycle", "cycle")
 MODDED_NANOGPT_VALUE_EMBEDDINGS = 3  # `value_embeddings: true`: the record runs' three tables
 ROPE_TYPES = ("default", *sorted(ROPE_INIT_FUNCTIONS))
 
@@ -31,7 +34,8 @@ class HfllmConfig(PreTrainedConfig):
         vocab_size: size of the token vocabulary.
         hidden_size: width of the residual stream.
         intermediate_size: hidden width of the dense SwiGLU MLP.
-        num_hidden_layers: number of decoder layers.
+        num_hidden_layers: number of decoder layers, each with its own weights (the unique layers); with
+            `num_recursions` the model applies some of them several times (`unrolled_num_layers`).
         num_attention_heads: number of query heads.
         num_key_value_heads: number of key/value heads (GQA); 1 is MQA; defaults to `num_attention_heads` (MHA).
         head_dim: width of one head; defaults to `hidden_size // num_attention_heads`.
@@ -57,7 +61,8 @@ class HfllmConfig(PreTrainedConfig):
         router_z_loss_coef: weight of the router z-loss (mean squared log-sum-exp of router logits).
         router_bias_update_rate: aux-loss-free balancing (DeepSeek-V3): after each optimizer step, each expert's
             routing bias moves by this amount towards balance; 0 disables it.
-        output_router_logits: return router logits (and compute the auxiliary losses) by default.
+        output_router_logits: return router logits (and compute the auxiliary losses) by default; defaults to true
+            with `num_recursions` (its balancing loss) and false otherwise.
         position_embedding: "rope" (rotary, `rope_parameters`), "alibi" (a per-head linear distance penalty on the
             attention scores, Press et al. 2022, arXiv 2108.12409) or "none" (NoPE: causal attention alone,
             Kazemnejad et al. 2023, arXiv 2305.19466).
@@ -72,6 +77,15 @@ class HfllmConfig(PreTrainedConfig):
             weights (initialised to 1), to the inputs of the last L // 2 layers in reverse order.
         zero_init_output_projections: initialise o_proj and down_proj to zero, so that every block starts as the
             identity (modded-nanogpt; "ReZero"-like, arXiv 2003.04887). Only the initialisation changes.
+        num_recursions: Mixture-of-Recursions (Bae et al. 2025, arXiv 2507.10524), N_r: a shared stack of layers is
+            applied up to N_r times and a token-choice router picks each token's depth (1..N_r) from its hidden state
+            where it enters the stack; keys/values of the first recursion are shared by the deeper ones (recursive KV
+            sharing). 0 or 1 turns it off.
+        recursion_sharing: which unique layers form the shared stack: "middle_cycle" (the paper's best: the first
+            and the last layer unique, the L - 2 middle layers shared; needs 3 layers or more) or "cycle" (all L
+            layers shared). The unrolled depth is 2 + N_r (L - 2), or N_r L.
+        recursion_balance_loss_coef: weight of the recursion router's balancing loss (Switch-style over the N_r
+            depths) added to the LM loss.
     """
 
     model_type = "hfllm"
@@ -133,13 +147,16 @@ class HfllmConfig(PreTrainedConfig):
     router_aux_loss_coef: int | float | None = None
     router_z_loss_coef: int | float = 0.0
     router_bias_update_rate: int | float = 0.0
-    output_router_logits: bool = False
+    output_router_logits: bool | None = None
     position_embedding: str = "rope"
     mlp_activation: str = "gated"
     final_logit_softcapping: int | float | None = None
     value_embeddings: int | bool = 0
     unet_skips: bool = False
     zero_init_output_projections: bool = False
+    num_recursions: int = 0
+    recursion_sharing: str = "middle_cycle"
+    recursion_balance_loss_coef: int | float = 0.1
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -163,6 +180,8 @@ class HfllmConfig(PreTrainedConfig):
             self.mlp_only_layers = []
         if isinstance(self.value_embeddings, bool):
             self.value_embeddings = MODDED_NANOGPT_VALUE_EMBEDDINGS if self.value_embeddings else 0
+        if self.output_router_logits is None:
+            self.output_router_logits = self.num_recursions > 1
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = 0.01 if self.num_experts > 0 else 0.0
         if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:
@@ -234,6 +253,9 @@ class HfllmConfig(PreTrainedConfig):
             not self.unet_skips or self.num_hidden_layers >= 2,
             "unet_skips needs at least 2 layers (the first half's outputs feed the second half)",
         )
+        self._check(self.num_recursions >= 0, f"num_recursions ({self.num_recursions}) must be 0 or more (0 or 1: off)")
+        if self.num_recursions > 1:
+            self._validate_recursions()
         if self.num_experts > 0:
             self._check(
                 1 <= self.num_experts_per_tok <= self.num_experts,
@@ -243,6 +265,43 @@ class HfllmConfig(PreTrainedConfig):
             self._check(
                 not bad_layers, f"mlp_only_layers {bad_layers} out of range 0..{self.num_hidden_layers - 1}"
             )
+
+    def _validate_recursions(self) -> None:
+        """Mixture-of-Recursions' checks: the sharing scheme, and the options it is not built for, each refused."""
+        self._check(
+            self.recursion_sharing in RECURSION_SHARINGS,
+            f"unknown recursion_sharing '{self.recursion_sharing}'; allowed: {', '.join(RECURSION_SHARINGS)}",
+        )
+        self._check(
+            self.recursion_sharing != "middle_cycle" or self.num_hidden_layers >= 3,
+            f"recursion_sharing middle_cycle needs at least 3 layers (first and last unique, a shared middle); "
+            f"num_hidden_layers is {self.num_hidden_layers}",
+        )
+        self._check(self.recursion_balance_loss_coef >= 0,
+                    f"recursion_balance_loss_coef ({self.recursion_balance_loss_coef}) must be 0 or more")
+        unsupported = {"num_experts > 0": self.num_experts > 0, "value_embeddings": self.value_embeddings > 0,
+                       "unet_skips": self.unet_skips,
+                       "sliding_attention layers": set(self.layer_types) != {"full_attention"}}
+        for option, used in unsupported.items():
+            self._check(not used, f"num_recursions ({self.num_recursions}) does not support {option} (layer-indexed or "
+                                  "routed options); set num_recursions: 0 or turn the option off")
+
+    def recursion_layout(self) -> tuple[list[int], list[int], list[int]]:
+        """Mixture-of-Recursions: the unique layer indices applied (before, as the shared stack, after) the
+        recursions; without `num_recursions` every layer comes once, before."""
+        layers = list(range(self.num_hidden_layers))
+        if self.num_recursions < 2:
+            return layers, [], []
+        if self.recursion_sharing == "cycle":
+            return [], layers, []
+        return layers[:1], layers[1:-1], layers[-1:]
+
+    @property
+    def unrolled_num_layers(self) -> int:
+        """Layer applications from embedding to head at full depth: num_hidden_layers, or with recursions the
+        unique layers plus the shared stack's N_r - 1 repeats."""
+        first, shared, last = self.recursion_layout()
+        return len(first) + max(self.num_recursions, 1) * len(shared) + len(last)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.num_experts > 0 and layer_idx not in self.mlp_only_layers

@@ -1,11 +1,12 @@
 """hfllm's decoder-only transformer: one family, read top to bottom.
 
     RMSNorm -> rotary embedding / ALiBi slopes -> attention (GQA, optional QK-norm, sliding window, value
-    embeddings) -> SwiGLU or ReLU² MLP -> MoE (router, fused experts, shared experts) -> decoder layer -> model
-    (optional U-net skips) -> causal-LM head (+ optional logit soft-capping, MoE losses)
+    embeddings) -> SwiGLU or ReLU² MLP -> MoE (router, fused experts, shared experts) -> decoder layer ->
+    Mixture-of-Recursions router -> model (optional U-net skips, optional recursions) -> causal-LM head (+ optional
+    logit soft-capping, MoE and recursion losses)
 
-Llama, Mistral (sliding window) and MoE variants, ALiBi / NoPE positions and modded-nanogpt's speedrun options
-differ only by config fields (see `configuration_hfllm.py`).
+Llama, Mistral (sliding window) and MoE variants, ALiBi / NoPE positions, modded-nanogpt's speedrun options and
+Mixture-of-Recursions differ only by config fields (see `configuration_hfllm.py`).
 Attention kernels (eager / sdpa / flash_attention_2 / flex_attention) are swapped through transformers'
 `ALL_ATTENTION_FUNCTIONS`, KV caches through its `Cache` classes, experts kernels through `use_experts_implementation`.
 Shapes: B batch, T new tokens, S key length (cache included), H hidden, nh / nkv heads, hd head dim, E experts.
@@ -369,28 +370,43 @@ class HfllmAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         value_embedding: torch.Tensor | None = None,
+        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        reuse_kv: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """value_embedding: (B, T, nkv * hd) this layer's value-embedding lookup, or None."""
+        """value_embedding: (B, T, nkv * hd) this layer's value-embedding lookup, or None.
+        shared_kv: Mixture-of-Recursions' recursive KV sharing, {layer_idx: (keys, values)} of the first recursion
+            (cache included, (B, nkv, S, hd)); this call records its keys/values there, or with `reuse_kv` (a deeper
+            recursion) computes queries only and attends to the recorded ones, writing nothing to the cache."""
         input_shape = hidden_states.shape[:-1]  # (B, T)
         hidden_shape = (*input_shape, -1, self.head_dim)
 
         query_states = self.q_proj(hidden_states).view(hidden_shape)  # (B, T, nh, hd)
-        key_states = self.k_proj(hidden_states).view(hidden_shape)  # (B, T, nkv, hd)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
-        if value_embedding is not None:
-            value_embedding = value_embedding.view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
-            value_states = self.value_lambdas[0] * value_states + self.value_lambdas[1] * value_embedding
         if self.config.qk_norm:
-            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
-        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)  # (B, n, T, hd)
+            query_states = self.q_norm(query_states)
+        query_states = query_states.transpose(1, 2)  # (B, nh, T, hd)
+        if reuse_kv:
+            key_states, value_states = shared_kv[self.layer_idx]  # (B, nkv, S, hd): the first recursion's
+            if position_embeddings is not None:
+                query_states, _ = apply_rotary_pos_emb(query_states, query_states, *position_embeddings)
+        else:
+            key_states = self.k_proj(hidden_states).view(hidden_shape)  # (B, T, nkv, hd)
+            value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
+            if value_embedding is not None:
+                value_embedding = value_embedding.view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
+                value_states = self.value_lambdas[0] * value_states + self.value_lambdas[1] * value_embedding
+            if self.config.qk_norm:
+                key_states = self.k_norm(key_states)
+            key_states = key_states.transpose(1, 2)  # (B, nkv, T, hd)
 
-        if position_embeddings is not None:  # rope; ALiBi biases the scores below, NoPE has no positions
-            cos, sin = position_embeddings
-            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            if position_embeddings is not None:  # rope; ALiBi biases the scores below, NoPE has no positions
+                cos, sin = position_embeddings
+                query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if cache is not None:  # append this step's keys/values; returns the whole cache (B, nkv, S, hd)
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+            if cache is not None:  # append this step's keys/values; returns the whole cache (B, nkv, S, hd)
+                key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+            if shared_kv is not None:
+                shared_kv[self.layer_idx] = (key_states, value_states)
 
         if self.config.position_embedding == "alibi":
             attention_mask, kwargs = self.alibi(attention_mask, query_states, key_states, kwargs)
@@ -548,6 +564,24 @@ class HfllmDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+class HfllmRecursionRouter(nn.Module):
+    """Mixture-of-Recursions' token-choice router (Bae et al. 2025, arXiv 2507.10524, section 2.2): each token's
+    recursion depth is chosen once, from its own hidden state where it enters the shared stack, as the top-1 of a
+    softmax over the N_r depths. What a token does depends on no other token, so training and cached generation
+    compute the same function, and the causal mask stays the only path between positions."""
+
+    def __init__(self, config: HfllmConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.num_recursions, config.hidden_size))  # (N_r, H)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states (B, T, H) -> router_logits (B, T, N_r), depth (B, T) in 0..N_r-1 (0: one recursion),
+        weight (B, T): the chosen depth's probability, which scales the token's last recursion."""
+        router_logits = F.linear(hidden_states, self.weight)  # (B, T, N_r)
+        weight, depth = F.softmax(router_logits, dim=-1, dtype=torch.float).max(dim=-1)  # (B, T), (B, T)
+        return router_logits, depth, weight.to(hidden_states.dtype)
+
+
 class HfllmPreTrainedModel(PreTrainedModel):
     config: HfllmConfig
     base_model_prefix = "model"
@@ -576,6 +610,8 @@ class HfllmPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.expert_bias)
             init.zeros_(module.tokens_per_expert)
+        elif isinstance(module, HfllmRecursionRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, HfllmAttention) and hasattr(module, "value_lambdas"):
             init.constant_(module.value_lambdas, 0.5)
         elif isinstance(module, HfllmModel) and module.skip_weights is not None:
@@ -605,6 +641,8 @@ class HfllmModel(HfllmPreTrainedModel):
             )
         # U-net skips (modded-nanogpt): layer L - n + i receives the output of layer n - 1 - i, weighted
         self.skip_weights = nn.Parameter(torch.ones(config.num_hidden_layers // 2)) if config.unet_skips else None
+        # Mixture-of-Recursions: the shared stack's layers are applied up to num_recursions times, depth per token
+        self.recursion_router = HfllmRecursionRouter(config) if config.num_recursions > 1 else None
         self.has_sliding_layers = "sliding_attention" in config.layer_types
         self.gradient_checkpointing = False
         self.post_init()
@@ -655,6 +693,12 @@ class HfllmModel(HfllmPreTrainedModel):
         if self.config.position_embedding == "rope":
             position_embeddings = self.rotary_emb(hidden_states, position_ids)  # cos, sin: (B, T, hd)
         value_embeddings = [table(input_ids) for table in self.value_embeds or ()]  # each (B, T, nkv * hd)
+        if self.recursion_router is not None:
+            layer_kwargs = dict(attention_mask=mask_mapping["full_attention"], position_embeddings=position_embeddings,
+                                position_ids=position_ids, cache=cache, use_cache=use_cache, **kwargs)
+            hidden_states, router_logits = self.recursions(hidden_states, layer_kwargs)
+            return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), router_logits=(router_logits,),
+                                          **{CACHE_NAME: cache})
         skip_count = 0 if self.skip_weights is None else len(self.skip_weights)
         first_decoder, skips = self.config.num_hidden_layers - skip_count, []  # U-net: the encoder's outputs
         for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):  # fewer: an early exit
@@ -674,6 +718,33 @@ class HfllmModel(HfllmPreTrainedModel):
             if i < skip_count:
                 skips.append(hidden_states)
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache})
+
+    def recursions(self, hidden_states: torch.Tensor, layer_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixture-of-Recursions (Bae et al. 2025, arXiv 2507.10524): the unique layers before the shared stack, the
+        stack up to N_r times, the unique layers after it. hidden_states (B, T, H) -> (B, T, H) and the recursion
+        router's logits (B*T, N_r).
+
+        A token routed to depth d takes recursions 1..d; its last one's update is scaled by its router weight g,
+        h <- h + g (stack(h) - h), so that the router is trained by the LM loss (section 2.2); deeper recursions leave
+        it unchanged. Recursive KV sharing: every recursion attends to the first recursion's keys/values, which are
+        the only ones cached (one cache entry per unique layer). The stack runs over every token (masked, dense), so
+        the compute is that of the unrolled depth less the deeper recursions' key/value projections
+        (`flops_per_token` counts exactly that)."""
+        first, shared, last = self.config.recursion_layout()
+        for i in first:
+            hidden_states = self.layers[i](hidden_states, **layer_kwargs)
+        router_logits, depth, weight = self.recursion_router(hidden_states)  # (B, T, N_r), (B, T), (B, T)
+        shared_kv = {}  # {layer_idx: (keys, values)} of the first recursion, (B, nkv, S, hd)
+        for recursion in range(self.config.num_recursions):
+            out = hidden_states
+            for i in shared:
+                out = self.layers[i](out, shared_kv=shared_kv, reuse_kv=recursion > 0, **layer_kwargs)
+            scale = torch.where(depth == recursion, weight, torch.ones_like(weight))[..., None]  # (B, T, 1)
+            active = (depth >= recursion)[..., None]  # (B, T, 1): the token still recurses
+            hidden_states = torch.where(active, hidden_states + scale * (out - hidden_states), hidden_states)
+        for i in last:
+            hidden_states = self.layers[i](hidden_states, **layer_kwargs)
+        return hidden_states, router_logits.reshape(-1, router_logits.shape[-1])
 
 
 def load_balancing_loss(
@@ -716,7 +787,8 @@ class HfllmCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
 
 
 class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
-    """The decoder plus a language-model head; adds the MoE auxiliary losses to the LM loss."""
+    """The decoder plus a language-model head; adds the MoE auxiliary losses, or Mixture-of-Recursions' balancing loss,
+    to the LM loss."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -746,14 +818,15 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
         r"""
         labels: (B, T) token ids, -100 where no loss is wanted. They are the inputs themselves: the loss shifts them
             by one internally (position t predicts token t+1), so never shift them before calling.
-        output_router_logits: return each MoE layer's router logits and add the auxiliary losses to the loss;
-            defaults to `config.output_router_logits`.
+        output_router_logits: return each MoE layer's router logits and add the auxiliary losses to the loss (with
+            `num_recursions`: the recursion router's balancing loss); defaults to `config.output_router_logits`.
         """
         cache = _cache_argument(cache, kwargs)
         is_moe = self.config.num_experts > 0
+        is_mor = self.config.num_recursions > 1
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        output_router_logits = output_router_logits and is_moe
+        output_router_logits = output_router_logits and (is_moe or is_mor)
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -761,17 +834,21 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_router_logits=output_router_logits,
+            output_router_logits=output_router_logits and is_moe,  # the recursion router's logits always come back
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)  # (B, T', H)
         logits, loss = self.logits_and_loss(hidden_states, labels, **kwargs)
 
         aux_loss = z_loss = None
-        if output_router_logits and outputs.router_logits:
-            token_mask = None  # (B, T) over this call's tokens; during cached generation the mask also covers the past
-            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-                token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1]:]
+        token_mask = None  # (B, T) over this call's tokens; during cached generation the mask also covers the past
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1]:]
+        if output_router_logits and is_mor:  # the recursion router's balancing loss over its N_r depths (top-1)
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_recursions, 1, token_mask)
+            if loss is not None:
+                loss = loss + self.config.recursion_balance_loss_coef * aux_loss
+        elif output_router_logits and outputs.router_logits:
             aux_loss = load_balancing_loss(
                 outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, token_mask
             )

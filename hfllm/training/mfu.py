@@ -5,6 +5,9 @@ FLOPs per trained token (forward + backward, PaLM appendix B / nanoGPT):
 N_matmul is `parameter_counts(model)["active_matmul"]` (hfllm.models): the weights that multiply activations per
 token, MoE experts counted for the top-k only, less any other lookup table (modded-nanogpt's value embeddings are read,
 not multiplied). T_attn is the context each query sees: the block size, or the sliding window when smaller.
+Mixture-of-Recursions (`num_recursions`) runs its shared stack N_r times over every token: n_layer is the unrolled
+depth and N_matmul adds the stack's weights N_r - 1 more times, less the keys/values that only the first recursion
+computes (recursive KV sharing).
 Elementwise work (norms, ALiBi's bias, soft-capping, U-net and value-embedding mixing) is left out, as in PaLM.
 
 Peak FLOP/s: the dense bf16 tensor-core figure of known GPUs (times the number of GPUs). On a CPU there is no
@@ -43,8 +46,24 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     window = getattr(config, "sliding_window", None)
     context = min(seq_len, window) if window else seq_len
-    attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * context
-    return 6 * (parameter_counts(model)["active_matmul"] - extra_lookup_parameters(model)) + attention
+    layers = getattr(config, "unrolled_num_layers", config.num_hidden_layers)
+    attention = 12 * layers * config.num_attention_heads * head_dim * context
+    matmul = parameter_counts(model)["active_matmul"] - extra_lookup_parameters(model) + recursion_repeat_parameters(model)
+    return 6 * matmul + attention
+
+
+def recursion_repeat_parameters(model: nn.Module) -> int:
+    """Mixture-of-Recursions: the weights the shared stack multiplies again in recursions 2..N_r (every token, masked
+    dense compute), without the key/value projections (and key norms) that reuse the first recursion's keys/values."""
+    config = model.config
+    recursions = getattr(config, "num_recursions", 0) or 0
+    if recursions < 2:
+        return 0
+    layers = model.get_decoder().layers
+    kv_only = ("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.")
+    per_recursion = sum(parameter.numel() for i in config.recursion_layout()[1]
+                        for name, parameter in layers[i].named_parameters() if not name.startswith(kv_only))
+    return (recursions - 1) * per_recursion
 
 
 def extra_lookup_parameters(model: nn.Module) -> int:

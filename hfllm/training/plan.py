@@ -182,7 +182,8 @@ def activation_bytes_per_token(config, attn_implementation: str, block_size: int
     with activation checkpointing), the embedding output and final norm (3h), and the fp32 logits (V). Under bf16
     autocast, matmul outputs are bf16 (2 bytes) while the residual stream and the logits stay fp32."""
     layer = layer_elements_per_token(config, attn_implementation, block_size)
-    hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    hidden, vocab = config.hidden_size, config.vocab_size
+    layers = getattr(config, "unrolled_num_layers", config.num_hidden_layers)  # Mixture-of-Recursions: every pass
     if precision == "fp32":
         layer_bytes = 4 * layer
         logits = 4 * vocab
