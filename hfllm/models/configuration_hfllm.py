@@ -7,6 +7,7 @@ One config covers every variant; the variant is a matter of fields:
   - positions: `position_embedding` "rope" (default), "alibi" (Press et al. 2022) or "none" (NoPE)
   - modded-nanogpt's speedrun options: `mlp_activation: relu2`, `final_logit_softcapping`, `value_embeddings`,
     `unet_skips`, `zero_init_output_projections`
+  - Mamba-2 hybrids: `layer_types` entries "mamba" (a Mamba-2 mixer in place of attention) and the `mamba_*` fields
 
 This file is copied next to saved checkpoints (`trust_remote_code=True`), so it imports only transformers.
 """
@@ -14,7 +15,12 @@ This file is copied next to saved checkpoints (`trust_remote_code=True`), so it 
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "mamba")
+# A "mamba" layer is stored as "linear_attention": transformers' name for the layers whose cache holds conv and
+# recurrent states (its Bamba / NemotronH / FalconH1 configs do the same, and every PreTrainedConfig rewrites "mamba"
+# so), which is what makes `DynamicCache(config=...)` build those layers' state caches.
+MAMBA = "linear_attention"
+MAMBA_D_HEAD = 64  # the Mamba-2 paper's head dimension P (Dao & Gu 2024, section 8)
 POSITION_EMBEDDINGS = ("rope", "alibi", "none")
 MLP_ACTIVATIONS = ("gated", "relu2")
 MODDED_NANOGPT_VALUE_EMBEDDINGS = 3  # `value_embeddings: true`: the record runs' three tables
@@ -43,8 +49,9 @@ class HfllmConfig(PreTrainedConfig):
         attention_out_bias: bias on the output projection (Llama's `attention_bias` sets both).
         qk_norm: RMSNorm on each query/key head before RoPE (Qwen3 / OLMo-style stability).
         sliding_window: window size (tokens) of "sliding_attention" layers; None disables sliding attention.
-        layer_types: per-layer "full_attention" or "sliding_attention"; defaults to all sliding when
-            `sliding_window` is set, else all full.
+        layer_types: per-layer "full_attention", "sliding_attention" or "mamba"; defaults to all sliding when
+            `sliding_window` is set, else all full. A "mamba" layer (a Mamba-2 mixer where attention would be, the MLP
+            kept, as in Jamba / Bamba / Nemotron-H) is stored under transformers' cache name "linear_attention".
         num_experts: experts per MoE layer; 0 makes every layer dense.
         num_experts_per_tok: experts each token is routed to (top-k).
         moe_intermediate_size: hidden width of one expert; defaults to `intermediate_size`.
@@ -72,6 +79,15 @@ class HfllmConfig(PreTrainedConfig):
             weights (initialised to 1), to the inputs of the last L // 2 layers in reverse order.
         zero_init_output_projections: initialise o_proj and down_proj to zero, so that every block starts as the
             identity (modded-nanogpt; "ReZero"-like, arXiv 2003.04887). Only the initialisation changes.
+        mamba_d_state: state size N of each Mamba-2 head (Dao & Gu 2024, arXiv 2405.21060).
+        mamba_d_conv: width of the causal depthwise convolution before the scan.
+        mamba_expand: the mixer's inner width is `mamba_expand * hidden_size` = `mamba_n_heads * mamba_d_head`.
+        mamba_n_heads: number of SSD heads; defaults to inner width / `mamba_d_head`.
+        mamba_d_head: width P of one SSD head; defaults to inner width / `mamba_n_heads`, or 64 when neither is set.
+        mamba_n_groups: groups sharing B and C (the SSM's GQA); must divide `mamba_n_heads`.
+        mamba_chunk_size: chunk length of the chunked SSD scan (training and prefill).
+        mamba_conv_bias: bias on the convolution.
+        mamba_proj_bias: bias on the mixer's input and output projections.
     """
 
     model_type = "hfllm"
@@ -140,6 +156,15 @@ class HfllmConfig(PreTrainedConfig):
     value_embeddings: int | bool = 0
     unet_skips: bool = False
     zero_init_output_projections: bool = False
+    mamba_d_state: int = 64
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_n_heads: int | None = None
+    mamba_d_head: int | None = None
+    mamba_n_groups: int = 1
+    mamba_chunk_size: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -157,6 +182,14 @@ class HfllmConfig(PreTrainedConfig):
         if self.layer_types is None:
             kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
             self.layer_types = [kind] * self.num_hidden_layers
+        self.layer_types = [MAMBA if kind == "mamba" else kind for kind in self.layer_types]
+        if self.has_mamba_layers:
+            inner = self.mamba_expand * self.hidden_size
+            if self.mamba_n_heads is None:
+                self.mamba_d_head = self.mamba_d_head or min(MAMBA_D_HEAD, inner)
+                self.mamba_n_heads = max(inner // self.mamba_d_head, 1)
+            elif self.mamba_d_head is None:
+                self.mamba_d_head = inner // self.mamba_n_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
         if self.mlp_only_layers is None:
@@ -211,7 +244,7 @@ class HfllmConfig(PreTrainedConfig):
             len(self.layer_types) == self.num_hidden_layers,
             f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}",
         )
-        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        unknown = sorted(set(self.layer_types) - {*LAYER_TYPES, MAMBA})
         self._check(not unknown, f"layer_types has unknown entries {unknown}; allowed: {', '.join(LAYER_TYPES)}")
         self._check(
             "sliding_attention" not in self.layer_types or (self.sliding_window or 0) > 0,
@@ -234,6 +267,8 @@ class HfllmConfig(PreTrainedConfig):
             not self.unet_skips or self.num_hidden_layers >= 2,
             "unet_skips needs at least 2 layers (the first half's outputs feed the second half)",
         )
+        if self.has_mamba_layers:
+            self._validate_mamba()
         if self.num_experts > 0:
             self._check(
                 1 <= self.num_experts_per_tok <= self.num_experts,
@@ -243,6 +278,30 @@ class HfllmConfig(PreTrainedConfig):
             self._check(
                 not bad_layers, f"mlp_only_layers {bad_layers} out of range 0..{self.num_hidden_layers - 1}"
             )
+
+    def _validate_mamba(self) -> None:
+        """The Mamba-2 fields, and the combinations with mamba layers that hfllm refuses."""
+        inner = self.mamba_expand * self.hidden_size
+        for field in ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_n_heads", "mamba_d_head",
+                      "mamba_n_groups", "mamba_chunk_size"):
+            self._check(getattr(self, field) >= 1, f"{field} ({getattr(self, field)}) must be a positive integer")
+        self._check(
+            self.mamba_n_heads * self.mamba_d_head == inner,
+            f"mamba_n_heads * mamba_d_head ({self.mamba_n_heads} * {self.mamba_d_head}) must equal mamba_expand * "
+            f"hidden_size ({inner})",
+        )
+        self._check(
+            self.mamba_n_heads % self.mamba_n_groups == 0,
+            f"mamba_n_heads ({self.mamba_n_heads}) must be divisible by mamba_n_groups ({self.mamba_n_groups})",
+        )
+        for field, used in (("position_embedding: alibi", self.position_embedding == "alibi"),
+                            ("value_embeddings", self.value_embeddings > 0), ("num_experts", self.num_experts > 0)):
+            self._check(not used, f"layer_types with 'mamba' layers does not support {field} (untested together); "
+                                  "use rope or none positions and dense MLPs")
+
+    @property
+    def has_mamba_layers(self) -> bool:
+        return MAMBA in (self.layer_types or ())
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.num_experts > 0 and layer_idx not in self.mlp_only_layers
@@ -263,4 +322,4 @@ class HfllmConfig(PreTrainedConfig):
         return None
 
 
-__all__ = ["HfllmConfig", "HfllmConfigError"]
+__all__ = ["HfllmConfig", "HfllmConfigError", "MAMBA"]

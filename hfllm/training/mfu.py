@@ -1,11 +1,14 @@
 """FLOPs per token and the peak FLOP/s used for model FLOPs utilisation (MFU).
 
 FLOPs per trained token (forward + backward, PaLM appendix B / nanoGPT):
-    6 * N_matmul + 12 * n_layer * n_head * head_dim * T_attn
+    6 * N_matmul + 12 * n_attention_layers * n_head * head_dim * T_attn + 3 * n_mamba_layers * SSD
 N_matmul is `parameter_counts(model)["active_matmul"]` (hfllm.models): the weights that multiply activations per
 token, MoE experts counted for the top-k only, less any other lookup table (modded-nanogpt's value embeddings are read,
 not multiplied). T_attn is the context each query sees: the block size, or the sliding window when smaller.
-Elementwise work (norms, ALiBi's bias, soft-capping, U-net and value-embedding mixing) is left out, as in PaLM.
+A Mamba-2 layer has no attention term: its projections and depthwise conv are in N_matmul (a conv weight multiplies
+each token once), and SSD is the forward FLOPs per token of its chunked scan (`ssd_flops_per_token`).
+Elementwise work (norms, ALiBi's bias, soft-capping, U-net and value-embedding mixing, SSD's decays) is left out, as
+in PaLM.
 
 Peak FLOP/s: the dense bf16 tensor-core figure of known GPUs (times the number of GPUs). On a CPU there is no
 datasheet number, so the peak is *measured* with a large matmul in the training dtype at start; CPU MFU is an estimate
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from ..models import parameter_counts
+from ..models.configuration_hfllm import MAMBA
 
 # dense bf16 peak per device (FLOP/s), matched against torch.cuda.get_device_name()
 GPU_PEAK_FLOPS = {
@@ -43,8 +47,23 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     window = getattr(config, "sliding_window", None)
     context = min(seq_len, window) if window else seq_len
-    attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * context
-    return 6 * (parameter_counts(model)["active_matmul"] - extra_lookup_parameters(model)) + attention
+    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+    mamba_layers = layer_types.count(MAMBA)
+    attention = 12 * (config.num_hidden_layers - mamba_layers) * config.num_attention_heads * head_dim * context
+    ssd = 3 * mamba_layers * ssd_flops_per_token(config, seq_len) if mamba_layers else 0
+    return 6 * (parameter_counts(model)["active_matmul"] - extra_lookup_parameters(model)) + attention + ssd
+
+
+def ssd_flops_per_token(config, seq_len: int) -> float:
+    """Forward FLOPs per token of one Mamba-2 layer's chunked SSD scan (`mamba2_hfllm.ssd_chunk_scan`, Dao & Gu 2024
+    section 6) on sequences of `seq_len`: c chunks of l = min(chunk_size, seq_len) tokens (the last one padded); per
+    head and chunk the contractions C.B and scores.x (2 l^2 (N + P)), the chunk's state and its read-out (2 * 2 l N P);
+    per head the recurrence over the c + 1 chunk states (2 (c + 1)^2 N P)."""
+    heads, state, head_dim = config.mamba_n_heads, config.mamba_d_state, config.mamba_d_head
+    chunk = min(config.mamba_chunk_size, seq_len)
+    chunks = -(-seq_len // chunk)
+    per_chunk = 2 * chunk**2 * (state + head_dim) + 4 * chunk * state * head_dim
+    return heads * (chunks * per_chunk + 2 * (chunks + 1) ** 2 * state * head_dim) / seq_len
 
 
 def extra_lookup_parameters(model: nn.Module) -> int:
