@@ -334,6 +334,14 @@ def test_static_cache_and_flex_attention_are_refused_in_one_line():
         model(ids)
 
 
+def test_tensor_parallel_is_refused_in_one_line():
+    from hfllm.training.tensor_parallel import check_tensor_parallel
+
+    args = SimpleNamespace(tp_size=2, world_size=2, save_strategy="no", save_only_model=False, own_optimizer=None)
+    with pytest.raises(HfllmError, match=r"^tp_size 2: tensor parallel does not split layer_types 'mamba' layers"):
+        check_tensor_parallel(tiny().config, args)
+
+
 # ----------------------------------------------------------------------------- the shipped recipe
 
 SHRINK = [*TINY, "--num_hidden_layers", "4", "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2",
