@@ -79,8 +79,9 @@ def test_mamba_layers_are_stored_under_transformers_cache_name_and_heads_derived
                                                "hidden_size (64)"),
     ({"mamba_n_heads": 4, "mamba_n_groups": 3}, "mamba_n_heads (4) must be divisible by mamba_n_groups (3)"),
     ({"mamba_d_state": 0}, "mamba_d_state (0) must be a positive integer"),
+    ({"layer_types": ["mamba", "mamba"]}, "layer_types has only 'mamba' layers; a hybrid needs at least one attention"),
     ({"position_embedding": "alibi"}, "layer_types with 'mamba' layers does not support position_embedding: alibi"),
-    ({"num_experts": 4}, "layer_types with 'mamba' layers does not support num_experts"),
+    ({"value_embeddings": 2}, "layer_types with 'mamba' layers does not support value_embeddings"),
 ])
 def test_bad_mamba_fields_are_refused_naming_the_field(fields, words):
     with pytest.raises(HfllmConfigError, match="^" + words.replace("(", r"\(").replace(")", r"\)")
@@ -176,8 +177,19 @@ def test_model_logits_equal_those_with_transformers_mixers_prefill_and_cached_de
 # ----------------------------------------------------------------------------- as every variant
 
 
-def test_cached_greedy_generation_equals_uncached_alone_and_left_padded():
-    model = tiny("sdpa")
+COMBINATIONS = {
+    "hybrid": {},
+    "nope": {"position_embedding": "none"},  # Jamba's choice: the mamba layers carry the positions
+    "sliding": {"layer_types": ["mamba", "sliding_attention", "mamba", "full_attention"], "sliding_window": 4},
+    "moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},  # as in Jamba
+    "speedrun": {"mlp_activation": "relu2", "final_logit_softcapping": 5.0, "unet_skips": True,
+                 "zero_init_output_projections": True},
+}
+
+
+@pytest.mark.parametrize("combination", list(COMBINATIONS))
+def test_cached_greedy_generation_equals_uncached_alone_and_left_padded(combination):
+    model = tiny("sdpa", **COMBINATIONS[combination])
     ids, mask = left_padded()
     settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     for prompt, prompt_mask in ((ids[1:, 5:], mask[1:, 5:]), (ids, mask)):

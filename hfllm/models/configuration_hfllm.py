@@ -294,10 +294,15 @@ class HfllmConfig(PreTrainedConfig):
             self.mamba_n_heads % self.mamba_n_groups == 0,
             f"mamba_n_heads ({self.mamba_n_heads}) must be divisible by mamba_n_groups ({self.mamba_n_groups})",
         )
+        self._check(
+            any(kind != MAMBA for kind in self.layer_types),
+            "layer_types has only 'mamba' layers; a hybrid needs at least one attention layer (transformers' cache "
+            "reads the sequence length from attention layers)",
+        )
         for field, used in (("position_embedding: alibi", self.position_embedding == "alibi"),
-                            ("value_embeddings", self.value_embeddings > 0), ("num_experts", self.num_experts > 0)):
+                            ("value_embeddings", self.value_embeddings > 0)):
             self._check(not used, f"layer_types with 'mamba' layers does not support {field} (untested together); "
-                                  "use rope or none positions and dense MLPs")
+                                  "use rope or none positions, and no value embeddings")
 
     @property
     def has_mamba_layers(self) -> bool:
