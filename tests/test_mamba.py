@@ -249,6 +249,16 @@ def test_loads_through_remote_code_without_hfllm(tmp_path):
     assert "remote code OK" in result.stdout
 
 
+def test_push_stages_the_mixer_file_with_the_model_code(tmp_path):
+    """`hfllm push` uploads the model code by pattern: mamba2_hfllm.py goes with modeling_hfllm.py."""
+    from hfllm.shipping.push import stage
+
+    tiny().save_pretrained(tmp_path / "model")
+    (tmp_path / "out").mkdir()
+    names = stage(tmp_path / "model", "me/mamba-tiny", tmp_path / "out", "apache-2.0")
+    assert {"modeling_hfllm.py", "configuration_hfllm.py", "mamba2_hfllm.py"} <= set(names), names
+
+
 def measured_flops_per_token(model: HfllmForCausalLM, length: int) -> float:
     """Training FLOPs per token from a measured eager forward (torch's FLOP counter sees the projections, the conv,
     the scan's einsums and attention's matmuls), times 3 for forward + backward."""
