@@ -66,7 +66,8 @@ def left_padded(length: int = 12, pad: int = 5) -> tuple[torch.Tensor, torch.Ten
 def test_mamba_layers_are_stored_under_transformers_cache_name_and_heads_derived():
     """"mamba" is transformers' legacy name of "linear_attention" (the layer type whose cache holds conv and SSM
     states); the head count follows from the inner width."""
-    config = HfllmConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=4, layer_types=HYBRID, mamba_d_head=16)
+    config = HfllmConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=4, layer_types=HYBRID,
+                         mamba_d_head=16)
     assert config.layer_types == ["linear_attention"] * 3 + ["full_attention"] and config.mamba_n_heads == 4
     assert HfllmConfig(**config.to_dict()).layer_types == config.layer_types  # config.json reads back
     assert HfllmConfig(num_hidden_layers=2).mamba_n_heads is None  # no mamba layers: nothing derived or saved
@@ -312,7 +313,8 @@ def fake_kernels(calls: list[str]) -> SimpleNamespace:
         calls.append("step")  # per-(head, P) dt (B, nh, P), A (nh, P, N), D and dt_bias (nh, P); state updated in place
         dt = F.softplus(dt + dt_bias) if dt_softplus else dt + dt_bias
         repeat = x.shape[1] // B.shape[1]
-        y, new = ssd_step(state, x, dt[..., 0], A[:, 0, 0], B.repeat_interleave(repeat, 1), C.repeat_interleave(repeat, 1))
+        B, C = B.repeat_interleave(repeat, 1), C.repeat_interleave(repeat, 1)
+        y, new = ssd_step(state, x, dt[..., 0], A[:, 0, 0], B, C)
         state.copy_(new)
         return y + D * x
 
@@ -381,7 +383,8 @@ def test_mamba_recipe_trains_saves_and_generates(tmp_path):
     values = yaml.safe_load(RECIPE.read_text())
     assert model.config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
     assert model.config.mamba_d_state == values["mamba_d_state"] and hasattr(model.model.layers[0], "mamba")
-    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, min_new_tokens=4, do_sample=False).shape == (1, 7)
+    generated = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 7)
 
 
 @pytest.mark.slow  # doctor trains its shrunk recipe a few times: ~20 s

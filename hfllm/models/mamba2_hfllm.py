@@ -164,9 +164,10 @@ class HfllmMamba2Mixer(nn.Module):
                                  bias=config.mamba_proj_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=self.conv_kernel_size, groups=self.conv_dim,
                                 padding=self.conv_kernel_size - 1, bias=config.mamba_conv_bias)  # depthwise, causal
-        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))  # (nh,) `_init_weights`: softplus^-1 of dt in [1e-3, 0.1]
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))  # A = -exp(A_log)
-        self.D = nn.Parameter(torch.ones(self.num_heads))  # (nh,) skip
+        # (nh,) each; `_init_weights` sets them as Mamba-2 does (`init_mamba_weights`)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))  # dt = softplus(dt_proj + dt_bias)
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))  # A = -exp(A_log)
+        self.D = nn.Parameter(torch.ones(self.num_heads))  # the skip y += D x
         self.norm = HfllmRMSNormGated(self.intermediate_size, self.intermediate_size // self.n_groups,
                                       eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.mamba_proj_bias)
@@ -174,8 +175,7 @@ class HfllmMamba2Mixer(nn.Module):
             self.out_proj.zero_init = True
 
     def forward(
-        self, hidden_states: torch.Tensor, cache: Cache | None = None, attention_mask: torch.Tensor | None = None,
-        **kwargs,
+        self, hidden_states: torch.Tensor, cache: Cache | None = None, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """hidden_states (B, T, H); attention_mask (B, T) with 0 at padding, or None. Padding positions enter the conv
         and the scan as zeros (as Bamba does), so a left-padded row computes what its prompt computes alone."""
@@ -244,14 +244,11 @@ class HfllmMamba2Mixer(nn.Module):
         """mamba-ssm's fused scans (the same arguments; dt_bias, softplus and D applied inside). Returns
         y (B, T, nh, P) and the final state (B, nh, P, N)."""
         if state is not None and x.shape[1] == 1:  # selective_state_update takes per-(head, P) parameters
-            state = state.clone()  # updated in place by the kernel
-            expand = (-1, self.head_dim)
-            y = kernels.step(
-                state, x[:, 0], dt[:, 0, :, None].expand(-1, *expand), A[:, None, None].expand(*expand,
-                                                                                              self.ssm_state_size),
-                B[:, 0], C[:, 0], self.D[:, None].expand(*expand), z=None,
-                dt_bias=self.dt_bias[:, None].expand(*expand), dt_softplus=True,
-            )
+            state = state.clone()  # the kernel updates it in place
+            P, N = self.head_dim, self.ssm_state_size
+            y = kernels.step(state, x[:, 0], dt[:, 0, :, None].expand(-1, -1, P), A[:, None, None].expand(-1, P, N),
+                             B[:, 0], C[:, 0], self.D[:, None].expand(-1, P), z=None,
+                             dt_bias=self.dt_bias[:, None].expand(-1, P), dt_softplus=True)  # (B, nh, P)
             return y[:, None], state
         return kernels.chunk_scan(x, dt, A, B, C, chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias,
                                   initial_states=state, dt_softplus=True, return_final_states=True)
@@ -267,13 +264,18 @@ def zero_padding(hidden_states: torch.Tensor, attention_mask: torch.Tensor | Non
 @torch.no_grad()
 def init_mamba_weights(mixer: HfllmMamba2Mixer, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4
                        ) -> None:
-    """Mamba-2's initialisation of the SSM parameters (its reference code, as transformers' Mamba2Mixer): A = 1..nh,
-    D = 1, dt log-uniform in [dt_min, dt_max] stored as softplus^-1(dt) in dt_bias."""
+    """Mamba-2's initialisation (its reference code, as transformers' Mamba2Mixer): A = 1..nh, D = 1, dt log-uniform
+    in [dt_min, dt_max] stored as softplus^-1(dt) in dt_bias; the conv as PyTorch initialises it (kaiming-uniform),
+    bias zero. The projections are initialised as every other linear layer of the model."""
     heads, device = mixer.num_heads, mixer.dt_bias.device
-    dt = torch.exp(torch.rand(heads, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+    log_dt = torch.rand(heads, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    dt = torch.exp(log_dt).clamp(min=dt_floor)
     init.copy_(mixer.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
     init.copy_(mixer.A_log, torch.log(torch.arange(1, heads + 1, dtype=torch.float32, device=device)))
     init.ones_(mixer.D)
+    init.kaiming_uniform_(mixer.conv1d.weight, a=math.sqrt(5))
+    if mixer.conv1d.bias is not None:
+        init.zeros_(mixer.conv1d.bias)
 
 
 __all__ = ["HfllmMamba2Mixer", "init_mamba_weights", "mamba_kernels", "ssd_chunk_scan", "ssd_step"]
