@@ -20,7 +20,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention", "mamba")
 # recurrent states (its Bamba / NemotronH / FalconH1 configs do the same, and every PreTrainedConfig rewrites "mamba"
 # so), which is what makes `DynamicCache(config=...)` build those layers' state caches.
 MAMBA = "linear_attention"
-MAMBA_D_HEAD = 64  # the Mamba-2 paper's head dimension P (Dao & Gu 2024, section 8)
+MAMBA_D_HEAD = 64  # Mamba-2's default head dimension P (Dao & Gu 2024; its reference code's headdim)
 POSITION_EMBEDDINGS = ("rope", "alibi", "none")
 MLP_ACTIVATIONS = ("gated", "relu2")
 MODDED_NANOGPT_VALUE_EMBEDDINGS = 3  # `value_embeddings: true`: the record runs' three tables

@@ -5,11 +5,12 @@
 
 Mamba-2 / SSD: Dao & Gu 2024, "Transformers are SSMs", arXiv 2405.21060. Each head h keeps a state (P, N) and reads
 h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,   y_t = h_t C_t + D x_t,
-with a scalar A per head (section 3) and dt, B, C computed from the input. The chunked scan (section 6, the paper's
-minimal reference `ssd_minimal_discrete`) computes the same thing blockwise: quadratic attention-like work inside each
-chunk, a recurrence over the chunks' final states between them.
-Hybrids that put such mixers in place of most attention layers: Jamba (arXiv 2403.19887), Nemotron-H (arXiv
-2504.03624), Falcon-H1 (arXiv 2507.22448); hfllm's config picks the layers with `layer_types` ("mamba").
+with a scalar A per head (SSD's scalar-times-identity A) and dt, B, C computed from the input. The chunked scan
+(section 6, the paper's minimal reference `ssd_minimal_discrete`) computes the same thing blockwise: quadratic
+attention-like work inside each chunk, a recurrence over the chunks' final states between them.
+Hybrids of such mixers with attention: Jamba (arXiv 2403.19887) and Nemotron-H (arXiv 2504.03624) put them in place
+of most attention layers, as hfllm does (`layer_types` entries "mamba"); Falcon-H1 (arXiv 2507.22448) runs them beside
+attention in every layer, which hfllm does not build.
 
 Parameters are named as transformers' `Mamba2Mixer` names them (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj), so
 the same weights load into either. The conv and SSM states live in transformers' cache (`LinearAttentionLayer`, through
@@ -62,7 +63,7 @@ def kernels_for(hidden_states: torch.Tensor) -> SimpleNamespace | None:
 
 
 class HfllmRMSNormGated(nn.Module):
-    """Mamba-2's output norm (section 7.3): x * silu(gate), then RMSNorm within each of G groups, times a weight."""
+    """Mamba-2's output norm (section 7): x * silu(gate), then RMSNorm within each of G groups, times a weight."""
 
     def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -137,7 +138,7 @@ def ssd_chunk_scan(
 def ssd_step(
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One recurrent step (section 3): state (B, nh, P, N), x (B, nh, P), dt (B, nh) after softplus, A (nh,), B and C
+    """One step of the recurrence: state (B, nh, P, N), x (B, nh, P), dt (B, nh) after softplus, A (nh,), B and C
     (B, nh, N). Returns y (B, nh, P) without the D skip, and the new state."""
     decay = torch.exp(dt * A)[..., None, None]  # (B, nh, 1, 1)
     state = state.float() * decay + (dt[..., None] * x)[..., None] * B[:, :, None, :]  # (B, nh, P, N)
