@@ -348,11 +348,13 @@ def test_kernels_only_on_a_gpu_and_a_gpu_without_them_falls_back_with_one_warnin
     assert mamba2_hfllm.kernels_for(SimpleNamespace(is_cuda=True)) is sentinel
 
 
-def test_static_cache_and_flex_attention_are_refused_in_one_line():
+def test_static_cache_speculative_generation_and_flex_attention_are_refused_in_one_line():
     model = tiny()
     ids, _ = left_padded()
     with pytest.raises(ValueError, match="^layer_types 'mamba' .* a static cache .* is not supported$"):
         model.generate(ids[:1], max_new_tokens=2, do_sample=False, cache_implementation="static")
+    with pytest.raises(ValueError, match="^layer_types 'mamba' keeps only the last SSM state, which assisted"):
+        model.generate(ids[:1], max_new_tokens=4, do_sample=False, prompt_lookup_num_tokens=2)
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="^layer_types 'mamba' is not tested with flex_attention"):
         model(ids)

@@ -296,10 +296,14 @@ def check_alibi_support(attn_implementation: str, cache: Cache | None) -> None:
 
 def check_mamba_support(attn_implementation: str, cache: Cache | None) -> None:
     """Mamba layers' refusals, each in one line: a static cache (its positions are slots, not the tokens the states
-    have seen) and flex attention in the attention layers are untested with them."""
+    have seen), a cache that records past states to roll them back (assisted / speculative generation: the mixer
+    keeps only the last SSM state) and flex attention in the attention layers are untested with them."""
     if isinstance(cache, StaticCache):
         raise ValueError("layer_types 'mamba' keeps its conv / SSM states in the dynamic cache; a static cache "
                          "(cache_implementation='static', compiled generation) is not supported")
+    if any(getattr(layer, "record_past", False) for layer in getattr(cache, "layers", ())):
+        raise ValueError("layer_types 'mamba' keeps only the last SSM state, which assisted / speculative generation "
+                         "cannot roll back; generate without assistant_model or prompt_lookup_num_tokens")
     if attn_implementation == "flex_attention":
         raise ValueError("layer_types 'mamba' is not tested with flex_attention in its attention layers; use "
                          "attn_implementation sdpa, eager or flash_attention_2")
