@@ -40,6 +40,7 @@ VARIANTS = {
     "dense": dict(),
     "sliding": dict(sliding_window=6),  # 32 new tokens run far past the window: the sliding cache must roll
     "moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_shared_experts=1),
+    "mamba": dict(layer_types=["mamba", "full_attention"], mamba_d_state=8, mamba_chunk_size=8),  # + mamba2_hfllm.py
 }
 
 # Loads each checkpoint given with its own code (hfllm blocked), then greedy-generates 32 tokens for a left-padded

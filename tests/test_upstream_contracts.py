@@ -42,6 +42,12 @@ PRIVATE_NAMES = [
     ("transformers:PreTrainedModel._init_weights", {"module"}, "models/convert.py: rotary buffers after conversion"),
     ("transformers.integrations.flex_attention:flex_attention_forward", {"position_bias"},
      "models/modeling_hfllm.py: ALiBi's bias under flex attention (check_alibi_support refuses without it)"),
+    ("transformers.cache_utils:DYNAMIC_LAYER_TYPE_MAPPING", set(),
+     "models/modeling_hfllm.py: DynamicCache(config=...) builds Mamba-2 layers' state caches ('linear_attention')"),
+    ("transformers.cache_utils:LinearAttentionLayer.update_conv_state", {"conv_states", "conv_kernel_size"},
+     "models/mamba2_hfllm.py: the conv state keeps the last mamba_d_conv inputs"),
+    ("transformers.masking_utils:create_recurrent_attention_mask", {"config", "inputs_embeds", "attention_mask"},
+     "models/modeling_hfllm.py: the (B, T) padding mask of Mamba-2 layers"),
     # accelerate
     ("accelerate:ParallelismConfig._validate_accelerator", {"accelerator"},
      "training/tensor_parallel.py: tensor parallel on CPU processes"),
@@ -67,6 +73,16 @@ def test_compile_config_still_has_the_all_devices_switch():
     from transformers import CompileConfig
 
     assert "_compile_all_devices" in vars(CompileConfig()) or hasattr(CompileConfig, "_compile_all_devices")
+
+
+def test_dynamic_cache_builds_state_layers_for_linear_attention_layer_types():
+    """modeling_hfllm.py stores "mamba" layers as "linear_attention" so that generate()'s DynamicCache(config=...)
+    gives them conv / recurrent state layers (transformers' own hybrids, e.g. Bamba, do the same)."""
+    from transformers import BambaConfig
+    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, LinearAttentionLayer
+
+    assert DYNAMIC_LAYER_TYPE_MAPPING["linear_attention"] is LinearAttentionLayer
+    assert "linear_attention" in BambaConfig(attn_layer_indices=[1], num_hidden_layers=2).layer_types
 
 
 def test_attention_implementation_is_read_from_the_config():

@@ -446,7 +446,7 @@ def test_variant_recipe_trains_saves_and_generates(recipe, tmp_path):
     for field in set(values) & set(VARIANTS["alibi+speedrun"]):
         assert getattr(model.config, field) == values[field], field
     ids = torch.tensor([[1, 2, 3]])
-    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 7)
+    assert model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False).shape == (1, 7)
 
 
 @pytest.mark.slow  # each doctor run trains its shrunk recipe a few times: ~20 s

@@ -70,6 +70,8 @@ def shrink(config: PreTrainedConfig, layers: int = 2, head_dim: int = 16) -> dic
         kinds = list(dict.fromkeys(types))  # keep every kind of layer the recipe has
         overrides["layer_types"] = (kinds + types)[: max(layers, len(kinds))]
         overrides["num_hidden_layers"] = len(overrides["layer_types"])
+    if getattr(config, "mamba_n_heads", None):  # Mamba-2 heads are derived again at the new width
+        overrides.update(mamba_n_heads=None, mamba_d_head=None)
     if getattr(config, "num_experts", 0):
         overrides["moe_intermediate_size"] = hidden // 2
     if getattr(config, "mlp_only_layers", None):

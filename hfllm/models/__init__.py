@@ -1,7 +1,8 @@
 """hfllm's model family, registered with transformers' Auto classes on import.
 
-`register_for_auto_class` makes `save_pretrained` copy `configuration_hfllm.py` and `modeling_hfllm.py` next to the
-weights, so a checkpoint loads with `trust_remote_code=True` where hfllm is not installed.
+`register_for_auto_class` makes `save_pretrained` copy `configuration_hfllm.py` and `modeling_hfllm.py` (with
+`mamba2_hfllm.py`, which it imports relatively) next to the weights, so a checkpoint loads with
+`trust_remote_code=True` where hfllm is not installed.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM

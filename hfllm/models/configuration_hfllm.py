@@ -9,6 +9,7 @@ One config covers every variant; the variant is a matter of fields:
     `unet_skips`, `zero_init_output_projections`
   - Mixture-of-Recursions (Bae et al. 2025, arXiv 2507.10524): `num_recursions`, `recursion_sharing`,
     `recursion_balance_loss_coef`
+  - Mamba-2 hybrids: `layer_types` entries "mamba" (a Mamba-2 mixer in place of attention) and the `mamba_*` fields
 
 This file is copied next to saved checkpoints (`trust_remote_code=True`), so it imports only transformers.
 """
@@ -16,7 +17,12 @@ This file is copied next to saved checkpoints (`trust_remote_code=True`), so it 
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "mamba")
+# A "mamba" layer is stored as "linear_attention": transformers' name for the layers whose cache holds conv and
+# recurrent states (its Bamba / NemotronH / FalconH1 configs do the same, and every PreTrainedConfig rewrites "mamba"
+# so), which is what makes `DynamicCache(config=...)` build those layers' state caches.
+MAMBA = "linear_attention"
+MAMBA_D_HEAD = 64  # Mamba-2's default head dimension P (Dao & Gu 2024; its reference code's headdim)
 POSITION_EMBEDDINGS = ("rope", "alibi", "none")
 MLP_ACTIVATIONS = ("gated", "relu2")
 RECURSION_SHARINGS = ("middle_cycle", "cycle")
@@ -47,8 +53,9 @@ class HfllmConfig(PreTrainedConfig):
         attention_out_bias: bias on the output projection (Llama's `attention_bias` sets both).
         qk_norm: RMSNorm on each query/key head before RoPE (Qwen3 / OLMo-style stability).
         sliding_window: window size (tokens) of "sliding_attention" layers; None disables sliding attention.
-        layer_types: per-layer "full_attention" or "sliding_attention"; defaults to all sliding when
-            `sliding_window` is set, else all full.
+        layer_types: per-layer "full_attention", "sliding_attention" or "mamba"; defaults to all sliding when
+            `sliding_window` is set, else all full. A "mamba" layer (a Mamba-2 mixer where attention would be, the MLP
+            kept, as in Jamba / Bamba / Nemotron-H) is stored under transformers' cache name "linear_attention".
         num_experts: experts per MoE layer; 0 makes every layer dense.
         num_experts_per_tok: experts each token is routed to (top-k).
         moe_intermediate_size: hidden width of one expert; defaults to `intermediate_size`.
@@ -86,6 +93,15 @@ class HfllmConfig(PreTrainedConfig):
             layers shared). The unrolled depth is 2 + N_r (L - 2), or N_r L.
         recursion_balance_loss_coef: weight of the recursion router's balancing loss (Switch-style over the N_r
             depths) added to the LM loss.
+        mamba_d_state: state size N of each Mamba-2 head (Dao & Gu 2024, arXiv 2405.21060).
+        mamba_d_conv: width of the causal depthwise convolution before the scan.
+        mamba_expand: the mixer's inner width is `mamba_expand * hidden_size` = `mamba_n_heads * mamba_d_head`.
+        mamba_n_heads: number of SSD heads; defaults to inner width / `mamba_d_head`.
+        mamba_d_head: width P of one SSD head; defaults to inner width / `mamba_n_heads`, or 64 when neither is set.
+        mamba_n_groups: groups sharing B and C (the SSM's GQA); must divide `mamba_n_heads`.
+        mamba_chunk_size: chunk length of the chunked SSD scan (training and prefill).
+        mamba_conv_bias: bias on the convolution.
+        mamba_proj_bias: bias on the mixer's input and output projections.
     """
 
     model_type = "hfllm"
@@ -157,6 +173,15 @@ class HfllmConfig(PreTrainedConfig):
     num_recursions: int = 0
     recursion_sharing: str = "middle_cycle"
     recursion_balance_loss_coef: int | float = 0.1
+    mamba_d_state: int = 64
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_n_heads: int | None = None
+    mamba_d_head: int | None = None
+    mamba_n_groups: int = 1
+    mamba_chunk_size: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -174,6 +199,14 @@ class HfllmConfig(PreTrainedConfig):
         if self.layer_types is None:
             kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
             self.layer_types = [kind] * self.num_hidden_layers
+        self.layer_types = [MAMBA if kind == "mamba" else kind for kind in self.layer_types]
+        if self.has_mamba_layers:
+            inner = self.mamba_expand * self.hidden_size
+            if self.mamba_n_heads is None:
+                self.mamba_d_head = self.mamba_d_head or min(MAMBA_D_HEAD, inner)
+                self.mamba_n_heads = max(inner // self.mamba_d_head, 1)
+            elif self.mamba_d_head is None:
+                self.mamba_d_head = inner // self.mamba_n_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
         if self.mlp_only_layers is None:
@@ -230,7 +263,7 @@ class HfllmConfig(PreTrainedConfig):
             len(self.layer_types) == self.num_hidden_layers,
             f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}",
         )
-        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        unknown = sorted(set(self.layer_types) - {*LAYER_TYPES, MAMBA})
         self._check(not unknown, f"layer_types has unknown entries {unknown}; allowed: {', '.join(LAYER_TYPES)}")
         self._check(
             "sliding_attention" not in self.layer_types or (self.sliding_window or 0) > 0,
@@ -256,6 +289,8 @@ class HfllmConfig(PreTrainedConfig):
         self._check(self.num_recursions >= 0, f"num_recursions ({self.num_recursions}) must be 0 or more (0 or 1: off)")
         if self.num_recursions > 1:
             self._validate_recursions()
+        if self.has_mamba_layers:
+            self._validate_mamba()
         if self.num_experts > 0:
             self._check(
                 1 <= self.num_experts_per_tok <= self.num_experts,
@@ -281,7 +316,8 @@ class HfllmConfig(PreTrainedConfig):
                     f"recursion_balance_loss_coef ({self.recursion_balance_loss_coef}) must be 0 or more")
         unsupported = {"num_experts > 0": self.num_experts > 0, "value_embeddings": self.value_embeddings > 0,
                        "unet_skips": self.unet_skips,
-                       "sliding_attention layers": set(self.layer_types) != {"full_attention"}}
+                       "sliding_attention layers": "sliding_attention" in self.layer_types,
+                       "mamba layers": MAMBA in self.layer_types}
         for option, used in unsupported.items():
             self._check(not used, f"num_recursions ({self.num_recursions}) does not support {option} (layer-indexed or "
                                   "routed options); set num_recursions: 0 or turn the option off")
@@ -303,6 +339,35 @@ class HfllmConfig(PreTrainedConfig):
         first, shared, last = self.recursion_layout()
         return len(first) + max(self.num_recursions, 1) * len(shared) + len(last)
 
+    def _validate_mamba(self) -> None:
+        """The Mamba-2 fields, and the combinations with mamba layers that hfllm refuses."""
+        inner = self.mamba_expand * self.hidden_size
+        for field in ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_n_heads", "mamba_d_head",
+                      "mamba_n_groups", "mamba_chunk_size"):
+            self._check(getattr(self, field) >= 1, f"{field} ({getattr(self, field)}) must be a positive integer")
+        self._check(
+            self.mamba_n_heads * self.mamba_d_head == inner,
+            f"mamba_n_heads * mamba_d_head ({self.mamba_n_heads} * {self.mamba_d_head}) must equal mamba_expand * "
+            f"hidden_size ({inner})",
+        )
+        self._check(
+            self.mamba_n_heads % self.mamba_n_groups == 0,
+            f"mamba_n_heads ({self.mamba_n_heads}) must be divisible by mamba_n_groups ({self.mamba_n_groups})",
+        )
+        self._check(
+            any(kind != MAMBA for kind in self.layer_types),
+            "layer_types has only 'mamba' layers; a hybrid needs at least one attention layer (transformers' cache "
+            "reads the sequence length from attention layers)",
+        )
+        for field, used in (("position_embedding: alibi", self.position_embedding == "alibi"),
+                            ("value_embeddings", self.value_embeddings > 0)):
+            self._check(not used, f"layer_types with 'mamba' layers does not support {field} (untested together); "
+                                  "use rope or none positions, and no value embeddings")
+
+    @property
+    def has_mamba_layers(self) -> bool:
+        return MAMBA in (self.layer_types or ())
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.num_experts > 0 and layer_idx not in self.mlp_only_layers
 
@@ -322,4 +387,4 @@ class HfllmConfig(PreTrainedConfig):
         return None
 
 
-__all__ = ["HfllmConfig", "HfllmConfigError"]
+__all__ = ["HfllmConfig", "HfllmConfigError", "MAMBA"]

@@ -120,9 +120,11 @@ def hfllm_config_from(src: PreTrainedConfig) -> HfllmConfig:
 
 def hfllm_only_variants(config: HfllmConfig) -> list[str]:
     """The variants of `config` that no native Llama-family architecture (nor llama.cpp's) computes, each named
-    with its config field: ALiBi and NoPE positions, modded-nanogpt's options and Mixture-of-Recursions.
-    Zero-initialised output projections change only the initialisation, so they export."""
+    with its config field: ALiBi and NoPE positions, modded-nanogpt's options, Mixture-of-Recursions and Mamba-2
+    layers. Zero-initialised output projections change only the initialisation, so they export."""
     variants = []
+    if getattr(config, "has_mamba_layers", False):
+        variants.append("layer_types: mamba")
     if config.position_embedding != "rope":
         variants.append(f"position_embedding: {config.position_embedding}")
     if config.mlp_activation != "gated":

@@ -1,12 +1,12 @@
 """hfllm's decoder-only transformer: one family, read top to bottom.
 
     RMSNorm -> rotary embedding / ALiBi slopes -> attention (GQA, optional QK-norm, sliding window, value
-    embeddings) -> SwiGLU or ReLU² MLP -> MoE (router, fused experts, shared experts) -> decoder layer ->
-    Mixture-of-Recursions router -> model (optional U-net skips, optional recursions) -> causal-LM head (+ optional
-    logit soft-capping, MoE and recursion losses)
+    embeddings) -> SwiGLU or ReLU² MLP -> MoE (router, fused experts, shared experts) -> decoder layer (attention or
+    a Mamba-2 mixer, `mamba2_hfllm.py`) -> Mixture-of-Recursions router -> model (optional U-net skips, optional
+    recursions) -> causal-LM head (+ optional logit soft-capping, MoE and recursion losses)
 
-Llama, Mistral (sliding window) and MoE variants, ALiBi / NoPE positions, modded-nanogpt's speedrun options and
-Mixture-of-Recursions differ only by config fields (see `configuration_hfllm.py`).
+Llama, Mistral (sliding window) and MoE variants, ALiBi / NoPE positions, modded-nanogpt's speedrun options,
+Mixture-of-Recursions and Mamba-2 hybrids differ only by config fields (see `configuration_hfllm.py`).
 Attention kernels (eager / sdpa / flash_attention_2 / flex_attention) are swapped through transformers'
 `ALL_ATTENTION_FUNCTIONS`, KV caches through its `Cache` classes, experts kernels through `use_experts_implementation`.
 Shapes: B batch, T new tokens, S key length (cache included), H hidden, nh / nkv heads, hd head dim, E experts.
@@ -42,13 +42,15 @@ if TRANSFORMERS_VERSION < TESTED_TRANSFORMERS[0]:
                       f", but transformers {transformers.__version__} is installed: {_FIX}")
 
 try:
+    from transformers import cache_utils
     from transformers import initialization as init
     from transformers.activations import ACT2FN
-    from transformers.cache_utils import Cache, DynamicCache
+    from transformers.cache_utils import Cache, DynamicCache, StaticCache
     from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, TensorParallelLayer
     from transformers.generation import GenerationMixin
     from transformers.integrations import use_experts_implementation
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    from transformers.masking_utils import (create_causal_mask, create_recurrent_attention_mask,
+                                            create_sliding_window_causal_mask)
     from transformers.modeling_layers import GradientCheckpointingLayer
     from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
@@ -61,7 +63,8 @@ except ImportError as error:  # a name this file imports was moved or removed up
     raise ImportError(f"this hfllm model code cannot run on transformers {transformers.__version__} "
                       f"({str(error).split(' (')[0]}): {_FIX}") from None
 
-from .configuration_hfllm import HfllmConfig
+from .configuration_hfllm import MAMBA, HfllmConfig
+from .mamba2_hfllm import HfllmMamba2Mixer, init_mamba_weights
 
 # under transformers' own logger, so that TRANSFORMERS_VERBOSITY governs this file's warning as it does transformers'
 logger = logging.get_logger("transformers.hfllm")
@@ -104,6 +107,15 @@ def upstream_contracts() -> tuple[str | None, dict[str, bool]]:
             {"key_states", "value_states", "layer_idx"} <= _parameters(Cache.update),
         "tensor-parallel styles install a forward (TensorParallelLayer.install_forward(module, mesh, ...))":
             {"module", "mesh"} <= _parameters(TensorParallelLayer.install_forward),
+        "Mamba-2 states are cached by layer (Cache.get_conv_state, update_conv_state, get_recurrent_state, "
+        "update_recurrent_state take layer_idx)": all("layer_idx" in _parameters(getattr(Cache, method)) for method in (
+            "get_conv_state", "update_conv_state", "get_recurrent_state", "update_recurrent_state")),
+        f"DynamicCache(config=...) builds a conv / recurrent state layer for layer type '{MAMBA}' "
+        "(cache_utils.DYNAMIC_LAYER_TYPE_MAPPING)": hasattr(getattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", {})
+                                                              .get(MAMBA), "update_recurrent_state"),
+        f"the recurrent mask function takes config, inputs_embeds, attention_mask, {name} "
+        "(create_recurrent_attention_mask)":
+            {"config", "inputs_embeds", "attention_mask", name} <= _parameters(create_recurrent_attention_mask),
     }
 
 
@@ -280,6 +292,21 @@ def check_alibi_support(attn_implementation: str, cache: Cache | None) -> None:
     if getattr(cache, "is_compileable", False):
         raise ValueError("position_embedding 'alibi' measures distances in the dynamic KV cache; a static cache "
                          "(cache_implementation='static', compiled generation) is not supported")
+
+
+def check_mamba_support(attn_implementation: str, cache: Cache | None) -> None:
+    """Mamba layers' refusals, each in one line: a static cache (its positions are slots, not the tokens the states
+    have seen), a cache that records past states to roll them back (assisted / speculative generation: the mixer
+    keeps only the last SSM state) and flex attention in the attention layers are untested with them."""
+    if isinstance(cache, StaticCache):
+        raise ValueError("layer_types 'mamba' keeps its conv / SSM states in the dynamic cache; a static cache "
+                         "(cache_implementation='static', compiled generation) is not supported")
+    if any(getattr(layer, "record_past", False) for layer in getattr(cache, "layers", ())):
+        raise ValueError("layer_types 'mamba' keeps only the last SSM state, which assisted / speculative generation "
+                         "cannot roll back; generate without assistant_model or prompt_lookup_num_tokens")
+    if attn_implementation == "flex_attention":
+        raise ValueError("layer_types 'mamba' is not tested with flex_attention in its attention layers; use "
+                         "attn_implementation sdpa, eager or flash_attention_2")
 
 
 class HfllmMLP(nn.Module):
@@ -529,11 +556,16 @@ class HfllmSparseMoeBlock(nn.Module):
 
 
 class HfllmDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is dense or MoE."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is dense or MoE. In a "mamba" layer a
+    Mamba-2 mixer (`mamba2_hfllm.py`) takes attention's place and the MLP stays, as in Jamba (arXiv 2403.19887),
+    Bamba and Nemotron-H (arXiv 2504.03624); its attention_mask is the (B, T) padding mask, or None."""
 
     def __init__(self, config: HfllmConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = HfllmAttention(config, layer_idx)
+        if config.layer_types[layer_idx] == MAMBA:
+            self.mamba = HfllmMamba2Mixer(config, layer_idx)
+        else:
+            self.self_attn = HfllmAttention(config, layer_idx)
         self.mlp = HfllmSparseMoeBlock(config) if config.is_moe_layer(layer_idx) else HfllmMLP(config)
         self.input_layernorm = HfllmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = HfllmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -550,6 +582,9 @@ class HfllmDecoderLayer(GradientCheckpointingLayer):
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         residual = hidden_states  # (B, T, H)
+        if hasattr(self, "mamba"):
+            hidden_states = residual + self.mamba(self.input_layernorm(hidden_states), cache, attention_mask)
+            return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         hidden_states, _ = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
@@ -616,6 +651,8 @@ class HfllmPreTrainedModel(PreTrainedModel):
             init.constant_(module.value_lambdas, 0.5)
         elif isinstance(module, HfllmModel) and module.skip_weights is not None:
             init.ones_(module.skip_weights)
+        elif isinstance(module, HfllmMamba2Mixer):
+            init_mamba_weights(module)
         if getattr(module, "zero_init", False):  # an output projection under zero_init_output_projections
             init.zeros_(module.down_proj if isinstance(module, HfllmExperts) else module.weight)
 
@@ -644,6 +681,7 @@ class HfllmModel(HfllmPreTrainedModel):
         # Mixture-of-Recursions: the shared stack's layers are applied up to num_recursions times, depth per token
         self.recursion_router = HfllmRecursionRouter(config) if config.num_recursions > 1 else None
         self.has_sliding_layers = "sliding_attention" in config.layer_types
+        self.has_mamba_layers = config.has_mamba_layers
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -666,6 +704,8 @@ class HfllmModel(HfllmPreTrainedModel):
             raise ValueError("value_embeddings look up token ids: pass input_ids, not inputs_embeds")
         if self.config.position_embedding == "alibi":
             check_alibi_support(self.config._attn_implementation, cache)
+        if self.has_mamba_layers:
+            check_mamba_support(self.config._attn_implementation, cache)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, H)
         if use_cache and cache is None:
@@ -687,6 +727,8 @@ class HfllmModel(HfllmPreTrainedModel):
             mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
             if self.has_sliding_layers:
                 mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+            if self.has_mamba_layers:  # (B, T) padding mask; None when there is no padding or when decoding
+                mask_mapping[MAMBA] = create_recurrent_attention_mask(**mask_kwargs)
 
         hidden_states = inputs_embeds
         position_embeddings = None  # ALiBi biases the attention scores in each layer; NoPE has no positions

@@ -38,12 +38,12 @@ from .card import RunFacts, build_card, read_json
 # files of a run folder that are uploaded (top level only); anything else stays home
 UPLOAD = (
     "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "adapter_config.json",
-    "configuration_*.py", "modeling_*.py", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "configuration_*.py", "modeling_*.py", "*_hfllm.py", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "chat_template.jinja", "*.gguf", "Modelfile", "recipe.yaml", "run_info.json", "samples.txt", "loss_curve.png",
     "eval_results.json", "all_results.json", "results.json", "results.md",
 )
 MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-               "configuration_*.py", "modeling_*.py")  # replaced by the native model's own when publishing native
+               "configuration_*.py", "modeling_*.py", "*_hfllm.py")  # replaced by the native model's own when publishing native
 FORMATS = ("auto", "native", "hfllm")
 LICENSES = ("apache-2.0", "mit", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "openrail", "llama3", "other")
 

@@ -1,14 +1,17 @@
 """FLOPs per token and the peak FLOP/s used for model FLOPs utilisation (MFU).
 
 FLOPs per trained token (forward + backward, PaLM appendix B / nanoGPT):
-    6 * N_matmul + 12 * n_layer * n_head * head_dim * T_attn
+    6 * N_matmul + 12 * n_attention_layers * n_head * head_dim * T_attn + 3 * n_mamba_layers * SSD
 N_matmul is `parameter_counts(model)["active_matmul"]` (hfllm.models): the weights that multiply activations per
 token, MoE experts counted for the top-k only, less any other lookup table (modded-nanogpt's value embeddings are read,
 not multiplied). T_attn is the context each query sees: the block size, or the sliding window when smaller.
-Mixture-of-Recursions (`num_recursions`) runs its shared stack N_r times over every token: n_layer is the unrolled
-depth and N_matmul adds the stack's weights N_r - 1 more times, less the keys/values that only the first recursion
-computes (recursive KV sharing).
-Elementwise work (norms, ALiBi's bias, soft-capping, U-net and value-embedding mixing) is left out, as in PaLM.
+Mixture-of-Recursions (`num_recursions`) runs its shared stack N_r times over every token: n_attention_layers
+counts the unrolled depth and N_matmul adds the stack's weights N_r - 1 more times, less the keys/values that only the
+first recursion computes (recursive KV sharing).
+A Mamba-2 layer has no attention term: its projections and depthwise conv are in N_matmul (a conv weight multiplies
+each token once), and SSD is the forward FLOPs per token of its chunked scan (`ssd_flops_per_token`).
+Elementwise work (norms, ALiBi's bias, soft-capping, U-net and value-embedding mixing, SSD's decays) is left out, as
+in PaLM.
 
 Peak FLOP/s: the dense bf16 tensor-core figure of known GPUs (times the number of GPUs). On a CPU there is no
 datasheet number, so the peak is *measured* with a large matmul in the training dtype at start; CPU MFU is an estimate
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from ..models import parameter_counts
+from ..models.configuration_hfllm import MAMBA
 
 # dense bf16 peak per device (FLOP/s), matched against torch.cuda.get_device_name()
 GPU_PEAK_FLOPS = {
@@ -46,10 +50,13 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     window = getattr(config, "sliding_window", None)
     context = min(seq_len, window) if window else seq_len
+    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+    mamba_layers = layer_types.count(MAMBA)  # Mixture-of-Recursions refuses mamba layers: no unrolled mamba layer
     layers = getattr(config, "unrolled_num_layers", config.num_hidden_layers)
-    attention = 12 * layers * config.num_attention_heads * head_dim * context
+    attention = 12 * (layers - mamba_layers) * config.num_attention_heads * head_dim * context
+    ssd = 3 * mamba_layers * ssd_flops_per_token(config, seq_len) if mamba_layers else 0
     matmul = parameter_counts(model)["active_matmul"] - extra_lookup_parameters(model) + recursion_repeat_parameters(model)
-    return 6 * matmul + attention
+    return 6 * matmul + attention + ssd
 
 
 def recursion_repeat_parameters(model: nn.Module) -> int:
@@ -64,6 +71,18 @@ def recursion_repeat_parameters(model: nn.Module) -> int:
     per_recursion = sum(parameter.numel() for i in config.recursion_layout()[1]
                         for name, parameter in layers[i].named_parameters() if not name.startswith(kv_only))
     return (recursions - 1) * per_recursion
+
+
+def ssd_flops_per_token(config, seq_len: int) -> float:
+    """Forward FLOPs per token of one Mamba-2 layer's chunked SSD scan (`mamba2_hfllm.ssd_chunk_scan`, Dao & Gu 2024
+    section 6) on sequences of `seq_len`: c chunks of l = min(chunk_size, seq_len) tokens (the last one padded); per
+    head and chunk the contractions C.B and scores.x (2 l^2 (N + P)), the chunk's state and its read-out (2 * 2 l N P);
+    per head the recurrence over the c + 1 chunk states (2 (c + 1)^2 N P)."""
+    heads, state, head_dim = config.mamba_n_heads, config.mamba_d_state, config.mamba_d_head
+    chunk = min(config.mamba_chunk_size, seq_len)
+    chunks = -(-seq_len // chunk)
+    per_chunk = 2 * chunk**2 * (state + head_dim) + 4 * chunk * state * head_dim
+    return heads * (chunks * per_chunk + 2 * (chunks + 1) ** 2 * state * head_dim) / seq_len
 
 
 def extra_lookup_parameters(model: nn.Module) -> int:

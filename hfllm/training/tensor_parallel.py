@@ -46,6 +46,9 @@ def check_tensor_parallel(config: PreTrainedConfig, args) -> None:
     plan = getattr(config, "base_model_tp_plan", None)
     if not plan:
         raise HfllmError(f"model type '{config.model_type}' has no tensor-parallel plan: remove tp_size")
+    if getattr(config, "has_mamba_layers", False):  # the plan has no rules for the mixers: they would stay whole
+        raise HfllmError(f"tp_size {tp_size}: tensor parallel does not split layer_types 'mamba' layers (untested); "
+                         "train a Mamba-2 hybrid with data parallel or FSDP")
     # the widths the plan splits; experts are split inside (each rank a slice of every expert), so their count is free
     widths = {
         "num_attention_heads": config.num_attention_heads,
