@@ -300,12 +300,13 @@ def test_saves_and_loads_with_from_pretrained(variant, tmp_path):
 
 
 def test_variants_load_through_remote_code_without_hfllm(tmp_path):
-    """One fresh process where hfllm cannot be imported loads ALiBi, NoPE and every speedrun option (together, with
-    ALiBi) from the checkpoints' own code."""
+    """One fresh process where hfllm cannot be imported loads ALiBi, NoPE, every speedrun option (together, with
+    ALiBi) and Mixture of Depths (tests/test_mod.py) from the checkpoints' own code."""
     ids, mask = left_padded()
-    names = ["alibi", "nope", "alibi+speedrun"]
-    for variant in names:
-        model = tiny(variant)
+    models = {"alibi": tiny("alibi"), "nope": tiny("nope"), "alibi+speedrun": tiny("alibi+speedrun"),
+              "mod": tiny("nope", position_embedding="rope", mod_capacity=0.5)}
+    names = list(models)
+    for variant, model in models.items():
         model.save_pretrained(tmp_path / variant)
         with torch.no_grad():
             torch.save(model(ids, attention_mask=mask).logits, tmp_path / variant / "expected.pt")
@@ -333,12 +334,15 @@ def test_variants_load_through_remote_code_without_hfllm(tmp_path):
 
 
 def measured_flops_per_token(model: HfllmForCausalLM, length: int) -> float:
-    """Training FLOPs per token from a measured forward pass with eager attention (torch's FLOP counter sees its
-    matmuls; CPU SDPA's kernel is not counted), times 3 for forward + backward."""
+    """Training FLOPs per token from a measured training-mode forward pass (Mixture of Depths routes differently in
+    evaluation; dropout is 0) with eager attention (torch's FLOP counter sees its matmuls; CPU SDPA's kernel is not
+    counted), times 3 for forward + backward."""
     model.config._attn_implementation = "eager"
     ids = torch.randint(1, model.config.vocab_size, (1, length))
+    was_training = model.training
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(ids)
+        model.train()(ids)
+    model.train(was_training)
     return 3 * counter.get_total_flops() / length
 
 

@@ -7,6 +7,7 @@ One config covers every variant; the variant is a matter of fields:
   - positions: `position_embedding` "rope" (default), "alibi" (Press et al. 2022) or "none" (NoPE)
   - modded-nanogpt's speedrun options: `mlp_activation: relu2`, `final_logit_softcapping`, `value_embeddings`,
     `unet_skips`, `zero_init_output_projections`
+  - Mixture of Depths (Raposo et al. 2024): `mod_capacity`, `mod_layers`, `mod_predictor_loss_coef`
 
 This file is copied next to saved checkpoints (`trust_remote_code=True`), so it imports only transformers.
 """
@@ -72,6 +73,12 @@ class HfllmConfig(PreTrainedConfig):
             weights (initialised to 1), to the inputs of the last L // 2 layers in reverse order.
         zero_init_output_projections: initialise o_proj and down_proj to zero, so that every block starts as the
             identity (modded-nanogpt; "ReZero"-like, arXiv 2003.04887). Only the initialisation changes.
+        mod_capacity: Mixture of Depths (Raposo et al. 2024, arXiv 2404.02258): the fraction of a sequence's tokens
+            that go through each routed layer (0.125 in the paper); the others ride the residual stream. None or 0
+            turns it off.
+        mod_layers: the routed layer indices; defaults to every other layer (1, 3, 5, ...), as in the paper.
+        mod_predictor_loss_coef: weight of the routing predictor's binary cross-entropy (it learns, on stop-gradient
+            inputs, which tokens the training-time top-k picks; generation routes by it, causally).
     """
 
     model_type = "hfllm"
@@ -140,6 +147,9 @@ class HfllmConfig(PreTrainedConfig):
     value_embeddings: int | bool = 0
     unet_skips: bool = False
     zero_init_output_projections: bool = False
+    mod_capacity: int | float | None = None
+    mod_layers: list[int] | None = None
+    mod_predictor_loss_coef: int | float = 1.0
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -163,6 +173,10 @@ class HfllmConfig(PreTrainedConfig):
             self.mlp_only_layers = []
         if isinstance(self.value_embeddings, bool):
             self.value_embeddings = MODDED_NANOGPT_VALUE_EMBEDDINGS if self.value_embeddings else 0
+        if not self.mod_capacity:
+            self.mod_capacity = None
+        if self.mod_layers is None and self.mod_capacity is not None:
+            self.mod_layers = list(range(1, self.num_hidden_layers, 2))  # every other layer (Raposo et al. 2024)
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = 0.01 if self.num_experts > 0 else 0.0
         if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:
@@ -234,6 +248,10 @@ class HfllmConfig(PreTrainedConfig):
             not self.unet_skips or self.num_hidden_layers >= 2,
             "unet_skips needs at least 2 layers (the first half's outputs feed the second half)",
         )
+        if self.mod_capacity is None:
+            self._check(not self.mod_layers, "mod_layers needs mod_capacity (a fraction in (0, 1]) to route them")
+        else:
+            self._validate_mixture_of_depths()
         if self.num_experts > 0:
             self._check(
                 1 <= self.num_experts_per_tok <= self.num_experts,
@@ -243,6 +261,24 @@ class HfllmConfig(PreTrainedConfig):
             self._check(
                 not bad_layers, f"mlp_only_layers {bad_layers} out of range 0..{self.num_hidden_layers - 1}"
             )
+
+    def _validate_mixture_of_depths(self) -> None:
+        self._check(0 < self.mod_capacity <= 1, f"mod_capacity ({self.mod_capacity}) must be in (0, 1], or null to disable it")
+        bad_layers = [i for i in self.mod_layers if not 0 <= i < self.num_hidden_layers]
+        self._check(not bad_layers, f"mod_layers {bad_layers} out of range 0..{self.num_hidden_layers - 1}")
+        self._check(len(self.mod_layers) > 0, "mod_capacity needs at least one routed layer in mod_layers (2+ layers for the default)")
+        self._check(len(set(self.mod_layers)) == len(self.mod_layers), f"mod_layers {self.mod_layers} has repeated entries")
+        self._check(self.mod_predictor_loss_coef >= 0, f"mod_predictor_loss_coef ({self.mod_predictor_loss_coef}) must be 0 or more")
+        unsupported = [field for field, used in (
+            ("num_experts", self.num_experts > 0), ("sliding_window", "sliding_attention" in self.layer_types),
+            ("position_embedding: alibi", self.position_embedding == "alibi"), ("value_embeddings", self.value_embeddings),
+            ("unet_skips", self.unet_skips)) if used]
+        self._check(not unsupported, f"mod_capacity (Mixture of Depths) does not support {', '.join(unsupported)}; "
+                                     "it routes dense, full-attention RoPE or NoPE layers")
+
+    def is_mod_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` is routed by Mixture of Depths."""
+        return self.mod_capacity is not None and layer_idx in self.mod_layers
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.num_experts > 0 and layer_idx not in self.mlp_only_layers

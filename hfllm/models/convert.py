@@ -120,8 +120,8 @@ def hfllm_config_from(src: PreTrainedConfig) -> HfllmConfig:
 
 def hfllm_only_variants(config: HfllmConfig) -> list[str]:
     """The variants of `config` that no native Llama-family architecture (nor llama.cpp's) computes, each named
-    with its config field: ALiBi and NoPE positions and modded-nanogpt's options. Zero-initialised output
-    projections change only the initialisation, so they export."""
+    with its config field: ALiBi and NoPE positions, modded-nanogpt's options and Mixture of Depths.
+    Zero-initialised output projections change only the initialisation, so they export."""
     variants = []
     if config.position_embedding != "rope":
         variants.append(f"position_embedding: {config.position_embedding}")
@@ -133,6 +133,8 @@ def hfllm_only_variants(config: HfllmConfig) -> list[str]:
         variants.append(f"value_embeddings: {config.value_embeddings}")
     if config.unet_skips:
         variants.append("unet_skips: true")
+    if config.mod_capacity is not None:  # Mixture of Depths: routed layers and their routers
+        variants.append(f"mod_capacity: {config.mod_capacity:g}")
     return variants
 
 

@@ -6,6 +6,9 @@ N_matmul is `parameter_counts(model)["active_matmul"]` (hfllm.models): the weigh
 token, MoE experts counted for the top-k only, less any other lookup table (modded-nanogpt's value embeddings are read,
 not multiplied). T_attn is the context each query sees: the block size, or the sliding window when smaller.
 Elementwise work (norms, ALiBi's bias, soft-capping, U-net and value-embedding mixing) is left out, as in PaLM.
+Mixture of Depths (`mod_capacity`): a routed layer processes k = ceil(capacity * T) of a sequence's T tokens, so its
+block's weights count for k / T of the tokens and its attention for (k / T)^2 (k queries over k keys); the router and
+its predictor run on every token and count in full.
 
 Peak FLOP/s: the dense bf16 tensor-core figure of known GPUs (times the number of GPUs). On a CPU there is no
 datasheet number, so the peak is *measured* with a large matmul in the training dtype at start; CPU MFU is an estimate
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from ..models import parameter_counts
+from ..models.modeling_hfllm import routed_token_count
 
 # dense bf16 peak per device (FLOP/s), matched against torch.cuda.get_device_name()
 GPU_PEAK_FLOPS = {
@@ -43,8 +47,14 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     window = getattr(config, "sliding_window", None)
     context = min(seq_len, window) if window else seq_len
-    attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * context
-    return 6 * (parameter_counts(model)["active_matmul"] - extra_lookup_parameters(model)) + attention
+    routed_layers, skipped, fraction = getattr(config, "mod_layers", None) or [], 0.0, 1.0
+    if getattr(config, "mod_capacity", None):
+        fraction = routed_token_count(config.mod_capacity, seq_len) / seq_len
+        layers = model.base_model.layers
+        skipped = (1 - fraction) * sum(p.numel() for i in routed_layers for p in layers[i].parameters())
+    attention_layers = config.num_hidden_layers - len(routed_layers) + len(routed_layers) * fraction**2
+    attention = 12 * attention_layers * config.num_attention_heads * head_dim * context
+    return 6 * (parameter_counts(model)["active_matmul"] - extra_lookup_parameters(model) - skipped) + attention
 
 
 def extra_lookup_parameters(model: nn.Module) -> int:
