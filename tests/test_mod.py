@@ -86,9 +86,15 @@ def test_bad_mod_fields_are_refused_in_one_line_naming_the_field(fields, words):
 
 
 def test_routed_layers_default_to_every_other_layer_and_zero_capacity_is_off():
-    assert HfllmConfig(num_hidden_layers=6, mod_capacity=0.125).mod_layers == [1, 3, 5]  # the paper's interleaving
+    config = HfllmConfig(num_hidden_layers=6, mod_capacity=0.125)
+    assert config.mod_layers is None and config.mod_routed_layers == [1, 3, 5]  # the paper's interleaving
+    assert HfllmConfig(num_hidden_layers=2, mod_capacity=0.125).mod_routed_layers == [1]  # e.g. hfllm doctor's copy
     off = HfllmConfig(num_hidden_layers=4, mod_capacity=0)
-    assert off.mod_capacity is None and not off.mod_layers
+    assert off.mod_capacity is None and off.mod_routed_layers == []
+    from hfllm.diagnostics.subjects import shrink  # hfllm doctor's 2-layer copy keeps the routed layers it can
+
+    assert shrink(HfllmConfig(num_hidden_layers=4, mod_capacity=0.5, mod_layers=[1, 3]))["mod_layers"] == [1]
+    assert shrink(HfllmConfig(num_hidden_layers=4, mod_capacity=0.5, mod_layers=[3]))["mod_layers"] is None
     assert HfllmForCausalLM(HfllmConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
                                         vocab_size=61)).model.depth_routers is None
 
@@ -380,7 +386,7 @@ def test_mod_recipe_trains_saves_and_generates(tmp_path):
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert any("eval_loss" in entry for entry in history)
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.mod_capacity == 0.125 and model.config.mod_layers == [1, 3]
+    assert model.config.mod_capacity == 0.125 and model.config.mod_routed_layers == [1, 3]
     assert len(model.model.depth_routers) == 2
     ids = torch.tensor([[1, 2, 3]])
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 7)

@@ -76,7 +76,8 @@ class HfllmConfig(PreTrainedConfig):
         mod_capacity: Mixture of Depths (Raposo et al. 2024, arXiv 2404.02258): the fraction of a sequence's tokens
             that go through each routed layer (0.125 in the paper); the others ride the residual stream. None or 0
             turns it off.
-        mod_layers: the routed layer indices; defaults to every other layer (1, 3, 5, ...), as in the paper.
+        mod_layers: the routed layer indices; None (the default) routes every other layer (1, 3, 5, ...), as the
+            paper does, also in a copy with fewer layers (`hfllm doctor`'s).
         mod_predictor_loss_coef: weight of the routing predictor's binary cross-entropy (it learns, on stop-gradient
             inputs, which tokens the training-time top-k picks; generation routes by it, causally).
     """
@@ -175,8 +176,6 @@ class HfllmConfig(PreTrainedConfig):
             self.value_embeddings = MODDED_NANOGPT_VALUE_EMBEDDINGS if self.value_embeddings else 0
         if not self.mod_capacity:
             self.mod_capacity = None
-        if self.mod_layers is None and self.mod_capacity is not None:
-            self.mod_layers = list(range(1, self.num_hidden_layers, 2))  # every other layer (Raposo et al. 2024)
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = 0.01 if self.num_experts > 0 else 0.0
         if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:
@@ -264,10 +263,11 @@ class HfllmConfig(PreTrainedConfig):
 
     def _validate_mixture_of_depths(self) -> None:
         self._check(0 < self.mod_capacity <= 1, f"mod_capacity ({self.mod_capacity}) must be in (0, 1], or null to disable it")
-        bad_layers = [i for i in self.mod_layers if not 0 <= i < self.num_hidden_layers]
+        layers = self.mod_routed_layers
+        bad_layers = [i for i in layers if not 0 <= i < self.num_hidden_layers]
         self._check(not bad_layers, f"mod_layers {bad_layers} out of range 0..{self.num_hidden_layers - 1}")
-        self._check(len(self.mod_layers) > 0, "mod_capacity needs at least one routed layer in mod_layers (2+ layers for the default)")
-        self._check(len(set(self.mod_layers)) == len(self.mod_layers), f"mod_layers {self.mod_layers} has repeated entries")
+        self._check(len(layers) > 0, "mod_capacity needs at least one routed layer in mod_layers (2+ layers for the default)")
+        self._check(len(set(layers)) == len(layers), f"mod_layers {layers} has repeated entries")
         self._check(self.mod_predictor_loss_coef >= 0, f"mod_predictor_loss_coef ({self.mod_predictor_loss_coef}) must be 0 or more")
         unsupported = [field for field, used in (
             ("num_experts", self.num_experts > 0), ("sliding_window", "sliding_attention" in self.layer_types),
@@ -276,9 +276,16 @@ class HfllmConfig(PreTrainedConfig):
         self._check(not unsupported, f"mod_capacity (Mixture of Depths) does not support {', '.join(unsupported)}; "
                                      "it routes dense, full-attention RoPE or NoPE layers")
 
+    @property
+    def mod_routed_layers(self) -> list[int]:
+        """The layers Mixture of Depths routes: `mod_layers`, by default every other layer; none without mod_capacity."""
+        if self.mod_capacity is None:
+            return []
+        return list(range(1, self.num_hidden_layers, 2)) if self.mod_layers is None else list(self.mod_layers)
+
     def is_mod_layer(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` is routed by Mixture of Depths."""
-        return self.mod_capacity is not None and layer_idx in self.mod_layers
+        return layer_idx in self.mod_routed_layers
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.num_experts > 0 and layer_idx not in self.mlp_only_layers

@@ -730,7 +730,7 @@ class HfllmModel(HfllmPreTrainedModel):
         # Mixture of Depths: one router per routed layer, kept here (not in the layer) because the model decides
         self.depth_routers = None
         if config.mod_capacity is not None:
-            self.depth_routers = nn.ModuleDict({str(i): HfllmDepthRouter(config) for i in config.mod_layers})
+            self.depth_routers = nn.ModuleDict({str(i): HfllmDepthRouter(config) for i in config.mod_routed_layers})
         self.has_sliding_layers = "sliding_attention" in config.layer_types
         self.gradient_checkpointing = False
         self.post_init()

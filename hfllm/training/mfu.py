@@ -47,8 +47,8 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     window = getattr(config, "sliding_window", None)
     context = min(seq_len, window) if window else seq_len
-    routed_layers, skipped, fraction = getattr(config, "mod_layers", None) or [], 0.0, 1.0
-    if getattr(config, "mod_capacity", None):
+    routed_layers, skipped, fraction = getattr(config, "mod_routed_layers", []), 0.0, 1.0
+    if routed_layers:
         fraction = routed_token_count(config.mod_capacity, seq_len) / seq_len
         layers = model.base_model.layers
         skipped = (1 - fraction) * sum(p.numel() for i in routed_layers for p in layers[i].parameters())
