@@ -153,8 +153,8 @@ def test_training_processes_the_top_k_tokens_as_the_paper_writes(variant):
 
 def test_training_gathers_what_the_masked_dense_path_computes_and_ignores_padding():
     """Without a cache the routed tokens are gathered; with one every token is computed and the keys carry their
-    routing. Both give the same logits under top-k routing, and a left-padded row's real tokens get what they get
-    alone (per row k = ceil(capacity * real tokens), padding never routed)."""
+    routing. Both give the same logits, under top-k routing and under the predictor's, and a left-padded row's real
+    tokens get what they get alone (per row k = ceil(capacity * real tokens), padding never routed)."""
     model = tiny("half", "sdpa").train()
     ids, mask = left_padded(length=16)
     with torch.no_grad():
@@ -164,6 +164,11 @@ def test_training_gathers_what_the_masked_dense_path_computes_and_ignores_paddin
     torch.testing.assert_close(gathered[:, 5:], dense[:, 5:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gathered[0], dense[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gathered[1, 5:], alone[0], atol=1e-5, rtol=1e-5)
+    model.eval()  # the predictor's routing: gathered (no cache) and dense (a cache) agree too
+    with torch.no_grad():
+        gathered, dense = model(ids, attention_mask=mask, use_cache=False).logits, model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(gathered[0], dense[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gathered[1, 5:], dense[1, 5:], atol=1e-5, rtol=1e-5)
     router = model.model.depth_routers["1"]
     _, top_k, _ = router(torch.randn(2, 16, 32), mask.bool())
     assert top_k.sum(dim=1).tolist() == [8, 6] and not top_k[1, :5].any()  # ceil(0.5 * 16), ceil(0.5 * 11)

@@ -670,6 +670,13 @@ class HfllmDecoderLayer(GradientCheckpointingLayer):
         return hidden_states.scatter_add(1, index[..., None].expand(-1, -1, hidden), update)
 
 
+@dataclass
+class HfllmModelOutputWithPast(MoeModelOutputWithPast):
+    """`MoeModelOutputWithPast` plus Mixture of Depths' predictor loss (binary cross-entropy; training mode only)."""
+
+    predictor_loss: torch.FloatTensor | None = None
+
+
 class HfllmPreTrainedModel(PreTrainedModel):
     config: HfllmConfig
     base_model_prefix = "model"
@@ -746,7 +753,7 @@ class HfllmModel(HfllmPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> "HfllmModelOutputWithPast":
+    ) -> HfllmModelOutputWithPast:
         cache = _cache_argument(cache, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -873,13 +880,6 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch
         return z.mean()
     weights = attention_mask.reshape(-1).to(z.device, torch.float)  # (N,)
     return (z * weights).sum() / (weights.sum() * z.shape[0])
-
-
-@dataclass
-class HfllmModelOutputWithPast(MoeModelOutputWithPast):
-    """`MoeModelOutputWithPast` plus Mixture of Depths' predictor loss (binary cross-entropy; training mode only)."""
-
-    predictor_loss: torch.FloatTensor | None = None
 
 
 @dataclass
