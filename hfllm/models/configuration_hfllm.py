@@ -262,23 +262,27 @@ class HfllmConfig(PreTrainedConfig):
             )
 
     def _validate_mixture_of_depths(self) -> None:
-        self._check(0 < self.mod_capacity <= 1, f"mod_capacity ({self.mod_capacity}) must be in (0, 1], or null to disable it")
+        self._check(0 < self.mod_capacity <= 1,
+                    f"mod_capacity ({self.mod_capacity}) must be in (0, 1], or null to disable it")
         layers = self.mod_routed_layers
         bad_layers = [i for i in layers if not 0 <= i < self.num_hidden_layers]
         self._check(not bad_layers, f"mod_layers {bad_layers} out of range 0..{self.num_hidden_layers - 1}")
-        self._check(len(layers) > 0, "mod_capacity needs at least one routed layer in mod_layers (2+ layers for the default)")
+        self._check(len(layers) > 0,
+                    "mod_capacity needs at least one routed layer in mod_layers (2+ layers for the default)")
         self._check(len(set(layers)) == len(layers), f"mod_layers {layers} has repeated entries")
-        self._check(self.mod_predictor_loss_coef >= 0, f"mod_predictor_loss_coef ({self.mod_predictor_loss_coef}) must be 0 or more")
+        self._check(self.mod_predictor_loss_coef >= 0,
+                    f"mod_predictor_loss_coef ({self.mod_predictor_loss_coef}) must be 0 or more")
         unsupported = [field for field, used in (
             ("num_experts", self.num_experts > 0), ("sliding_window", "sliding_attention" in self.layer_types),
-            ("position_embedding: alibi", self.position_embedding == "alibi"), ("value_embeddings", self.value_embeddings),
-            ("unet_skips", self.unet_skips)) if used]
+            ("position_embedding: alibi", self.position_embedding == "alibi"),
+            ("value_embeddings", self.value_embeddings), ("unet_skips", self.unet_skips)) if used]
         self._check(not unsupported, f"mod_capacity (Mixture of Depths) does not support {', '.join(unsupported)}; "
                                      "it routes dense, full-attention RoPE or NoPE layers")
 
     @property
     def mod_routed_layers(self) -> list[int]:
-        """The layers Mixture of Depths routes: `mod_layers`, by default every other layer; none without mod_capacity."""
+        """The layers Mixture of Depths routes: `mod_layers`, by default every other layer; none without
+        mod_capacity."""
         if self.mod_capacity is None:
             return []
         return list(range(1, self.num_hidden_layers, 2)) if self.mod_layers is None else list(self.mod_layers)

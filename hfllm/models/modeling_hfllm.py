@@ -620,7 +620,8 @@ class HfllmDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
     def block_output(self, hidden_states: torch.Tensor, **attention_kwargs) -> torch.Tensor:
-        """f(x), what the block adds to the residual stream: attention's output plus the MLP's. (B, T, H) -> (B, T, H)."""
+        """f(x), what the block adds to the residual stream: attention's output plus the MLP's.
+        (B, T, H) -> (B, T, H)."""
         attention, _ = self.self_attn(self.input_layernorm(hidden_states), **attention_kwargs)
         return attention + self.mlp(self.post_attention_layernorm(hidden_states + attention))
 
@@ -643,7 +644,8 @@ class HfllmDecoderLayer(GradientCheckpointingLayer):
         weights = router_weights[..., None].to(hidden_states.dtype)  # (B, T, 1)
         if cache is not None:
             update = self.block_output(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                       cache=cache, position_embeddings=position_embeddings, key_routed=routed, **kwargs)
+                                       cache=cache, position_embeddings=position_embeddings, key_routed=routed,
+                                       **kwargs)
             return hidden_states + torch.where(routed[..., None], weights * update, 0.0)
         batch, _, hidden = hidden_states.shape
         count = int(routed.sum(dim=1).max())  # K: the most tokens any row routes
@@ -838,7 +840,8 @@ class HfllmModel(HfllmPreTrainedModel):
         if cache is not None:
             if self.config._attn_implementation not in ("eager", "sdpa"):
                 raise ValueError(f"mod_capacity (Mixture of Depths) generates with a KV cache under eager or sdpa "
-                                 f"attention, not {self.config._attn_implementation}; load with attn_implementation='sdpa'")
+                                 f"attention, not {self.config._attn_implementation}; "
+                                 "load with attn_implementation='sdpa'")
             if getattr(cache, "is_compileable", False):
                 raise ValueError("mod_capacity (Mixture of Depths) keeps each key's routing in the dynamic KV cache; "
                                  "a static cache (cache_implementation='static', compiled generation) is not supported")
@@ -1000,8 +1003,10 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
         if self.model.depth_routers is None:
             raise ValueError("routing_agreement needs a Mixture of Depths model (mod_capacity)")
         records = {}
-        hooks = [router.register_forward_hook(lambda module, args, output, i=int(i): records.__setitem__(i, (args[1], output)))
-                 for i, router in self.model.depth_routers.items()]
+        def record(layer: int) -> Callable:  # the router's token mask (its second input) and its outputs
+            return lambda module, args, output: records.__setitem__(layer, (args[1], output))
+
+        hooks = [router.register_forward_hook(record(int(i))) for i, router in self.model.depth_routers.items()]
         was_training = self.training
         try:
             self.train(not causal)
