@@ -576,7 +576,8 @@ class HfllmDepthRouter(nn.Module):
 
 
 class HfllmDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is dense or MoE."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is dense or MoE. A layer that Mixture of
+    Depths routes computes this for its routed tokens only and adds it weighted (`routed_forward`)."""
 
     def __init__(self, config: HfllmConfig, layer_idx: int):
         super().__init__()
@@ -1003,6 +1004,7 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
         if self.model.depth_routers is None:
             raise ValueError("routing_agreement needs a Mixture of Depths model (mod_capacity)")
         records = {}
+
         def record(layer: int) -> Callable:  # the router's token mask (its second input) and its outputs
             return lambda module, args, output: records.__setitem__(layer, (args[1], output))
 

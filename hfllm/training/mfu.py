@@ -51,7 +51,8 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     if routed_layers:
         fraction = routed_token_count(config.mod_capacity, seq_len) / seq_len
         layers = model.base_model.layers
-        skipped = (1 - fraction) * sum(p.numel() for i in routed_layers for p in layers[i].parameters())
+        block = [p for i in routed_layers for p in layers[i].parameters()]
+        skipped = (1 - fraction) * sum(getattr(p, "ds_numel", None) or p.numel() for p in block)  # ZeRO-3: ds_numel
     attention_layers = config.num_hidden_layers - len(routed_layers) + len(routed_layers) * fraction**2
     attention = 12 * attention_layers * config.num_attention_heads * head_dim * context
     return 6 * (parameter_counts(model)["active_matmul"] - extra_lookup_parameters(model) - skipped) + attention
