@@ -102,9 +102,9 @@ def test_routed_layers_default_to_every_other_layer_and_zero_capacity_is_off():
 # ----------------------------------------------------------------------------- what training computes
 
 
-def block_output(layer, x: torch.Tensor, positions: torch.Tensor, rope: bool) -> torch.Tensor:
+def block_output(layer, x: torch.Tensor, positions: torch.Tensor, rope: bool, documents: torch.Tensor) -> torch.Tensor:
     """f(x) of one decoder block written out for n tokens (n, H) at `positions`: causal attention among these tokens
-    only (GQA by repeating key/value heads, RoPE at their own positions), then the MLP."""
+    only, within their document (GQA by repeating key/value heads, RoPE at their own positions), then the MLP."""
     attn, n = layer.self_attn, x.shape[0]
     heads, head_dim, groups = attn.config.num_attention_heads, attn.head_dim, attn.num_key_value_groups
     h = layer.input_layernorm(x)
@@ -119,17 +119,20 @@ def block_output(layer, x: torch.Tensor, positions: torch.Tensor, rope: bool) ->
             return t * angles.cos() + torch.cat([-t[..., head_dim // 2:], t[..., :head_dim // 2]], -1) * angles.sin()
 
         q, k = rotate(q), rotate(k)
-    scores = (q @ k.transpose(1, 2) / math.sqrt(head_dim)).masked_fill(~torch.ones(n, n).tril().bool(), float("-inf"))
+    allowed = torch.ones(n, n).tril().bool() & (documents[:, None] == documents[None, :])
+    scores = (q @ k.transpose(1, 2) / math.sqrt(head_dim)).masked_fill(~allowed, float("-inf"))
     a = attn.o_proj((scores.softmax(-1) @ v).transpose(0, 1).reshape(n, -1))
     return a + layer.mlp(layer.post_attention_layernorm(x + a))
 
 
-def reference_training_logits(model: HfllmForCausalLM, ids: torch.Tensor) -> torch.Tensor:
-    """The paper's training forward for one unpadded sequence (1, T): in a routed layer the router's top-k tokens
+def reference_training_logits(model: HfllmForCausalLM, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The paper's training forward for one unpadded row (1, T): in a routed layer the router's top-k tokens
     (k = ceil(capacity * T)), kept in order, go through the block among themselves and add sigmoid(r) * f(x); every
-    other token keeps x. A layer that is not routed is x + f(x) on all tokens."""
+    other token keeps x. A layer that is not routed is x + f(x) on all tokens. Packed documents (positions restarting
+    at 0) attend within themselves; the top-k is the row's."""
     config, inner = model.config, model.model
     length = ids.shape[1]
+    documents = (positions == 0).cumsum(0)  # (T,)
     x = inner.embed_tokens(ids)[0]  # (T, H)
     for i, layer in enumerate(inner.layers):
         chosen, weight = torch.arange(length), torch.ones(length, 1)
@@ -137,7 +140,8 @@ def reference_training_logits(model: HfllmForCausalLM, ids: torch.Tensor) -> tor
             scores = inner.depth_routers[str(i)].score(x)[:, 0]  # (T,)
             chosen = scores.topk(math.ceil(config.mod_capacity * length)).indices.sort().values
             weight = torch.sigmoid(scores[chosen])[:, None]
-        update = block_output(layer, x[chosen], chosen.float(), config.position_embedding == "rope")
+        update = block_output(layer, x[chosen], positions[chosen].float(), config.position_embedding == "rope",
+                              documents[chosen])
         x = x.index_add(0, chosen, weight * update)
     return model.lm_head(inner.norm(x))[None]
 
@@ -147,8 +151,21 @@ def test_training_processes_the_top_k_tokens_as_the_paper_writes(variant):
     model = tiny(variant).train()
     ids, _ = left_padded(length=16)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids[:1]).logits, reference_training_logits(model, ids[:1]),
+        torch.testing.assert_close(model(ids[:1]).logits, reference_training_logits(model, ids[:1], torch.arange(16)),
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_training_keeps_packed_documents_apart(attn):
+    """Per-document position_ids (hfllm's packing, `per_document_positions`): the gathered tokens attend within their
+    document, as the mask of a dense layer does."""
+    model = tiny("half", attn).train()
+    ids, _ = left_padded(length=16)
+    positions = torch.cat([torch.arange(5), torch.arange(7), torch.arange(4)])  # three documents in one row
+    with torch.no_grad():
+        logits = model(ids[:1], position_ids=positions[None]).logits
+        torch.testing.assert_close(logits, reference_training_logits(model, ids[:1], positions), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(logits, model(ids[:1]).logits, atol=1e-3)  # the documents do change the result
 
 
 def test_training_gathers_what_the_masked_dense_path_computes_and_ignores_padding():
@@ -296,9 +313,9 @@ def test_unsupported_kernels_caches_and_packed_positions_are_refused_in_one_line
     with pytest.raises(ValueError, match=r"^mod_capacity .* under eager or sdpa attention, not flex_attention;"):
         model(ids, cache=DynamicCache(config=model.config))
     model.config._attn_implementation = "eager"
-    packed = torch.cat([torch.arange(6), torch.arange(6)])[None]  # two documents in one row
-    with pytest.raises(ValueError, match=r"^mod_capacity .* per-document position_ids .* not supported"):
-        model(ids[:1], position_ids=packed, use_cache=False)
+    flattened = dict(cu_seq_lens_q=torch.tensor([0, 6, 12]), cu_seq_lens_k=torch.tensor([0, 6, 12]))
+    with pytest.raises(ValueError, match=r"^mod_capacity .* FlashAttention's flattened batch .* not supported"):
+        model.train()(ids[:1], **flattened)
 
 
 # ----------------------------------------------------------------------------- checkpoints, counts, export

@@ -639,9 +639,9 @@ class HfllmDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         """Mixture of Depths (arXiv 2404.02258): routed tokens get x + w * f(x), the others keep x, and only routed
         tokens serve as keys. Without a KV cache the routed tokens are gathered, in their order, and only they are
-        computed (the training-time saving): causal attention among them, RoPE at their own positions. Under a KV
-        cache every token is computed densely, the keys carry their routing (`add_routing_channel`), and only the
-        routed tokens' outputs are added."""
+        computed (the training-time saving): causal attention among them, within their document when position_ids
+        restart per packed document, RoPE at their own positions. Under a KV cache every token is computed densely,
+        the keys carry their routing (`add_routing_channel`), and only the routed tokens' outputs are added."""
         weights = router_weights[..., None].to(hidden_states.dtype)  # (B, T, 1)
         if cache is not None:
             update = self.block_output(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
@@ -662,10 +662,17 @@ class HfllmDecoderLayer(GradientCheckpointingLayer):
             return tensor.gather(1, index[..., None].expand(-1, -1, tensor.shape[-1]))
 
         selected = take(hidden_states)  # (B, K, H)
+        positions = take(position_ids[..., None]).squeeze(-1)  # (B, K)
+        # Packed documents (position_ids restarting, transformers' find_packed_sequence_indices): the mask function
+        # reads them from positions that count 0, 1, 2, ... through each document's gathered tokens
+        documents = position_ids.diff(dim=-1, prepend=position_ids[:, :1] - 1).ne(1).cumsum(dim=-1)  # (B or 1, T)
+        documents = take(documents[..., None]).squeeze(-1)  # (B, K)
+        slots = torch.arange(count, device=index.device).expand(batch, -1)  # (B, K)
+        starts = torch.where(documents.diff(dim=-1, prepend=documents[:, :1] - 1) != 0, slots, 0).cummax(dim=-1).values
         mask = create_causal_mask(config=self.self_attn.config, inputs_embeds=selected, attention_mask=None,
-                                  position_ids=torch.arange(count, device=index.device)[None], **{CACHE_NAME: None})
+                                  position_ids=slots - starts, **{CACHE_NAME: None})
         update = self.block_output(
-            selected, attention_mask=mask, position_ids=take(position_ids[..., None]).squeeze(-1),
+            selected, attention_mask=mask, position_ids=positions,
             position_embeddings=None if position_embeddings is None else tuple(map(take, position_embeddings)),
             **kwargs,
         )  # (B, K, H)
@@ -775,7 +782,7 @@ class HfllmModel(HfllmPreTrainedModel):
             position_ids = position_ids.unsqueeze(0)  # (1, T)
         token_mask = None  # (B, T) bool, real tokens of this call: Mixture of Depths routes among them
         if self.depth_routers is not None:
-            token_mask = self.check_routing(attention_mask, cache, position_ids, inputs_embeds.shape[:2])
+            token_mask = self.check_routing(attention_mask, cache, position_ids, inputs_embeds.shape[:2], kwargs)
 
         # One mask per layer type: causal + padding (+ window). generate() may pass the mapping ready-made.
         if not isinstance(mask_mapping := attention_mask, dict):
@@ -829,12 +836,12 @@ class HfllmModel(HfllmPreTrainedModel):
 
     def check_routing(
         self, attention_mask: torch.Tensor | dict | None, cache: Cache | None, position_ids: torch.Tensor,
-        shape: tuple[int, int],
+        shape: tuple[int, int], kwargs: dict,
     ) -> torch.Tensor:
         """Mixture of Depths' refusals, each in one line, then the real tokens of this call (B, T) bool. Under a KV
         cache routing rides in an extra key channel, which eager and SDPA attention take and a static cache cannot
-        hold; without one the routed tokens are gathered under a causal mask, which cannot keep packed documents
-        (per-document position_ids) apart."""
+        hold; without one the routed tokens are gathered, and FlashAttention's flattened batch (its cu_seq_lens)
+        would describe the tokens before the gathering."""
         token_mask = torch.ones(shape, dtype=torch.bool, device=position_ids.device)
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -shape[1]:].bool()
@@ -846,11 +853,9 @@ class HfllmModel(HfllmPreTrainedModel):
             if getattr(cache, "is_compileable", False):
                 raise ValueError("mod_capacity (Mixture of Depths) keeps each key's routing in the dynamic KV cache; "
                                  "a static cache (cache_implementation='static', compiled generation) is not supported")
-        elif shape[1] > 1:
-            steps = position_ids.expand(shape[0], -1).diff(dim=-1)  # (B, T - 1) between neighbouring real tokens
-            if ((steps != 1) & token_mask[:, 1:] & token_mask[:, :-1]).any():
-                raise ValueError("mod_capacity (Mixture of Depths) routes each row as one sequence; per-document "
-                                 "position_ids (packed documents) are not supported: set per_document_positions false")
+        elif "cu_seq_lens_q" in kwargs:
+            raise ValueError("mod_capacity (Mixture of Depths) gathers each row's routed tokens; FlashAttention's "
+                             "flattened batch (cu_seq_lens) is not supported: use attn_implementation sdpa")
         return token_mask
 
 
