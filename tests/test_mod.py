@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
 from hfllm import HfllmConfig, HfllmForCausalLM
+from hfllm.diagnostics.subjects import shrink
 from hfllm.errors import HfllmError
 from hfllm.models import HfllmConfigError, parameter_counts
 from hfllm.models.convert import export
@@ -91,8 +92,7 @@ def test_routed_layers_default_to_every_other_layer_and_zero_capacity_is_off():
     assert HfllmConfig(num_hidden_layers=2, mod_capacity=0.125).mod_routed_layers == [1]  # e.g. hfllm doctor's copy
     off = HfllmConfig(num_hidden_layers=4, mod_capacity=0)
     assert off.mod_capacity is None and off.mod_routed_layers == []
-    from hfllm.diagnostics.subjects import shrink  # hfllm doctor's 2-layer copy keeps the routed layers it can
-
+    # hfllm doctor's 2-layer copy keeps the routed layers it can
     assert shrink(HfllmConfig(num_hidden_layers=4, mod_capacity=0.5, mod_layers=[1, 3]))["mod_layers"] == [1]
     assert shrink(HfllmConfig(num_hidden_layers=4, mod_capacity=0.5, mod_layers=[3]))["mod_layers"] is None
     assert HfllmForCausalLM(HfllmConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
