@@ -89,6 +89,21 @@ def test_bad_variant_fields_are_refused_naming_the_field(fields, words):
         HfllmConfig(**{"num_hidden_layers": 4, **fields})
 
 
+@pytest.mark.parametrize("fields, words", [
+    ({"mod_capacity": 0.125, "num_recursions": 2, "recursion_sharing": "cycle"},
+     "mod_capacity (Mixture of Depths) does not support num_recursions"),
+    ({"mod_capacity": 0.125, "layer_types": ["mamba", "full_attention", "mamba", "full_attention"]},
+     "mod_capacity (Mixture of Depths) does not support layer_types: mamba"),
+    ({"num_recursions": 2, "layer_types": ["full_attention", "mamba", "mamba", "full_attention"]},
+     "num_recursions (2) does not support mamba layers"),
+])
+def test_routed_and_recurrent_variants_refuse_each_other_in_one_line(fields, words):
+    """Mixture of Depths, Mixture-of-Recursions and Mamba layers each change which layers run on which tokens; no
+    combination of two is built, so each is refused by name."""
+    with pytest.raises(HfllmConfigError, match="^" + words.replace("(", r"\(").replace(")", r"\)")):
+        HfllmConfig(**{"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4, **fields})
+
+
 def test_value_embeddings_true_means_modded_nanogpts_three_tables_shared_by_both_ends():
     config = HfllmConfig(num_hidden_layers=8, value_embeddings=True)
     assert config.value_embeddings == 3
@@ -300,12 +315,13 @@ def test_saves_and_loads_with_from_pretrained(variant, tmp_path):
 
 
 def test_variants_load_through_remote_code_without_hfllm(tmp_path):
-    """One fresh process where hfllm cannot be imported loads ALiBi, NoPE and every speedrun option (together, with
-    ALiBi) from the checkpoints' own code."""
+    """One fresh process where hfllm cannot be imported loads ALiBi, NoPE, every speedrun option (together, with
+    ALiBi) and Mixture of Depths (tests/test_mod.py) from the checkpoints' own code."""
     ids, mask = left_padded()
-    names = ["alibi", "nope", "alibi+speedrun"]
-    for variant in names:
-        model = tiny(variant)
+    models = {"alibi": tiny("alibi"), "nope": tiny("nope"), "alibi+speedrun": tiny("alibi+speedrun"),
+              "mod": tiny("nope", position_embedding="rope", mod_capacity=0.5)}
+    names = list(models)
+    for variant, model in models.items():
         model.save_pretrained(tmp_path / variant)
         with torch.no_grad():
             torch.save(model(ids, attention_mask=mask).logits, tmp_path / variant / "expected.pt")
@@ -333,12 +349,15 @@ def test_variants_load_through_remote_code_without_hfllm(tmp_path):
 
 
 def measured_flops_per_token(model: HfllmForCausalLM, length: int) -> float:
-    """Training FLOPs per token from a measured forward pass with eager attention (torch's FLOP counter sees its
-    matmuls; CPU SDPA's kernel is not counted), times 3 for forward + backward."""
+    """Training FLOPs per token from a measured training-mode forward pass (Mixture of Depths routes differently in
+    evaluation; dropout is 0) with eager attention (torch's FLOP counter sees its matmuls; CPU SDPA's kernel is not
+    counted), times 3 for forward + backward."""
     model.config._attn_implementation = "eager"
     ids = torch.randint(1, model.config.vocab_size, (1, length))
+    was_training = model.training
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(ids)
+        model.train()(ids)
+    model.train(was_training)
     return 3 * counter.get_total_flops() / length
 
 

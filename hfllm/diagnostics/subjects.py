@@ -76,6 +76,8 @@ def shrink(config: PreTrainedConfig, layers: int = 2, head_dim: int = 16) -> dic
         overrides["moe_intermediate_size"] = hidden // 2
     if getattr(config, "mlp_only_layers", None):
         overrides["mlp_only_layers"] = [i for i in config.mlp_only_layers if i < overrides["num_hidden_layers"]]
+    if getattr(config, "mod_layers", None):  # Mixture of Depths: the routed layers kept, else its default
+        overrides["mod_layers"] = [i for i in config.mod_layers if i < overrides["num_hidden_layers"]] or None
     return overrides
 
 

@@ -10,6 +10,7 @@ One config covers every variant; the variant is a matter of fields:
   - Mixture-of-Recursions (Bae et al. 2025, arXiv 2507.10524): `num_recursions`, `recursion_sharing`,
     `recursion_balance_loss_coef`
   - Mamba-2 hybrids: `layer_types` entries "mamba" (a Mamba-2 mixer in place of attention) and the `mamba_*` fields
+  - Mixture of Depths (Raposo et al. 2024): `mod_capacity`, `mod_layers`, `mod_predictor_loss_coef`
 
 This file is copied next to saved checkpoints (`trust_remote_code=True`), so it imports only transformers.
 """
@@ -102,6 +103,13 @@ class HfllmConfig(PreTrainedConfig):
         mamba_chunk_size: chunk length of the chunked SSD scan (training and prefill).
         mamba_conv_bias: bias on the convolution.
         mamba_proj_bias: bias on the mixer's input and output projections.
+        mod_capacity: Mixture of Depths (Raposo et al. 2024, arXiv 2404.02258): the fraction of a sequence's tokens
+            that go through each routed layer (0.125 in the paper); the others ride the residual stream. None or 0
+            turns it off.
+        mod_layers: the routed layer indices; None (the default) routes every other layer (1, 3, 5, ...), as the
+            paper does, also in a copy with fewer layers (`hfllm doctor`'s).
+        mod_predictor_loss_coef: weight of the routing predictor's binary cross-entropy (it learns, on stop-gradient
+            inputs, which tokens the training-time top-k picks; generation routes by it, causally).
     """
 
     model_type = "hfllm"
@@ -182,6 +190,9 @@ class HfllmConfig(PreTrainedConfig):
     mamba_chunk_size: int = 256
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False
+    mod_capacity: int | float | None = None
+    mod_layers: list[int] | None = None
+    mod_predictor_loss_coef: int | float = 1.0
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -215,6 +226,8 @@ class HfllmConfig(PreTrainedConfig):
             self.value_embeddings = MODDED_NANOGPT_VALUE_EMBEDDINGS if self.value_embeddings else 0
         if self.output_router_logits is None:
             self.output_router_logits = self.num_recursions > 1
+        if not self.mod_capacity:
+            self.mod_capacity = None
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = 0.01 if self.num_experts > 0 else 0.0
         if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:
@@ -291,6 +304,10 @@ class HfllmConfig(PreTrainedConfig):
             self._validate_recursions()
         if self.has_mamba_layers:
             self._validate_mamba()
+        if self.mod_capacity is None:
+            self._check(not self.mod_layers, "mod_layers needs mod_capacity (a fraction in (0, 1]) to route them")
+        else:
+            self._validate_mixture_of_depths()
         if self.num_experts > 0:
             self._check(
                 1 <= self.num_experts_per_tok <= self.num_experts,
@@ -367,6 +384,37 @@ class HfllmConfig(PreTrainedConfig):
     @property
     def has_mamba_layers(self) -> bool:
         return MAMBA in (self.layer_types or ())
+
+    def _validate_mixture_of_depths(self) -> None:
+        self._check(0 < self.mod_capacity <= 1,
+                    f"mod_capacity ({self.mod_capacity}) must be in (0, 1], or null to disable it")
+        layers = self.mod_routed_layers
+        bad_layers = [i for i in layers if not 0 <= i < self.num_hidden_layers]
+        self._check(not bad_layers, f"mod_layers {bad_layers} out of range 0..{self.num_hidden_layers - 1}")
+        self._check(len(layers) > 0,
+                    "mod_capacity needs at least one routed layer in mod_layers (2+ layers for the default)")
+        self._check(len(set(layers)) == len(layers), f"mod_layers {layers} has repeated entries")
+        self._check(self.mod_predictor_loss_coef >= 0,
+                    f"mod_predictor_loss_coef ({self.mod_predictor_loss_coef}) must be 0 or more")
+        unsupported = [field for field, used in (
+            ("num_experts", self.num_experts > 0), ("sliding_window", "sliding_attention" in self.layer_types),
+            ("position_embedding: alibi", self.position_embedding == "alibi"),
+            ("value_embeddings", self.value_embeddings), ("unet_skips", self.unet_skips),
+            ("num_recursions", self.num_recursions > 1), ("layer_types: mamba", MAMBA in self.layer_types)) if used]
+        self._check(not unsupported, f"mod_capacity (Mixture of Depths) does not support {', '.join(unsupported)}; "
+                                     "it routes dense, full-attention RoPE or NoPE layers")
+
+    @property
+    def mod_routed_layers(self) -> list[int]:
+        """The layers Mixture of Depths routes: `mod_layers`, by default every other layer; none without
+        mod_capacity."""
+        if self.mod_capacity is None:
+            return []
+        return list(range(1, self.num_hidden_layers, 2)) if self.mod_layers is None else list(self.mod_layers)
+
+    def is_mod_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` is routed by Mixture of Depths."""
+        return layer_idx in self.mod_routed_layers
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.num_experts > 0 and layer_idx not in self.mlp_only_layers

@@ -120,8 +120,9 @@ def hfllm_config_from(src: PreTrainedConfig) -> HfllmConfig:
 
 def hfllm_only_variants(config: HfllmConfig) -> list[str]:
     """The variants of `config` that no native Llama-family architecture (nor llama.cpp's) computes, each named
-    with its config field: ALiBi and NoPE positions, modded-nanogpt's options, Mixture-of-Recursions and Mamba-2
-    layers. Zero-initialised output projections change only the initialisation, so they export."""
+    with its config field: ALiBi and NoPE positions, modded-nanogpt's options, Mixture of Depths,
+    Mixture-of-Recursions and Mamba-2 layers. Zero-initialised output projections change only the initialisation, so
+    they export."""
     variants = []
     if getattr(config, "has_mamba_layers", False):
         variants.append("layer_types: mamba")
@@ -137,6 +138,8 @@ def hfllm_only_variants(config: HfllmConfig) -> list[str]:
         variants.append("unet_skips: true")
     if config.num_recursions > 1:
         variants.append(f"num_recursions: {config.num_recursions} (Mixture-of-Recursions)")
+    if config.mod_capacity is not None:  # Mixture of Depths: routed layers and their routers
+        variants.append(f"mod_capacity: {config.mod_capacity:g}")
     return variants
 
 

@@ -1,12 +1,13 @@
 """hfllm's decoder-only transformer: one family, read top to bottom.
 
     RMSNorm -> rotary embedding / ALiBi slopes -> attention (GQA, optional QK-norm, sliding window, value
-    embeddings) -> SwiGLU or ReLU² MLP -> MoE (router, fused experts, shared experts) -> decoder layer (attention or
-    a Mamba-2 mixer, `mamba2_hfllm.py`) -> Mixture-of-Recursions router -> model (optional U-net skips, optional
-    recursions) -> causal-LM head (+ optional logit soft-capping, MoE and recursion losses)
+    embeddings) -> SwiGLU or ReLU² MLP -> MoE (router, fused experts, shared experts) -> Mixture-of-Depths router ->
+    decoder layer (attention or a Mamba-2 mixer, `mamba2_hfllm.py`) -> Mixture-of-Recursions router -> model
+    (optional U-net skips, optional recursions) -> causal-LM head (+ optional logit soft-capping, MoE and recursion
+    losses)
 
-Llama, Mistral (sliding window) and MoE variants, ALiBi / NoPE positions, modded-nanogpt's speedrun options,
-Mixture-of-Recursions and Mamba-2 hybrids differ only by config fields (see `configuration_hfllm.py`).
+Llama, Mistral (sliding window) and MoE variants, ALiBi / NoPE positions, modded-nanogpt's speedrun options, Mixture
+of Depths, Mixture-of-Recursions and Mamba-2 hybrids differ only by config fields (see `configuration_hfllm.py`).
 Attention kernels (eager / sdpa / flash_attention_2 / flex_attention) are swapped through transformers'
 `ALL_ATTENTION_FUNCTIONS`, KV caches through its `Cache` classes, experts kernels through `use_experts_implementation`.
 Shapes: B batch, T new tokens, S key length (cache included), H hidden, nh / nkv heads, hd head dim, E experts.
@@ -399,12 +400,15 @@ class HfllmAttention(nn.Module):
         value_embedding: torch.Tensor | None = None,
         shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
         reuse_kv: bool = False,
+        key_routed: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """value_embedding: (B, T, nkv * hd) this layer's value-embedding lookup, or None.
         shared_kv: Mixture-of-Recursions' recursive KV sharing, {layer_idx: (keys, values)} of the first recursion
             (cache included, (B, nkv, S, hd)); this call records its keys/values there, or with `reuse_kv` (a deeper
-            recursion) computes queries only and attends to the recorded ones, writing nothing to the cache."""
+            recursion) computes queries only and attends to the recorded ones, writing nothing to the cache.
+        key_routed: (B, T) bool, Mixture of Depths under a KV cache: which of these tokens may serve as keys
+            (`add_routing_channel`)."""
         input_shape = hidden_states.shape[:-1]  # (B, T)
         hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -429,6 +433,8 @@ class HfllmAttention(nn.Module):
             if position_embeddings is not None:  # rope; ALiBi biases the scores below, NoPE has no positions
                 cos, sin = position_embeddings
                 query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            if key_routed is not None:
+                query_states, key_states = add_routing_channel(query_states, key_states, key_routed)
 
             if cache is not None:  # append this step's keys/values; returns the whole cache (B, nkv, S, hd)
                 key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
@@ -468,6 +474,23 @@ class HfllmAttention(nn.Module):
             bias = alibi_attention_mask(None, slopes, query_length, key_length, torch.float32)  # (1, nh, T, S)
             return attention_mask, {**kwargs, "position_bias": bias.expand(query_states.shape[0], -1, -1, -1)}
         return alibi_attention_mask(attention_mask, slopes, query_length, key_length, query_states.dtype), kwargs
+
+
+UNROUTED_KEY = -1e4  # the routing channel of a key that is not routed: its scores drop by 1e4 * scaling
+
+
+def add_routing_channel(
+    query_states: torch.Tensor, key_states: torch.Tensor, key_routed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixture of Depths under a KV cache: only routed tokens may serve as keys, also in later cached steps. Each
+    query gains a channel 1, each key a channel 0 (routed) or UNROUTED_KEY, so an unrouted key's score drops by
+    1e4 * scaling and its softmax weight is 0, while a routed key's score is unchanged. The flag travels inside the
+    cached keys: the cache's own update, reorder, select and crop keep it with its token. q (B, nh, T, hd),
+    k (B, nkv, T, hd), key_routed (B, T) -> q (B, nh, T, hd + 1), k (B, nkv, T, hd + 1)."""
+    query_states = torch.cat([query_states, query_states.new_ones(*query_states.shape[:-1], 1)], dim=-1)
+    flag = torch.where(key_routed, 0.0, UNROUTED_KEY).to(key_states.dtype)  # (B, T)
+    flag = flag[:, None, :, None].expand(-1, key_states.shape[1], -1, 1)  # (B, nkv, T, 1)
+    return query_states, torch.cat([key_states, flag], dim=-1)
 
 
 class HfllmRouter(nn.Module):
@@ -555,10 +578,53 @@ class HfllmSparseMoeBlock(nn.Module):
         return out.view(batch_size, seq_len, hidden_dim)
 
 
+def routed_token_count(capacity: float, tokens: int | torch.Tensor) -> int | torch.Tensor:
+    """k = ceil(capacity * tokens): how many of a sequence's tokens a routed layer processes (the epsilon keeps
+    0.1 * 30 at 3 despite rounding)."""
+    if isinstance(tokens, torch.Tensor):
+        return torch.ceil(capacity * tokens.float() - 1e-6).long()
+    return math.ceil(capacity * tokens - 1e-6)
+
+
+class HfllmDepthRouter(nn.Module):
+    """Mixture of Depths' router for one layer (Raposo et al. 2024, "Mixture-of-Depths", arXiv 2404.02258).
+
+    A scalar score per token, r = w^T x (section 3.2). In training the layer processes each sequence's top-k tokens by
+    r, k = ceil(capacity * real tokens) (expert-choice routing, sections 3.2-3.3); the others ride the residual stream.
+    The top-k depends on later tokens, so a small MLP predictor, on stop-gradient inputs, learns by binary
+    cross-entropy which tokens it picks (section 3.5, the auxiliary predictor); evaluation and generation route a
+    token iff the predictor says so, causally. A routed token adds sigmoid(r) times the block's output (section 3.4
+    multiplies by r itself; the sigmoid bounds the weight and keeps the order, hence the top-k).
+    """
+
+    def __init__(self, config: HfllmConfig):
+        super().__init__()
+        self.capacity = config.mod_capacity
+        width = max(1, config.hidden_size // 4)
+        self.score = nn.Linear(config.hidden_size, 1, bias=False)
+        self.predictor = nn.Sequential(nn.Linear(config.hidden_size, width), nn.SiLU(), nn.Linear(width, 1))
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states (B, T, H), token_mask (B, T) bool, True for real tokens -> router weights sigmoid(r) (B, T),
+        top-k membership (B, T) bool (padding never), predictor logits (B, T) (> 0: routed)."""
+        scores = self.score(hidden_states).squeeze(-1)  # (B, T)
+        length = scores.shape[1]
+        k = routed_token_count(self.capacity, token_mask.sum(dim=1))  # (B,) per sequence, over its real tokens
+        ranked = scores.detach().masked_fill(~token_mask, float("-inf"))
+        top = ranked.topk(routed_token_count(self.capacity, length), dim=1).indices  # (B, k_max), best first
+        slots = torch.arange(top.shape[1], device=top.device)[None] < k[:, None]  # (B, k_max): within each row's k
+        top_k = torch.zeros_like(token_mask).scatter(1, top, slots)
+        predictor_logits = self.predictor(hidden_states.detach()).squeeze(-1)  # (B, T): stop-gradient inputs
+        return torch.sigmoid(scores), top_k, predictor_logits
+
+
 class HfllmDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is dense or MoE. In a "mamba" layer a
     Mamba-2 mixer (`mamba2_hfllm.py`) takes attention's place and the MLP stays, as in Jamba (arXiv 2403.19887),
-    Bamba and Nemotron-H (arXiv 2504.03624); its attention_mask is the (B, T) padding mask, or None."""
+    Bamba and Nemotron-H (arXiv 2504.03624); its attention_mask is the (B, T) padding mask, or None. A layer that
+    Mixture of Depths routes computes this for its routed tokens only and adds it weighted (`routed_forward`)."""
 
     def __init__(self, config: HfllmConfig, layer_idx: int):
         super().__init__()
@@ -573,14 +639,23 @@ class HfllmDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        router_weights: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         value_embedding: torch.Tensor | None = None,
+        routed: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        """router_weights (B, T) and routed (B, T) bool: Mixture of Depths' weights and decisions (`HfllmDepthRouter`),
+        None in a layer that processes every token. router_weights is positional so that gradient checkpointing
+        passes its gradient on."""
+        if routed is not None:
+            return self.routed_forward(hidden_states, router_weights, routed, attention_mask=attention_mask,
+                                       position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                       position_embeddings=position_embeddings, **kwargs)
         residual = hidden_states  # (B, T, H)
         if hasattr(self, "mamba"):
             hidden_states = residual + self.mamba(self.input_layernorm(hidden_states), cache, attention_mask)
@@ -597,6 +672,72 @@ class HfllmDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+    def block_output(self, hidden_states: torch.Tensor, **attention_kwargs) -> torch.Tensor:
+        """f(x), what the block adds to the residual stream: attention's output plus the MLP's.
+        (B, T, H) -> (B, T, H)."""
+        attention, _ = self.self_attn(self.input_layernorm(hidden_states), **attention_kwargs)
+        return attention + self.mlp(self.post_attention_layernorm(hidden_states + attention))
+
+    def routed_forward(
+        self,
+        hidden_states: torch.Tensor,
+        router_weights: torch.Tensor,
+        routed: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        cache: Cache | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Mixture of Depths (arXiv 2404.02258): routed tokens get x + w * f(x), the others keep x, and only routed
+        tokens serve as keys. Without a KV cache the routed tokens are gathered, in their order, and only they are
+        computed (the training-time saving): causal attention among them, within their document when position_ids
+        restart per packed document, RoPE at their own positions. Under a KV cache every token is computed densely,
+        the keys carry their routing (`add_routing_channel`), and only the routed tokens' outputs are added."""
+        weights = router_weights[..., None].to(hidden_states.dtype)  # (B, T, 1)
+        if cache is not None:
+            update = self.block_output(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                       cache=cache, position_embeddings=position_embeddings, key_routed=routed,
+                                       **kwargs)
+            return hidden_states + torch.where(routed[..., None], weights * update, 0.0)
+        batch, _, hidden = hidden_states.shape
+        count = int(routed.sum(dim=1).max())  # K: the most tokens any row routes
+        if count == 0:
+            return hidden_states
+        # (B, K): each row's routed tokens first, in their order; rows with fewer fill up with unrouted ones, which
+        # come after them (so the causal mask alone hides them) and add nothing
+        index = torch.argsort((~routed).to(torch.int8), dim=1, stable=True)[:, :count]
+        valid = routed.gather(1, index)  # (B, K)
+
+        def take(tensor: torch.Tensor) -> torch.Tensor:  # (B or 1, T, D) -> (B, K, D)
+            tensor = tensor.expand(batch, *tensor.shape[1:])
+            return tensor.gather(1, index[..., None].expand(-1, -1, tensor.shape[-1]))
+
+        selected = take(hidden_states)  # (B, K, H)
+        positions = take(position_ids[..., None]).squeeze(-1)  # (B, K)
+        # Packed documents (position_ids restarting, transformers' find_packed_sequence_indices): the mask function
+        # reads them from positions that count 0, 1, 2, ... through each document's gathered tokens
+        documents = position_ids.diff(dim=-1, prepend=position_ids[:, :1] - 1).ne(1).cumsum(dim=-1)  # (B or 1, T)
+        documents = take(documents[..., None]).squeeze(-1)  # (B, K)
+        slots = torch.arange(count, device=index.device).expand(batch, -1)  # (B, K)
+        starts = torch.where(documents.diff(dim=-1, prepend=documents[:, :1] - 1) != 0, slots, 0).cummax(dim=-1).values
+        mask = create_causal_mask(config=self.self_attn.config, inputs_embeds=selected, attention_mask=None,
+                                  position_ids=slots - starts, **{CACHE_NAME: None})
+        update = self.block_output(
+            selected, attention_mask=mask, position_ids=positions,
+            position_embeddings=None if position_embeddings is None else tuple(map(take, position_embeddings)),
+            **kwargs,
+        )  # (B, K, H)
+        update = torch.where(valid[..., None], take(weights) * update, 0.0)
+        return hidden_states.scatter_add(1, index[..., None].expand(-1, -1, hidden), update)
+
+
+@dataclass
+class HfllmModelOutputWithPast(MoeModelOutputWithPast):
+    """`MoeModelOutputWithPast` plus Mixture of Depths' predictor loss (binary cross-entropy; training mode only)."""
+
+    predictor_loss: torch.FloatTensor | None = None
 
 
 class HfllmRecursionRouter(nn.Module):
@@ -680,6 +821,10 @@ class HfllmModel(HfllmPreTrainedModel):
         self.skip_weights = nn.Parameter(torch.ones(config.num_hidden_layers // 2)) if config.unet_skips else None
         # Mixture-of-Recursions: the shared stack's layers are applied up to num_recursions times, depth per token
         self.recursion_router = HfllmRecursionRouter(config) if config.num_recursions > 1 else None
+        # Mixture of Depths: one router per routed layer, kept here (not in the layer) because the model decides
+        self.depth_routers = None
+        if config.mod_capacity is not None:
+            self.depth_routers = nn.ModuleDict({str(i): HfllmDepthRouter(config) for i in config.mod_routed_layers})
         self.has_sliding_layers = "sliding_attention" in config.layer_types
         self.has_mamba_layers = config.has_mamba_layers
         self.gradient_checkpointing = False
@@ -696,7 +841,7 @@ class HfllmModel(HfllmPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeModelOutputWithPast:
+    ) -> HfllmModelOutputWithPast:
         cache = _cache_argument(cache, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -708,12 +853,16 @@ class HfllmModel(HfllmPreTrainedModel):
             check_mamba_support(self.config._attn_implementation, cache)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, H)
-        if use_cache and cache is None:
+        routing_in_training = self.depth_routers is not None and self.training
+        if use_cache and cache is None and not routing_in_training:  # MoD training gathers its routed tokens: no cache
             cache = DynamicCache(config=self.config)  # sliding layers keep only the last window
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)  # (1, T)
+        token_mask = None  # (B, T) bool, real tokens of this call: Mixture of Depths routes among them
+        if self.depth_routers is not None:
+            token_mask = self.check_routing(attention_mask, cache, position_ids, inputs_embeds.shape[:2], kwargs)
 
         # One mask per layer type: causal + padding (+ window). generate() may pass the mapping ready-made.
         if not isinstance(mask_mapping := attention_mask, dict):
@@ -739,27 +888,63 @@ class HfllmModel(HfllmPreTrainedModel):
             layer_kwargs = dict(attention_mask=mask_mapping["full_attention"], position_embeddings=position_embeddings,
                                 position_ids=position_ids, cache=cache, use_cache=use_cache, **kwargs)
             hidden_states, router_logits = self.recursions(hidden_states, layer_kwargs)
-            return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), router_logits=(router_logits,),
-                                          **{CACHE_NAME: cache})
+            return HfllmModelOutputWithPast(last_hidden_state=self.norm(hidden_states), router_logits=(router_logits,),
+                                            **{CACHE_NAME: cache})
+        predictor_losses = []
         skip_count = 0 if self.skip_weights is None else len(self.skip_weights)
         first_decoder, skips = self.config.num_hidden_layers - skip_count, []  # U-net: the encoder's outputs
         for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):  # fewer: an early exit
             if skip_count and i >= first_decoder:
                 hidden_states = hidden_states + self.skip_weights[i - first_decoder] * skips.pop()
             table = self.config.value_embedding_index(i)
+            router_weights = routed = None
+            if self.config.is_mod_layer(i):  # training: the top-k; evaluation and generation: the predictor, causal
+                router_weights, top_k, predictor_logits = self.depth_routers[str(i)](hidden_states, token_mask)
+                routed = top_k if self.training else (predictor_logits > 0) & token_mask
+                if self.training:
+                    predictor_losses.append(F.binary_cross_entropy_with_logits(
+                        predictor_logits[token_mask].float(), top_k[token_mask].float()))
             hidden_states = decoder_layer(
                 hidden_states,
+                router_weights,
                 attention_mask=mask_mapping[self.config.layer_types[i]],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=use_cache,
                 value_embedding=None if table is None else value_embeddings[table],
+                routed=routed,
                 **kwargs,
             )
             if i < skip_count:
                 skips.append(hidden_states)
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache})
+        predictor_loss = torch.stack(predictor_losses).mean() if predictor_losses else None
+        return HfllmModelOutputWithPast(last_hidden_state=self.norm(hidden_states), predictor_loss=predictor_loss,
+                                        **{CACHE_NAME: cache})
+
+    def check_routing(
+        self, attention_mask: torch.Tensor | dict | None, cache: Cache | None, position_ids: torch.Tensor,
+        shape: tuple[int, int], kwargs: dict,
+    ) -> torch.Tensor:
+        """Mixture of Depths' refusals, each in one line, then the real tokens of this call (B, T) bool. Under a KV
+        cache routing rides in an extra key channel, which eager and SDPA attention take and a static cache cannot
+        hold; without one the routed tokens are gathered, and FlashAttention's flattened batch (its cu_seq_lens)
+        would describe the tokens before the gathering."""
+        token_mask = torch.ones(shape, dtype=torch.bool, device=position_ids.device)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -shape[1]:].bool()
+        if cache is not None:
+            if self.config._attn_implementation not in ("eager", "sdpa"):
+                raise ValueError(f"mod_capacity (Mixture of Depths) generates with a KV cache under eager or sdpa "
+                                 f"attention, not {self.config._attn_implementation}; "
+                                 "load with attn_implementation='sdpa'")
+            if getattr(cache, "is_compileable", False):
+                raise ValueError("mod_capacity (Mixture of Depths) keeps each key's routing in the dynamic KV cache; "
+                                 "a static cache (cache_implementation='static', compiled generation) is not supported")
+        elif "cu_seq_lens_q" in kwargs:
+            raise ValueError("mod_capacity (Mixture of Depths) gathers each row's routed tokens; FlashAttention's "
+                             "flattened batch (cu_seq_lens) is not supported: use attn_implementation sdpa")
+        return token_mask
 
     def recursions(self, hidden_states: torch.Tensor, layer_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixture-of-Recursions (Bae et al. 2025, arXiv 2507.10524): the unique layers before the shared stack, the
@@ -823,14 +1008,16 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch
 
 @dataclass
 class HfllmCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """`MoeCausalLMOutputWithPast` plus the router z-loss (`aux_loss` is the load-balancing loss)."""
+    """`MoeCausalLMOutputWithPast` plus the router z-loss (`aux_loss` is the load-balancing loss) and Mixture of
+    Depths' predictor loss."""
 
     z_loss: torch.FloatTensor | None = None
+    predictor_loss: torch.FloatTensor | None = None
 
 
 class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
-    """The decoder plus a language-model head; adds the MoE auxiliary losses, or Mixture-of-Recursions' balancing loss,
-    to the LM loss."""
+    """The decoder plus a language-model head; adds the MoE auxiliary losses, Mixture-of-Recursions' balancing loss or
+    Mixture of Depths' predictor loss to the LM loss."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -869,7 +1056,7 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         output_router_logits = output_router_logits and (is_moe or is_mor)
-        outputs: MoeModelOutputWithPast = self.model(
+        outputs: HfllmModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -897,6 +1084,11 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
             z_loss = router_z_loss(outputs.router_logits, token_mask)
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+        if loss is not None and outputs.predictor_loss is not None:
+            # the predictor's loss joins the gradient but not the value: the loss reported stays the LM's (its
+            # inputs are detached, so this gradient reaches the predictor alone)
+            predictor_loss = outputs.predictor_loss.to(loss.dtype)
+            loss = loss + self.config.mod_predictor_loss_coef * (predictor_loss - predictor_loss.detach())
 
         return HfllmCausalLMOutputWithPast(
             loss=loss,
@@ -907,6 +1099,7 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            predictor_loss=outputs.predictor_loss,
         )
 
     def logits_and_loss(
@@ -922,6 +1115,42 @@ class HfllmForCausalLM(HfllmPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return logits, loss
+
+    @torch.no_grad()
+    def routing_agreement(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, causal: bool = True
+    ) -> dict[int, dict[str, float]]:
+        """Mixture of Depths: how the causal routing of evaluation and generation (the predictor) agrees with the
+        training-time top-k on a batch. Per routed layer, over real tokens, on the inputs the layer sees in an
+        evaluation forward (`causal=False`: in a training-mode forward, routed by the top-k): `accuracy`, the
+        fraction of tokens where the predictor's decision equals top-k membership; the predictor's `precision` and
+        `recall` for top-k membership; `routed`, the fraction of tokens the predictor routes (top-k routes
+        `mod_capacity`)."""
+        if self.model.depth_routers is None:
+            raise ValueError("routing_agreement needs a Mixture of Depths model (mod_capacity)")
+        records = {}
+
+        def record(layer: int) -> Callable:  # the router's token mask (its second input) and its outputs
+            return lambda module, args, output: records.__setitem__(layer, (args[1], output))
+
+        hooks = [router.register_forward_hook(record(int(i))) for i, router in self.model.depth_routers.items()]
+        was_training = self.training
+        try:
+            self.train(not causal)
+            self.model(input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            self.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        agreement = {}
+        for i, (token_mask, (_, top_k, predictor_logits)) in sorted(records.items()):
+            top_k, predicted = top_k[token_mask], (predictor_logits > 0)[token_mask]  # (N,) real tokens
+            hits = float((predicted & top_k).sum())
+            agreement[i] = {"accuracy": float((predicted == top_k).float().mean()),
+                            "precision": hits / max(float(predicted.sum()), 1.0),
+                            "recall": hits / max(float(top_k.sum()), 1.0),
+                            "routed": float(predicted.float().mean())}
+        return agreement
 
     def routers(self) -> list[HfllmRouter]:
         return [module for module in self.modules() if isinstance(module, HfllmRouter)]

@@ -10,6 +10,9 @@ counts the unrolled depth and N_matmul adds the stack's weights N_r - 1 more tim
 first recursion computes (recursive KV sharing).
 A Mamba-2 layer has no attention term: its projections and depthwise conv are in N_matmul (a conv weight multiplies
 each token once), and SSD is the forward FLOPs per token of its chunked scan (`ssd_flops_per_token`).
+Mixture of Depths (`mod_capacity`): a routed layer processes k = ceil(capacity * T) of a sequence's T tokens, so its
+block's weights count for k / T of the tokens and its attention for (k / T)^2 (k queries over k keys); the router and
+its predictor run on every token and count in full.
 Elementwise work (norms, ALiBi's bias, soft-capping, U-net and value-embedding mixing, SSD's decays) is left out, as
 in PaLM.
 
@@ -25,6 +28,7 @@ from torch import nn
 
 from ..models import parameter_counts
 from ..models.configuration_hfllm import MAMBA
+from ..models.modeling_hfllm import routed_token_count
 
 # dense bf16 peak per device (FLOP/s), matched against torch.cuda.get_device_name()
 GPU_PEAK_FLOPS = {
@@ -51,11 +55,19 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     window = getattr(config, "sliding_window", None)
     context = min(seq_len, window) if window else seq_len
     layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
-    mamba_layers = layer_types.count(MAMBA)  # Mixture-of-Recursions refuses mamba layers: no unrolled mamba layer
-    layers = getattr(config, "unrolled_num_layers", config.num_hidden_layers)
-    attention = 12 * (layers - mamba_layers) * config.num_attention_heads * head_dim * context
+    mamba_layers = layer_types.count(MAMBA)  # MoR and MoD refuse mamba layers: none is repeated or routed
+    routed_layers, skipped, fraction = getattr(config, "mod_routed_layers", []), 0.0, 1.0
+    if routed_layers:
+        fraction = routed_token_count(config.mod_capacity, seq_len) / seq_len
+        layers = model.base_model.layers
+        block = [p for i in routed_layers for p in layers[i].parameters()]
+        skipped = (1 - fraction) * sum(getattr(p, "ds_numel", None) or p.numel() for p in block)  # ZeRO-3: ds_numel
+    attention_layers = (getattr(config, "unrolled_num_layers", config.num_hidden_layers) - mamba_layers
+                        - len(routed_layers) + len(routed_layers) * fraction**2)
+    attention = 12 * attention_layers * config.num_attention_heads * head_dim * context
     ssd = 3 * mamba_layers * ssd_flops_per_token(config, seq_len) if mamba_layers else 0
-    matmul = parameter_counts(model)["active_matmul"] - extra_lookup_parameters(model) + recursion_repeat_parameters(model)
+    matmul = (parameter_counts(model)["active_matmul"] - extra_lookup_parameters(model) - skipped
+              + recursion_repeat_parameters(model))
     return 6 * matmul + attention + ssd
 
 
