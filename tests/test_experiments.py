@@ -154,9 +154,10 @@ def test_flops_budget_gives_each_variant_its_steps(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_seconds_budget_times_each_point_and_keys_it_by_the_budget(tmp_path):
-    """Steps from a probe's seconds per step; the key holds the budget, so a rerun (other timings) reuses it, and
-    a rerun after the sweep started keeps the first timings (OUT/timings.json)."""
+def test_seconds_budget_times_each_variant_once_and_keys_it_by_the_budget(tmp_path):
+    """Steps from a probe's seconds per step, one probe per variant shared by its seeds (so they train the same
+    steps); the key holds the budget, so a rerun (other timings) reuses it, and a rerun after the sweep started keeps
+    the first timings (OUT/timings.json)."""
     recipe = tiny_recipe(tmp_path)
     runs = []
     for _ in range(2):
@@ -167,8 +168,12 @@ def test_seconds_budget_times_each_point_and_keys_it_by_the_budget(tmp_path):
         assert first.key == again.key and first.recipe.args[2].max_steps >= 1
         assert first.recipe.args[2].max_steps == math.floor(1.0 / first.seconds_per_step + 1e-9)
     assert runs[0][0].key != runs[0][1].key
+    seeds = grid_points({"hidden_size": [64]}, grid=False, seeds=2, seed=7)[:2]  # the baseline, seeds 7 and 8
+    resolve_points(recipe, {}, seeds, Budget("seconds", 1.0), tmp_path / "out", "hfllm ablate", Tokenizers())
+    assert seeds[0].key != seeds[1].key and seeds[0].timing_key == seeds[1].timing_key
+    assert seeds[0].recipe.args[2].max_steps == seeds[1].recipe.args[2].max_steps
     (tmp_path / "out" / "timings.json").parent.mkdir()
-    (tmp_path / "out" / "timings.json").write_text(json.dumps({runs[0][0].key: 0.1}))  # as the first run wrote it
+    (tmp_path / "out" / "timings.json").write_text(json.dumps({runs[0][0].timing_key: 0.1}))  # as the first run wrote it
     points = grid_points({"hidden_size": [64]}, grid=False, seeds=1, seed=7)
     resolve_points(recipe, {}, points, Budget("seconds", 1.0), tmp_path / "out", "hfllm ablate", Tokenizers())
     assert points[0].seconds_per_step == 0.1 and points[0].recipe.args[2].max_steps == 10

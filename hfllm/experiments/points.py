@@ -8,9 +8,9 @@ sweep reuses it instead of training again (a killed sweep continues with the poi
     budget steps N      every point trains N optimizer steps
     budget flops F      steps = F / (FLOPs per token x tokens per step), FLOPs per token counted as `hfllm plan`
                         counts them (training/mfu.py: 6N + attention), so a bigger variant trains fewer steps
-    budget seconds S    steps = S / (seconds per step measured on this machine by a short probe of each point,
-                        evaluation left out), kept in OUT/timings.json; the key holds the budget, not the measured
-                        steps, and a rerun reuses both
+    budget seconds S    steps = S / (seconds per step measured on this machine by a short probe of each variant,
+                        evaluation left out; its seeds share the timing, so they train the same steps), kept in
+                        OUT/timings.json; the key holds the budget, not the measured steps, and a rerun reuses both
     budget tokens T     (scaling) steps = T / tokens per step
 
 Points are trained with `pretrain.build` + `lifecycle.run` in one process, sharing one tokenizer per data source
@@ -50,8 +50,8 @@ BUDGET_KINDS = ("flops", "seconds", "steps", "tokens")
 # Keys every point sets for itself: its own folder, no samples, no bars or log lines from Trainer (all session keys,
 # so they are not part of the point's key)
 POINT_KEYS = {"overwrite_output_dir": True, "num_samples": 0, "disable_tqdm": True, "report_to": "none"}
-PROBE_STEPS = (3, 8)  # seconds budget: steps run before timing, steps timed
-TIMINGS_FILE = "timings.json"  # seconds budget: {point key: seconds per step} of the probes
+PROBE_STEPS = (5, 20)  # seconds budget: steps run before timing, steps timed (8 timed steps of 50 ms varied by 50%)
+TIMINGS_FILE = "timings.json"  # seconds budget: {timing key: seconds per step} of the probes
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class Point:
     key: str = ""  # hash of the resolved recipe (without the session keys and output folder)
     shape: dict[str, Any] = field(default_factory=dict)  # parameters, flops_per_token, tokens_per_step
     seconds_per_step: float | None = None  # seconds budget: the probe's timing (kept in OUT/timings.json)
+    timing_key: str = ""  # seconds budget: the key without the seed; a variant's seeds share one probe
 
 
 # ----------------------------------------------------------------------------- resolving a point
@@ -99,8 +100,9 @@ class Point:
 def resolve_points(recipe, overrides: Mapping[str, Any], points: list[Point], budget: Budget, out: Path,
                    prog: str, tokenizers: "Tokenizers") -> None:
     """Resolve every point in place (recipe, steps, key, shape); every mistake raises before anything is written.
-    Under a seconds budget a point timed by an earlier run of the sweep keeps that timing (OUT/timings.json), so a
-    rerun gives every point the steps of the invocation that timed them all."""
+    Under a seconds budget a variant is probed once for all its seeds, and a point timed by an earlier run of the
+    sweep keeps that timing (OUT/timings.json), so a rerun gives every point the steps of the invocation that timed
+    them all."""
     timings_file = out / TIMINGS_FILE
     timings = json.loads(timings_file.read_text(encoding="utf-8")) if timings_file.is_file() else {}
     for point in points:
@@ -111,11 +113,14 @@ def resolve_points(recipe, overrides: Mapping[str, Any], points: list[Point], bu
         point.shape = model_shape(first, tokenizer)
         if budget.kind == "seconds":
             point.key = recipe_key({**first.resolved, "max_steps": str(budget)})
-            point.seconds_per_step = timings.get(point.key)
+            point.timing_key = recipe_key({**first.resolved, "max_steps": str(budget), "seed": None})
+            point.seconds_per_step = timings.get(point.timing_key)
         probe = {**values, **POINT_KEYS, "max_steps": sum(PROBE_STEPS), "eval_strategy": "no"}
         steps = budget_steps(budget, point, lambda folder: recipe_argv(recipe, {**probe, "output_dir": folder}),
                              prog, tokenizer)
-        if budget.kind != "seconds":
+        if budget.kind == "seconds":
+            timings.setdefault(point.timing_key, point.seconds_per_step)  # the variant's next seed reuses it
+        else:
             point.key = recipe_key({**first.resolved, "max_steps": steps})
         point.argv = recipe_argv(recipe, {**values, "max_steps": steps, **POINT_KEYS,
                                           "output_dir": str(out / "runs" / point.key)})
@@ -297,7 +302,7 @@ def run_points(points: list[Point], out: Path, prog: str, tokenizers: Tokenizers
     `OUT/points/<key>.json` only once trained to its end; an interrupted point (SIGINT / SIGTERM) stops the sweep
     with its exit code (`Interrupted`; the caller returns it)."""
     records: dict[str, dict] = {}
-    timed = {point.key: point.seconds_per_step for point in points if point.seconds_per_step is not None}
+    timed = {point.timing_key: point.seconds_per_step for point in points if point.seconds_per_step is not None}
     if timed:
         timings_file = out / TIMINGS_FILE
         earlier = json.loads(timings_file.read_text(encoding="utf-8")) if timings_file.is_file() else {}
