@@ -6,11 +6,13 @@ left-padded batch), save / from_pretrained / remote code without hfllm, `hfllm p
 tensors and a measured forward pass, `hfllm export`'s one-line refusals, and its shipped recipe trains (the rest of
 the recipes and `hfllm doctor` behind slow)."""
 
+import importlib.machinery
 import math
 import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -165,17 +167,77 @@ def test_alibi_flex_attention_equals_eager():
     torch.testing.assert_close(flex[1, 5:], eager[1, 5:], atol=1e-5, rtol=1e-5)
 
 
-def test_alibi_refuses_flash_attention_and_static_caches_in_one_line():
-    """FlashAttention-2 has `alibi_slopes`, but transformers' call does not pass them; a static cache holds empty
-    slots, so the distances of a dynamic cache do not apply: both refused by name."""
+def test_alibi_refuses_missing_flash_attn_other_flash_kernels_and_static_caches_in_one_line():
+    """FlashAttention-2 runs through flash-attn's own functions, so without flash-attn it is refused by name, as are
+    flash kernels without alibi_slopes wired; a static cache holds empty slots, so the distances of a dynamic cache do
+    not apply."""
     model = tiny("alibi")
     ids, _ = left_padded()
-    model.config._attn_implementation = "flash_attention_2"  # as loaded on a GPU with flash-attn installed
-    with pytest.raises(ValueError, match="^position_embedding 'alibi' is not wired to flash_attention_2 .*use attn_"):
+    model.config._attn_implementation = "flash_attention_2"  # as loaded on a GPU; this machine has no flash-attn
+    with pytest.raises(ValueError, match="^position_embedding 'alibi' under flash_attention_2 .* flash-attn is not "
+                                         "installed: pip install flash-attn, or use attn_implementation sdpa$"):
+        model(ids)
+    model.config._attn_implementation = "flash_attention_3"
+    with pytest.raises(ValueError, match="^position_embedding 'alibi' is not wired to flash_attention_3 .*use attn_"):
         model(ids)
     model.config._attn_implementation = "eager"
     with pytest.raises(ValueError, match="^position_embedding 'alibi' .* a static cache .* is not supported$"):
         model.generate(ids[:1], max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
+def documented_flash_attn(calls: list) -> types.ModuleType:
+    """flash-attn's `flash_attn_func` and `flash_attn_varlen_func` as its documentation defines them, written out in
+    torch so that a CPU test can check hfllm's call: per sequence of T queries and S keys, softmax over the keys j <=
+    i + S - T (causal, aligned bottom-right) of q k^T * softmax_scale - m_h |i + S - T - j|, each of the nkv key/value
+    heads serving nh / nkv query heads. Each call is recorded (kind, alibi_slopes)."""
+
+    def attend(q, k, v, scale, slopes):  # q (T, nh, hd), k / v (S, nkv, hd) -> (T, nh, hd)
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        i = torch.arange(q.shape[0])[:, None] + k.shape[0] - q.shape[0]  # (T, 1): the query's position among the keys
+        j = torch.arange(k.shape[0])[None, :]  # (1, S)
+        scores = torch.einsum("thd,shd->hts", q, k) * scale - slopes[:, None, None] * (i - j).abs()
+        return torch.einsum("hts,shd->thd", scores.masked_fill(j > i, float("-inf")).softmax(dim=-1), v)
+
+    def flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes):
+        assert causal and window_size == (-1, -1) and dropout_p == 0.0
+        calls.append(("dense", alibi_slopes))
+        return torch.stack([attend(q[b], k[b], v[b], softmax_scale, alibi_slopes) for b in range(q.shape[0])])
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                               softmax_scale, causal, window_size, alibi_slopes):
+        assert causal and window_size == (-1, -1) and cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
+        calls.append(("varlen", alibi_slopes))
+        rows = zip(cu_seqlens_q[:-1], cu_seqlens_q[1:], cu_seqlens_k[:-1], cu_seqlens_k[1:])
+        return torch.cat([attend(q[a:b], k[c:d], v[c:d], softmax_scale, alibi_slopes) for a, b, c, d in rows])
+
+    module = types.ModuleType("flash_attn")
+    module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    module.flash_attn_func, module.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
+    return module
+
+
+def test_alibi_under_flash_attention_2_gives_flash_attn_its_slopes_and_equals_sdpa(monkeypatch):
+    """FlashAttention-2 gets ALiBi as flash-attn's `alibi_slopes` (transformers' call does not pass them): with
+    flash-attn's documented semantics standing in for its CUDA kernel, an unpadded row, a left-padded batch (unpadded
+    into the varlen call) and cached greedy generation all equal SDPA's additive-bias path."""
+    calls = []
+    monkeypatch.setitem(sys.modules, "flash_attn", documented_flash_attn(calls))
+    model = tiny("alibi", "sdpa")
+    ids, mask = left_padded()
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected, expected_alone = model(ids, attention_mask=mask).logits, model(ids[:1]).logits
+    generated = model.generate(ids, attention_mask=mask, **settings)
+    model.config._attn_implementation = "flash_attention_2"
+    with torch.no_grad():
+        padded, alone = model(ids, attention_mask=mask).logits, model(ids[:1]).logits
+    assert [kind for kind, _ in calls] == ["varlen"] * 4 + ["dense"] * 4  # 4 layers, padded batch then one row
+    assert all(torch.equal(slopes, alibi_slopes(4)) for _, slopes in calls)
+    torch.testing.assert_close(padded[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded[1, 5:], expected[1, 5:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone, expected_alone, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **settings), generated)
 
 
 def test_alibi_refuses_a_flex_attention_that_would_drop_its_bias(monkeypatch):

@@ -19,6 +19,7 @@ runs, with one warning, unless one of the contracts is missing.
 """
 
 import dataclasses
+import importlib.util
 import inspect
 import math
 import re
@@ -280,12 +281,17 @@ def alibi_attention_mask(
 
 
 def check_alibi_support(attn_implementation: str, cache: Cache | None) -> None:
-    """ALiBi's refusals, each in one line: FlashAttention-2 has `alibi_slopes` but transformers' FlashAttention call
-    does not pass them; a flex attention without `position_bias` would drop the bias silently; a static cache holds
-    empty slots, so the distances of a dynamic cache do not apply."""
-    if "flash" in attn_implementation:
-        raise ValueError(f"position_embedding 'alibi' is not wired to {attn_implementation} (transformers' "
-                         "FlashAttention call does not pass alibi_slopes); use attn_implementation sdpa or flex_attention")
+    """ALiBi's refusals, each in one line: FlashAttention-2 runs through flash-attn's own functions
+    (`flash_alibi_attention`), so flash-attn must be installed, and other flash kernels have no `alibi_slopes` wired;
+    a flex attention without `position_bias` would drop the bias silently; a static cache holds empty slots, so the
+    distances of a dynamic cache do not apply."""
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("position_embedding 'alibi' under flash_attention_2 calls flash-attn's own kernels with "
+                         "alibi_slopes, and flash-attn is not installed: pip install flash-attn, or use attn_implementation "
+                         "sdpa")
+    if "flash" in attn_implementation and attn_implementation != "flash_attention_2":
+        raise ValueError(f"position_embedding 'alibi' is not wired to {attn_implementation} (its call does not pass "
+                         "alibi_slopes); use attn_implementation flash_attention_2, sdpa or flex_attention")
     if attn_implementation == "flex_attention" and "position_bias" not in _parameters(
             ALL_ATTENTION_FUNCTIONS["flex_attention"]):
         raise ValueError(f"position_embedding 'alibi' needs transformers' flex attention to take a position_bias, "
@@ -293,6 +299,44 @@ def check_alibi_support(attn_implementation: str, cache: Cache | None) -> None:
     if getattr(cache, "is_compileable", False):
         raise ValueError("position_embedding 'alibi' measures distances in the dynamic KV cache; a static cache "
                          "(cache_implementation='static', compiled generation) is not supported")
+
+
+def flash_alibi_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    alibi_slopes: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **_,
+) -> tuple[torch.Tensor, None]:
+    """ALiBi under FlashAttention-2, through flash-attn's own `alibi_slopes` (transformers' FlashAttention call does not
+    pass them). flash-attn adds -m_h |i + S - T - j| to the score of query i on key j, its causal mask aligned to the
+    bottom right (the T queries are the last of the S keys): ALiBi's -m_h (i - j) in token distance. A (B, S) padding
+    mask (transformers' FlashAttention mask) is unpadded into flash-attn's varlen call, so each row counts distances
+    over its real tokens, as a row alone would. query (B, nh, T, hd), key / value (B, nkv, S, hd) -> (B, T, nh, hd);
+    GQA is flash-attn's own (nkv divides nh)."""
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    query, key, value = (states.transpose(1, 2) for states in (query, key, value))  # (B, T | S, n, hd)
+    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+    options = dict(dropout_p=dropout, softmax_scale=scaling, causal=True, window_size=window, alibi_slopes=alibi_slopes)
+    if attention_mask is None:  # no padding
+        return flash_attn_func(query, key, value, **options), None
+    keys_kept = attention_mask[:, -key.shape[1]:].bool()  # (B, S): the real tokens among the keys
+    queries_kept = keys_kept[:, -query.shape[1]:]  # (B, T)
+    key_lengths, query_lengths = keys_kept.sum(dim=1), queries_kept.sum(dim=1)  # (B,)
+    output = flash_attn_varlen_func(
+        query[queries_kept], key[keys_kept], value[keys_kept],  # (N_q, nh, hd), (N_k, nkv, hd)
+        F.pad(query_lengths.cumsum(0, dtype=torch.int32), (1, 0)), F.pad(key_lengths.cumsum(0, dtype=torch.int32), (1, 0)),
+        int(query_lengths.max()), int(key_lengths.max()), **options,
+    )  # (N_q, nh, hd)
+    padded = query.new_zeros(query.shape)  # (B, T, nh, hd): padded queries attend to nothing
+    padded[queries_kept] = output
+    return padded, None
 
 
 def check_mamba_support(attn_implementation: str, cache: Cache | None) -> None:
@@ -441,12 +485,13 @@ class HfllmAttention(nn.Module):
             if shared_kv is not None:
                 shared_kv[self.layer_idx] = (key_states, value_states)
 
-        if self.config.position_embedding == "alibi":
-            attention_mask, kwargs = self.alibi(attention_mask, query_states, key_states, kwargs)
-
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if self.config.position_embedding == "alibi":
+            attention_interface, attention_mask, kwargs = self.alibi(
+                attention_interface, attention_mask, query_states, key_states, kwargs
+            )
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -462,18 +507,24 @@ class HfllmAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
     def alibi(
-        self, attention_mask, query_states: torch.Tensor, key_states: torch.Tensor, kwargs: dict
-    ) -> tuple[torch.Tensor | object, dict]:
+        self, attention_interface: Callable, attention_mask, query_states: torch.Tensor, key_states: torch.Tensor,
+        kwargs: dict,
+    ) -> tuple[Callable, torch.Tensor | object, dict]:
         """ALiBi in the attention kernel's own terms: eager and SDPA take the bias inside an additive float mask;
-        flex attention adds it in its `score_mod` (transformers' `position_bias`) next to the block mask.
-        Other kernels are refused before any work (`check_alibi_support`)."""
+        flex attention adds it in its `score_mod` (transformers' `position_bias`) next to the block mask;
+        FlashAttention-2 takes the slopes themselves (`flash_alibi_attention`). Other kernels are refused before any
+        work (`check_alibi_support`)."""
         implementation = self.config._attn_implementation
         slopes = alibi_slopes(query_states.shape[1], query_states.device)  # (nh,)
         query_length, key_length = query_states.shape[-2], key_states.shape[-2]
+        if implementation == "flash_attention_2":  # the mask is None or the (B, S) padding mask
+            return flash_alibi_attention, attention_mask, {**kwargs, "alibi_slopes": slopes}
         if implementation == "flex_attention":  # the mask is a BlockMask: causal and padding stay in it
             bias = alibi_attention_mask(None, slopes, query_length, key_length, torch.float32)  # (1, nh, T, S)
-            return attention_mask, {**kwargs, "position_bias": bias.expand(query_states.shape[0], -1, -1, -1)}
-        return alibi_attention_mask(attention_mask, slopes, query_length, key_length, query_states.dtype), kwargs
+            kwargs = {**kwargs, "position_bias": bias.expand(query_states.shape[0], -1, -1, -1)}
+            return attention_interface, attention_mask, kwargs
+        mask = alibi_attention_mask(attention_mask, slopes, query_length, key_length, query_states.dtype)
+        return attention_interface, mask, kwargs
 
 
 UNROUTED_KEY = -1e4  # the routing channel of a key that is not routed: its scores drop by 1e4 * scaling
