@@ -289,6 +289,10 @@ BUDGET_SLOW = {
         "test_fine_tuning_resumes_exactly_after_sigterm[sft-lora] stays",
     "test_data.py::test_cli_shakespeare_writes_train_and_val": "8 s; the corpus's in-process tests stay",
     "test_kernels.py::test_pretrain_refuses_fp8_in_one_line_before_any_work": "8 s; the in-process kernel checks stay",
+    "test_mamba.py::test_loads_through_remote_code_without_hfllm": "6 s; test_variants' remote-code process loads a "
+        "hybrid with its mamba2_hfllm.py, and test_transformers_compat generates with one across releases",
+    "test_mor.py::test_saves_loads_and_loads_through_remote_code_without_hfllm": "6 s; test_variants' remote-code "
+        "process loads a MoR checkpoint, and the mor recipe test loads one with from_pretrained",
 }
 
 

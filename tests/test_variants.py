@@ -378,10 +378,13 @@ def test_saves_and_loads_with_from_pretrained(variant, tmp_path):
 
 def test_variants_load_through_remote_code_without_hfllm(tmp_path):
     """One fresh process where hfllm cannot be imported loads ALiBi, NoPE, every speedrun option (together, with
-    ALiBi) and Mixture of Depths (tests/test_mod.py) from the checkpoints' own code."""
+    ALiBi), Mixture of Depths, Mixture-of-Recursions and a Mamba-2 hybrid (its mixer from the mamba2_hfllm.py that
+    travels with the checkpoint) from the checkpoints' own code."""
     ids, mask = left_padded()
+    rope = {"position_embedding": "rope"}
     models = {"alibi": tiny("alibi"), "nope": tiny("nope"), "alibi+speedrun": tiny("alibi+speedrun"),
-              "mod": tiny("nope", position_embedding="rope", mod_capacity=0.5)}
+              "mod": tiny("nope", **rope, mod_capacity=0.5), "mor": tiny("nope", **rope, num_recursions=3),
+              "mamba": tiny("nope", **rope, layer_types=["mamba", "mamba", "mamba", "full_attention"])}
     names = list(models)
     for variant, model in models.items():
         model.save_pretrained(tmp_path / variant)
@@ -401,6 +404,9 @@ def test_variants_load_through_remote_code_without_hfllm(tmp_path):
             with torch.no_grad():
                 logits = model.eval()(inputs["ids"], attention_mask=inputs["mask"]).logits
             torch.testing.assert_close(logits, torch.load(folder + "/expected.pt"), atol=0, rtol=0)
+            if variant == "mamba":
+                mixer = type(model.model.layers[0].mamba).__module__
+                assert mixer.startswith("transformers_modules") and mixer.endswith("mamba2_hfllm"), mixer
             print("remote code OK", variant)
     """)
     threads = {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]} if "OMP_NUM_THREADS" in os.environ else {}

@@ -319,7 +319,10 @@ def flash_alibi_attention(
     mask (transformers' FlashAttention mask) is unpadded into flash-attn's varlen call, so each row counts distances
     over its real tokens, as a row alone would. query (B, nh, T, hd), key / value (B, nkv, S, hd) -> (B, T, nh, hd);
     GQA is flash-attn's own (nkv divides nh)."""
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
+    try:  # inside try: transformers' remote-code loader then does not require flash-attn of every reader
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError as error:  # check_alibi_support refuses first; this is for a direct call
+        raise ValueError("position_embedding 'alibi' under flash_attention_2 needs flash-attn: pip install flash-attn") from error
 
     query, key, value = (states.transpose(1, 2) for states in (query, key, value))  # (B, T | S, n, hd)
     window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
