@@ -293,6 +293,10 @@ BUDGET_SLOW = {
         "hybrid with its mamba2_hfllm.py, and test_transformers_compat generates with one across releases",
     "test_mor.py::test_saves_loads_and_loads_through_remote_code_without_hfllm": "6 s; test_variants' remote-code "
         "process loads a MoR checkpoint, and the mor recipe test loads one with from_pretrained",
+    "test_pretrain.py::test_script_runs_directly_with_python": "8 s; test_distributed's ddp launch runs "
+        "hfllm/run_pretrain.py as a script, as accelerate does",
+    "test_health.py::test_sigterm_saves_a_checkpoint_that_resumes_exactly": "9 s; one lifecycle: "
+        "test_fine_tuning_resumes_exactly_after_sigterm[sft-lora] and [dpo-lora] stay",
 }
 
 
