@@ -297,6 +297,10 @@ BUDGET_SLOW = {
         "hfllm/run_pretrain.py as a script, as accelerate does",
     "test_health.py::test_sigterm_saves_a_checkpoint_that_resumes_exactly": "9 s; one lifecycle: "
         "test_fine_tuning_resumes_exactly_after_sigterm[sft-lora] and [dpo-lora] stay",
+    "test_notebooks.py::test_notebook_runs_in_a_kernel[align.ipynb]": "35-50 s; the other four notebooks run in the "
+        "kernel by default (install cell, progress bar, loss curve); align's steps are test_api's sft/dpo and test_grpo's",
+    "test_notebooks.py::test_notebook_runs_in_a_kernel[evaluate.ipynb]": "33-43 s; as align: test_api_tools' evaluate "
+        "and test_eval's harness tests cover its calls",
 }
 
 

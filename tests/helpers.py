@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +149,12 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def left_padded(length: int = 12, pad: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts, the second left-padded by `pad` tokens: ids (2, length), attention mask (2, length)."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 61, (2, length), generator=generator)
+    mask = torch.ones_like(ids)
+    ids[1, :pad], mask[1, :pad] = 0, 0
+    return ids, mask

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import CORPUS, TINY, data_args, log_history
+from helpers import TINY, data_args, left_padded, log_history
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
@@ -49,15 +49,6 @@ def tiny(attn: str = "eager", **overrides) -> HfllmForCausalLM:
         for parameter in model.parameters():
             parameter.add_(0.3 * torch.randn_like(parameter))
     return model.eval()
-
-
-def left_padded(length: int = 12, pad: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two prompts, the second left-padded by `pad` tokens: ids (2, length), attention mask (2, length)."""
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 61, (2, length), generator=generator)
-    mask = torch.ones_like(ids)
-    ids[1, :pad], mask[1, :pad] = 0, 0
-    return ids, mask
 
 
 # ----------------------------------------------------------------------------- config
@@ -387,19 +378,3 @@ def test_mamba_recipe_trains_saves_and_generates(tmp_path):
     assert model.config.mamba_d_state == values["mamba_d_state"] and hasattr(model.model.layers[0], "mamba")
     generated = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 7)
-
-
-@pytest.mark.slow  # doctor trains its shrunk recipe a few times: ~20 s
-def test_doctor_passes_on_the_mamba_recipe(tmp_path, capsys):
-    from hfllm.cli import main as cli
-
-    train, validation = tmp_path / "train.txt", tmp_path / "validation.txt"
-    train.write_text(CORPUS * 40, encoding="utf-8")
-    validation.write_text("All:\nYou are resolved to speak further.\n\nFirst Citizen:\nRather die than famish.\n\n" * 4)
-    argv = [str(RECIPE), *TINY, "--num_hidden_layers", "4", "--max_position_embeddings", "64",
-            "--intermediate_size", "64", "--dataset", "null", "--train_files", str(train),
-            "--validation_files", str(validation)]
-    code = cli(["doctor", *argv])
-    out = capsys.readouterr().out
-    assert "causal mask" in out and "FAIL" not in out[out.index("\ncheck "):], out[-3000:]
-    assert code == 0

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CORPUS, TINY, data_args, log_history
-from test_variants import left_padded, measured_flops_per_token
+from helpers import TINY, data_args, left_padded, log_history
+from test_variants import measured_flops_per_token
 from transformers import AutoModelForCausalLM
 
 from hfllm import HfllmConfig, HfllmForCausalLM
@@ -336,19 +336,3 @@ def test_mor_recipe_trains_saves_and_generates(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert (model.config.num_recursions, model.config.recursion_sharing) == (3, "middle_cycle")
     assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
-
-
-@pytest.mark.slow  # doctor trains its shrunk recipe a few times: ~20 s
-def test_doctor_passes_on_the_mor_recipe(tmp_path, capsys):
-    from hfllm.cli import main as cli
-
-    train, validation = tmp_path / "train.txt", tmp_path / "validation.txt"
-    train.write_text(CORPUS * 40, encoding="utf-8")
-    validation.write_text("All:\nYou are resolved to speak further.\n\nFirst Citizen:\nRather die than famish.\n\n" * 4)
-    argv = [str(RECIPE), *TINY, "--num_hidden_layers", "4", "--max_position_embeddings", "64",
-            "--intermediate_size", "64", "--dataset", "null", "--train_files", str(train),
-            "--validation_files", str(validation)]
-    code = cli(["doctor", *argv])
-    out = capsys.readouterr().out
-    assert "causal mask" in out and "FAIL" not in out[out.index("\ncheck "):], out[-3000:]
-    assert code == 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import CORPUS, TINY, data_args, log_history
+from helpers import CORPUS, TINY, data_args, left_padded, log_history
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
@@ -64,15 +64,6 @@ def tiny(variant: str, attn: str = "eager", **overrides) -> HfllmForCausalLM:
         for parameter in model.parameters():
             parameter.add_(0.3 * torch.randn_like(parameter))
     return model.eval()
-
-
-def left_padded(length: int = 12, pad: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two prompts, the second left-padded by `pad` tokens: ids (2, length), attention mask (2, length)."""
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 61, (2, length), generator=generator)
-    mask = torch.ones_like(ids)
-    ids[1, :pad], mask[1, :pad] = 0, 0
-    return ids, mask
 
 
 # ----------------------------------------------------------------------------- config
