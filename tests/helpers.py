@@ -2,6 +2,7 @@
 history, a small corpus and overrides that make any pretraining recipe run in seconds, the tiny ChatML BPE."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -158,3 +159,45 @@ def left_padded(length: int = 12, pad: int = 5) -> tuple[torch.Tensor, torch.Ten
     mask = torch.ones_like(ids)
     ids[1, :pad], mask[1, :pad] = 0, 0
     return ids, mask
+
+
+def run_without_hfllm(script: str, folder: Path) -> subprocess.CompletedProcess:
+    """`python -c script` in a fresh process with a bare environment (offline, HOME in `folder`, this session's
+    OMP_NUM_THREADS), as a reader without hfllm runs a checkpoint's own code; the script blocks `import hfllm` itself."""
+    threads = {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]} if "OMP_NUM_THREADS" in os.environ else {}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=folder,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(folder), **threads})
+
+
+def tiny_variant_args(layers: int) -> list[str]:
+    """Overrides that make a shipped variant recipe train 2 logged steps of a tiny `layers`-layer model."""
+    return [*TINY, "--num_hidden_layers", str(layers), "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2",
+            "--warmup_steps", "1", "--max_position_embeddings", "64", "--intermediate_size", "64"]
+
+
+def train_shrunk(recipe: Path, folder: Path, layers: int = 4) -> Path:
+    """Train `recipe` shrunk (`tiny_variant_args`) on the test corpus; checks the run exits 0 with 2 finite logged losses and
+    returns its output folder."""
+    from hfllm.run_pretrain import main
+
+    out = folder / "out"
+    assert main([str(recipe), *tiny_variant_args(layers), *data_args(folder), "--output_dir", str(out)]) == 0
+    losses = [entry["loss"] for entry in log_history(out) if "loss" in entry]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    return out
+
+
+def assert_export_refused(model, folder: Path, to: str, words: str) -> None:
+    """`hfllm export --to {to}` of the saved `model` refuses in one line holding `words` and writes nothing."""
+    from hfllm.errors import HfllmError
+    from hfllm.models.convert import export
+
+    model.save_pretrained(folder / "model")
+    try:
+        export(folder / "model", folder / "out", to=to)
+    except HfllmError as error:
+        message = str(error)
+    else:
+        raise AssertionError(f"export --to {to} did not refuse")
+    assert "\n" not in message and words in message, message
+    assert not (folder / "out").exists() or not any((folder / "out").iterdir())

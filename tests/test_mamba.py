@@ -6,10 +6,6 @@ cached greedy generation equals uncached (alone and left-padded), save / from_pr
 `hfllm plan`'s counts against the real tensors and a measured forward, `hfllm export`'s one-line refusal, the kernel
 dispatch, the refusals, and the shipped recipe trains (`hfllm doctor` behind slow)."""
 
-import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import TINY, data_args, left_padded, log_history
+from helpers import assert_export_refused, left_padded, run_without_hfllm, train_shrunk
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
@@ -26,7 +22,6 @@ from hfllm import HfllmConfig, HfllmForCausalLM
 from hfllm.errors import HfllmError
 from hfllm.models import HfllmConfigError, parameter_counts
 from hfllm.models import mamba2_hfllm
-from hfllm.models.convert import export
 from hfllm.models.mamba2_hfllm import HfllmMamba2Mixer, ssd_chunk_scan, ssd_step
 from hfllm.training.mfu import flops_per_token
 
@@ -234,9 +229,7 @@ def test_loads_through_remote_code_without_hfllm(tmp_path):
         assert torch.equal(generated, expected["generated"])
         print("remote code OK")
     """)
-    threads = {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]} if "OMP_NUM_THREADS" in os.environ else {}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **threads})
+    result = run_without_hfllm(script, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "remote code OK" in result.stdout
 
@@ -272,12 +265,7 @@ def test_parameter_and_flop_counts_match_the_tensors_and_a_measured_forward(leng
 
 @pytest.mark.parametrize("to", ["gguf", "transformers"])
 def test_export_refuses_in_one_line_naming_mamba_and_writes_nothing(to, tmp_path):
-    tiny().save_pretrained(tmp_path / "model")
-    with pytest.raises(HfllmError) as error:
-        export(tmp_path / "model", tmp_path / "out", to=to)
-    message = str(error.value)
-    assert "\n" not in message and "layer_types: mamba" in message, message
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert_export_refused(tiny(), tmp_path, to, "layer_types: mamba")
 
 
 # ----------------------------------------------------------------------------- kernels and refusals
@@ -361,17 +349,8 @@ def test_tensor_parallel_is_refused_in_one_line():
 
 # ----------------------------------------------------------------------------- the shipped recipe
 
-SHRINK = [*TINY, "--num_hidden_layers", "4", "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2",
-          "--warmup_steps", "1", "--max_position_embeddings", "64", "--intermediate_size", "64"]
-
-
 def test_mamba_recipe_trains_saves_and_generates(tmp_path):
-    from hfllm.run_pretrain import main
-
-    out = tmp_path / "out"
-    assert main([str(RECIPE), *SHRINK, *data_args(tmp_path), "--output_dir", str(out)]) == 0
-    losses = [entry["loss"] for entry in log_history(out) if "loss" in entry]
-    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    out = train_shrunk(RECIPE, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(out)
     values = yaml.safe_load(RECIPE.read_text())
     assert model.config.layer_types == ["linear_attention"] * 3 + ["full_attention"]

@@ -7,25 +7,20 @@ training forward, `hfllm export`'s one-line refusals, and the shipped recipe tra
 tests/test_variants.py::test_doctor_passes_on_each_variant_recipe[mod-tiny], behind slow)."""
 
 import math
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, data_args, left_padded, log_history
+from helpers import assert_export_refused, left_padded, log_history, run_without_hfllm, train_shrunk
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
 from hfllm import HfllmConfig, HfllmForCausalLM
 from hfllm.diagnostics.subjects import shrink
-from hfllm.errors import HfllmError
 from hfllm.models import HfllmConfigError, parameter_counts
-from hfllm.models.convert import export
 from hfllm.training.mfu import flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,9 +347,7 @@ def test_loads_and_generates_through_remote_code_without_hfllm(tmp_path):
         assert torch.equal(generated, expected["generated"])
         print("remote code OK")
     """)
-    threads = {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]} if "OMP_NUM_THREADS" in os.environ else {}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **threads})
+    result = run_without_hfllm(script, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "remote code OK" in result.stdout
 
@@ -377,28 +370,14 @@ def test_parameter_and_flop_counts_match_the_tensors_and_a_measured_training_for
 
 @pytest.mark.parametrize("to", ["gguf", "transformers"])
 def test_export_refuses_in_one_line_naming_the_variant_and_writes_nothing(to, tmp_path):
-    tiny("half").save_pretrained(tmp_path / "model")
-    with pytest.raises(HfllmError) as error:
-        export(tmp_path / "model", tmp_path / "out", to=to)
-    message = str(error.value)
-    assert "\n" not in message and "mod_capacity: 0.5" in message, message
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert_export_refused(tiny("half"), tmp_path, to, "mod_capacity: 0.5")
 
 
 # ----------------------------------------------------------------------------- the shipped recipe
 
-SHRINK = [*TINY, "--num_hidden_layers", "4", "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2",
-          "--warmup_steps", "1", "--max_position_embeddings", "64", "--intermediate_size", "64"]
-
-
 def test_mod_recipe_trains_saves_and_generates(tmp_path):
-    from hfllm.run_pretrain import main
-
-    out = tmp_path / "out"
-    assert main([str(RECIPE), *SHRINK, *data_args(tmp_path), "--output_dir", str(out)]) == 0
+    out = train_shrunk(RECIPE, tmp_path)
     history = log_history(out)
-    losses = [entry["loss"] for entry in history if "loss" in entry]
-    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert any("eval_loss" in entry for entry in history)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.mod_capacity == 0.125 and model.config.mod_routed_layers == [1, 3]

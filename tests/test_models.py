@@ -1,13 +1,13 @@
 """hfllm's model family on tiny random configs: masks, caches, backends, losses, MoE routing, save/load."""
 
 import math
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from helpers import run_without_hfllm
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -268,10 +268,7 @@ def test_remote_code_loads_in_a_fresh_process_without_hfllm(tmp_path):
         assert torch.equal(logits, expected["logits"])
         print("remote code OK", type(model).__name__)
     """)
-    threads = {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]} if "OMP_NUM_THREADS" in os.environ else {}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                                 **threads})  # the same thread count as here: float sums depend on it
+    result = run_without_hfllm(script, tmp_path)  # the same thread count as here: float sums depend on it
     assert result.returncode == 0, result.stderr[-2000:]
     assert "remote code OK HfllmForCausalLM" in result.stdout
 

@@ -6,23 +6,18 @@ left-padded), save / from_pretrained / remote code without hfllm, `hfllm plan`'s
 measured forward pass, `hfllm export`'s one-line refusal, and the shipped recipe trains (`hfllm doctor` behind slow)."""
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, data_args, left_padded, log_history
+from helpers import assert_export_refused, left_padded, run_without_hfllm, train_shrunk
 from test_variants import measured_flops_per_token
 from transformers import AutoModelForCausalLM
 
 from hfllm import HfllmConfig, HfllmForCausalLM
-from hfllm.errors import HfllmError
 from hfllm.models import HfllmConfigError, parameter_counts
-from hfllm.models.convert import export
 from hfllm.models.modeling_hfllm import CACHE_NAME, apply_rotary_pos_emb
 from hfllm.training.mfu import flops_per_token
 
@@ -291,9 +286,7 @@ def test_saves_loads_and_loads_through_remote_code_without_hfllm(tmp_path):
         torch.testing.assert_close(logits, inputs["expected"], atol=0, rtol=0)
         print("remote code OK", model.config.num_recursions)
     """)
-    threads = {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]} if "OMP_NUM_THREADS" in os.environ else {}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **threads})
+    result = run_without_hfllm(script, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "remote code OK 3" in result.stdout
 
@@ -312,27 +305,13 @@ def test_parameter_and_flop_counts_match_the_tensors_and_a_measured_forward(shar
 
 @pytest.mark.parametrize("to", ["gguf", "transformers"])
 def test_export_refuses_in_one_line_naming_the_variant_and_writes_nothing(to, tmp_path):
-    tiny().save_pretrained(tmp_path / "model")
-    with pytest.raises(HfllmError) as error:
-        export(tmp_path / "model", tmp_path / "out", to=to)
-    message = str(error.value)
-    assert "\n" not in message and "num_recursions: 3 (Mixture-of-Recursions)" in message, message
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert_export_refused(tiny(), tmp_path, to, "num_recursions: 3 (Mixture-of-Recursions)")
 
 
 # ----------------------------------------------------------------------------- the shipped recipe
 
-SHRINK = [*TINY, "--num_hidden_layers", "3", "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2",
-          "--warmup_steps", "1", "--max_position_embeddings", "64", "--intermediate_size", "64"]
-
-
 def test_mor_recipe_trains_saves_and_generates(tmp_path):
-    from hfllm.run_pretrain import main
-
-    out = tmp_path / "out"
-    assert main([str(RECIPE), *SHRINK, *data_args(tmp_path), "--output_dir", str(out)]) == 0
-    losses = [entry["loss"] for entry in log_history(out) if "loss" in entry]
-    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    out = train_shrunk(RECIPE, tmp_path, layers=3)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert (model.config.num_recursions, model.config.recursion_sharing) == (3, "middle_cycle")
     assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape == (1, 7)

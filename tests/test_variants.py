@@ -8,8 +8,6 @@ the recipes and `hfllm doctor` behind slow)."""
 
 import importlib.machinery
 import math
-import os
-import subprocess
 import sys
 import textwrap
 import types
@@ -18,12 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import CORPUS, TINY, data_args, left_padded, log_history
+from helpers import CORPUS, TINY, assert_export_refused, left_padded, run_without_hfllm, train_shrunk
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
 from hfllm import HfllmConfig, HfllmForCausalLM
-from hfllm.errors import HfllmError
 from hfllm.models import HfllmConfigError, parameter_counts
 from hfllm.models.convert import export
 from hfllm.models.modeling_hfllm import alibi_slopes
@@ -400,9 +397,7 @@ def test_variants_load_through_remote_code_without_hfllm(tmp_path):
                 assert mixer.startswith("transformers_modules") and mixer.endswith("mamba2_hfllm"), mixer
             print("remote code OK", variant)
     """)
-    threads = {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]} if "OMP_NUM_THREADS" in os.environ else {}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **threads})
+    result = run_without_hfllm(script, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("remote code OK") == len(names)
 
@@ -450,12 +445,7 @@ def test_hfllm_plan_counts_each_variant_recipe(recipe):
 @pytest.mark.parametrize("to", ["gguf", "transformers"])
 @pytest.mark.parametrize("variant", list(HFLLM_ONLY))
 def test_export_refuses_in_one_line_naming_the_variant_and_writes_nothing(variant, to, tmp_path):
-    tiny(variant).save_pretrained(tmp_path / "model")
-    with pytest.raises(HfllmError) as error:
-        export(tmp_path / "model", tmp_path / "out", to=to)
-    message = str(error.value)
-    assert "\n" not in message and HFLLM_ONLY[variant] in message, message
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert_export_refused(tiny(variant), tmp_path, to, HFLLM_ONLY[variant])
 
 
 def test_zero_init_exports_to_llama_and_gguf(tiny_llama_shakespeare_dir, tmp_path):
@@ -502,10 +492,6 @@ def test_llama_cpp_runs_the_zero_init_export_like_hfllm(tiny_llama_shakespeare_d
 
 # ----------------------------------------------------------------------------- the shipped recipes
 
-SHRINK = [*TINY, "--num_hidden_layers", "4", "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2",
-          "--warmup_steps", "1", "--max_position_embeddings", "64", "--intermediate_size", "64"]
-
-
 def test_variant_recipes_are_shipped():
     assert {"rope-tiny", "alibi-tiny", "nope-tiny", "speedrun-tricks-tiny"} <= set(RECIPES)
 
@@ -513,12 +499,7 @@ def test_variant_recipes_are_shipped():
 @pytest.mark.parametrize("recipe", [pytest.param(name, marks=[] if name == "speedrun-tricks-tiny" else pytest.mark.slow)
                                     for name in RECIPES])
 def test_variant_recipe_trains_saves_and_generates(recipe, tmp_path):
-    from hfllm.run_pretrain import main
-
-    out = tmp_path / "out"
-    assert main([str(RECIPES[recipe]), *SHRINK, *data_args(tmp_path), "--output_dir", str(out)]) == 0
-    losses = [entry["loss"] for entry in log_history(out) if "loss" in entry]
-    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    out = train_shrunk(RECIPES[recipe], tmp_path)
     model = AutoModelForCausalLM.from_pretrained(out)
     values = yaml.safe_load(RECIPES[recipe].read_text())
     for field in set(values) & set(VARIANTS["alibi+speedrun"]):
