@@ -201,3 +201,35 @@ def assert_export_refused(model, folder: Path, to: str, words: str) -> None:
         raise AssertionError(f"export --to {to} did not refuse")
     assert "\n" not in message and words in message, message
     assert not (folder / "out").exists() or not any((folder / "out").iterdir())
+
+
+TINY_SHAPE = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+
+
+def perturbed_tiny(attn: str = "eager", **fields):
+    """A random 4-layer HfllmForCausalLM (GQA: 4 query heads, 2 key/value heads; `fields` override `TINY_SHAPE`), in
+    eval mode, every weight perturbed so that zero-initialised projections, unit weights and routers carry signal."""
+    from hfllm import HfllmConfig, HfllmForCausalLM
+
+    torch.manual_seed(0)
+    model = HfllmForCausalLM._from_config(HfllmConfig(**{**TINY_SHAPE, **fields}), attn_implementation=attn)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def measured_flops_per_token(model, length: int) -> float:
+    """Training FLOPs per token from a measured training-mode forward pass (Mixture of Depths routes differently in
+    evaluation; dropout is 0) with eager attention (torch's FLOP counter sees its matmuls; CPU SDPA's kernel is not
+    counted), times 3 for forward + backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.config._attn_implementation = "eager"
+    ids = torch.randint(1, model.config.vocab_size, (1, length))
+    was_training = model.training
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.train()(ids)
+    model.train(was_training)
+    return 3 * counter.get_total_flops() / length

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import assert_export_refused, left_padded, run_without_hfllm, train_shrunk
-from torch.utils.flop_counter import FlopCounterMode
+from helpers import (assert_export_refused, left_padded, measured_flops_per_token, perturbed_tiny, run_without_hfllm,
+                     train_shrunk)
 from transformers import AutoModelForCausalLM
 
 from hfllm import HfllmConfig, HfllmForCausalLM
@@ -35,15 +35,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def tiny(attn: str = "eager", **overrides) -> HfllmForCausalLM:
     """A random 4-layer hybrid (three Mamba-2 layers, then attention; 4 SSD heads of 16, state 8, 2 groups, chunks of
     8), every weight perturbed."""
-    torch.manual_seed(0)
-    shape = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, layer_types=HYBRID,
-                 mamba_d_state=8, mamba_d_head=16, mamba_n_groups=2, mamba_chunk_size=8)
-    model = HfllmForCausalLM._from_config(HfllmConfig(**{**shape, **overrides}), attn_implementation=attn)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.3 * torch.randn_like(parameter))
-    return model.eval()
+    mamba = dict(layer_types=HYBRID, mamba_d_state=8, mamba_d_head=16, mamba_n_groups=2, mamba_chunk_size=8)
+    return perturbed_tiny(attn, **{**mamba, **overrides})
 
 
 # ----------------------------------------------------------------------------- config
@@ -242,16 +235,6 @@ def test_push_stages_the_mixer_file_with_the_model_code(tmp_path):
     (tmp_path / "out").mkdir()
     names = stage(tmp_path / "model", "me/mamba-tiny", tmp_path / "out", "apache-2.0")
     assert {"modeling_hfllm.py", "configuration_hfllm.py", "mamba2_hfllm.py"} <= set(names), names
-
-
-def measured_flops_per_token(model: HfllmForCausalLM, length: int) -> float:
-    """Training FLOPs per token from a measured eager forward (torch's FLOP counter sees the projections, the conv,
-    the scan's einsums and attention's matmuls), times 3 for forward + backward."""
-    model.config._attn_implementation = "eager"
-    ids = torch.randint(1, model.config.vocab_size, (1, length))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(ids)
-    return 3 * counter.get_total_flops() / length
 
 
 @pytest.mark.parametrize("length", [48, 20])  # six chunks of 8; three with a padded last one

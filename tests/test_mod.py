@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_export_refused, left_padded, log_history, run_without_hfllm, train_shrunk
-from torch.utils.flop_counter import FlopCounterMode
+from helpers import (assert_export_refused, left_padded, log_history, measured_flops_per_token, perturbed_tiny,
+                     run_without_hfllm, train_shrunk)
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
@@ -37,15 +37,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def tiny(variant: str = "half", attn: str = "eager", **overrides) -> HfllmForCausalLM:
     """A random 4-layer model (GQA: 4 query heads, 2 key/value heads), every weight perturbed so that the routers and
     predictors route some tokens and not others."""
-    torch.manual_seed(0)
-    shape = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
-    config = HfllmConfig(**{**shape, **VARIANTS[variant], **overrides})
-    model = HfllmForCausalLM._from_config(config, attn_implementation=attn)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.3 * torch.randn_like(parameter))
-    return model.eval()
+    return perturbed_tiny(attn, **{**VARIANTS[variant], **overrides})
 
 
 # ----------------------------------------------------------------------------- config
@@ -360,10 +352,7 @@ def test_parameter_and_flop_counts_match_the_tensors_and_a_measured_training_for
     assert parameter_counts(model)["total"] == sum(p.numel() for p in model.parameters())
     dense = tiny(variant, mod_capacity=None, mod_layers=None)
     assert flops_per_token(model, 48) < flops_per_token(dense, 48)
-    ids = torch.randint(1, 61, (1, 48))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.train()(ids)
-    measured = 3 * counter.get_total_flops() / 48
+    measured = measured_flops_per_token(model, 48)  # on a training-mode forward: the top-k routing
     predicted = flops_per_token(model, 48)
     assert abs(predicted - measured) / measured < 0.02, (predicted, measured)
 

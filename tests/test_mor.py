@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_export_refused, left_padded, run_without_hfllm, train_shrunk
-from test_variants import measured_flops_per_token
+from helpers import (assert_export_refused, left_padded, measured_flops_per_token, perturbed_tiny, run_without_hfllm,
+                     train_shrunk)
 from transformers import AutoModelForCausalLM
 
 from hfllm import HfllmConfig, HfllmForCausalLM
@@ -32,12 +32,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def tiny(attn: str = "eager", **overrides) -> HfllmForCausalLM:
     """A random Middle-Cycle MoR model (4 unique layers: 0 | 1, 2 shared, applied up to 3 times | 3), every weight
     perturbed so that the router's choices spread over the depths."""
-    torch.manual_seed(0)
-    config = HfllmConfig(**{**SHAPE, "num_hidden_layers": 4, "num_recursions": 3, **overrides})
-    model = HfllmForCausalLM._from_config(config, attn_implementation=attn)
+    model = perturbed_tiny(attn, **{"num_recursions": 3, **overrides})
     with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.3 * torch.randn_like(parameter))
         if model.model.recursion_router is not None:  # confident choices: a flip needs more than rounding noise
             model.model.recursion_router.weight.mul_(10)
     return model.eval()

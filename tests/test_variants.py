@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import CORPUS, TINY, assert_export_refused, left_padded, run_without_hfllm, train_shrunk
-from torch.utils.flop_counter import FlopCounterMode
+from helpers import (CORPUS, TINY, assert_export_refused, left_padded, measured_flops_per_token, perturbed_tiny,
+                     run_without_hfllm, train_shrunk)
 from transformers import AutoModelForCausalLM
 
 from hfllm import HfllmConfig, HfllmForCausalLM
@@ -52,15 +52,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def tiny(variant: str, attn: str = "eager", **overrides) -> HfllmForCausalLM:
     """A random 4-layer model of `variant` (GQA: 4 query heads, 2 key/value heads), every weight perturbed so that a
     zero-initialised projection or a unit skip weight still carries signal."""
-    torch.manual_seed(0)
-    shape = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
-    config = HfllmConfig(**{**shape, **VARIANTS[variant], **overrides})
-    model = HfllmForCausalLM._from_config(config, attn_implementation=attn)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.3 * torch.randn_like(parameter))
-    return model.eval()
+    return perturbed_tiny(attn, **{**VARIANTS[variant], **overrides})
 
 
 # ----------------------------------------------------------------------------- config
@@ -400,19 +392,6 @@ def test_variants_load_through_remote_code_without_hfllm(tmp_path):
     result = run_without_hfllm(script, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("remote code OK") == len(names)
-
-
-def measured_flops_per_token(model: HfllmForCausalLM, length: int) -> float:
-    """Training FLOPs per token from a measured training-mode forward pass (Mixture of Depths routes differently in
-    evaluation; dropout is 0) with eager attention (torch's FLOP counter sees its matmuls; CPU SDPA's kernel is not
-    counted), times 3 for forward + backward."""
-    model.config._attn_implementation = "eager"
-    ids = torch.randint(1, model.config.vocab_size, (1, length))
-    was_training = model.training
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.train()(ids)
-    model.train(was_training)
-    return 3 * counter.get_total_flops() / length
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
