@@ -233,3 +233,18 @@ def measured_flops_per_token(model, length: int) -> float:
         model.train()(ids)
     model.train(was_training)
     return 3 * counter.get_total_flops() / length
+
+
+def assert_cached_generation_equals_uncached(model) -> torch.Tensor:
+    """Greedy generation (8 tokens) with the KV cache equals generation without it, for `left_padded()`'s second
+    prompt alone and for the left-padded batch; the padded row generates what its prompt does alone. Returns the
+    batch's cached generation (2, 12 + 8)."""
+    ids, mask = left_padded()
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for prompt, prompt_mask in ((ids[1:, 5:], mask[1:, 5:]), (ids, mask)):
+        cached = model.generate(prompt, attention_mask=prompt_mask, use_cache=True, **settings)
+        uncached = model.generate(prompt, attention_mask=prompt_mask, use_cache=False, **settings)
+        assert torch.equal(cached, uncached)
+    alone = model.generate(ids[1:, 5:], attention_mask=mask[1:, 5:], **settings)
+    assert torch.equal(cached[1, 5:], alone[0]), "the left-padded row generates what the prompt does alone"
+    return cached

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import (assert_export_refused, left_padded, measured_flops_per_token, perturbed_tiny, run_without_hfllm,
-                     train_shrunk)
+from helpers import (assert_cached_generation_equals_uncached, assert_export_refused, left_padded,
+                     measured_flops_per_token, perturbed_tiny, run_without_hfllm, train_shrunk)
 from transformers import AutoModelForCausalLM
 
 from hfllm import HfllmConfig, HfllmForCausalLM
@@ -170,14 +170,7 @@ COMBINATIONS = {
 @pytest.mark.parametrize("combination", list(COMBINATIONS))
 def test_cached_greedy_generation_equals_uncached_alone_and_left_padded(combination):
     model = tiny("sdpa", **COMBINATIONS[combination])
-    ids, mask = left_padded()
-    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    for prompt, prompt_mask in ((ids[1:, 5:], mask[1:, 5:]), (ids, mask)):
-        cached = model.generate(prompt, attention_mask=prompt_mask, use_cache=True, **settings)
-        uncached = model.generate(prompt, attention_mask=prompt_mask, use_cache=False, **settings)
-        assert torch.equal(cached, uncached)
-    alone = model.generate(ids[1:, 5:], attention_mask=mask[1:, 5:], **settings)
-    assert torch.equal(cached[1, 5:], alone[0]), "the left-padded row generates what the prompt does alone"
+    cached = assert_cached_generation_equals_uncached(model)
     assert len(set(cached[0, 12:].tolist())) > 1  # not a degenerate repetition that any bug would also produce
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (assert_export_refused, left_padded, log_history, measured_flops_per_token, perturbed_tiny,
-                     run_without_hfllm, train_shrunk)
+from helpers import (assert_cached_generation_equals_uncached, assert_export_refused, left_padded, log_history,
+                     measured_flops_per_token, perturbed_tiny, run_without_hfllm, train_shrunk)
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
@@ -265,13 +265,7 @@ def test_cached_greedy_generation_equals_uncached_alone_and_left_padded(variant,
     ids, mask = left_padded()
     routed = model.routing_agreement(ids, attention_mask=mask)
     assert all(0 < layer["routed"] < 1 for layer in routed.values()), routed  # some tokens skip, some do not
-    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    for prompt, prompt_mask in ((ids[1:, 5:], mask[1:, 5:]), (ids, mask)):
-        cached = model.generate(prompt, attention_mask=prompt_mask, use_cache=True, **settings)
-        uncached = model.generate(prompt, attention_mask=prompt_mask, use_cache=False, **settings)
-        assert torch.equal(cached, uncached), variant
-    alone = model.generate(ids[1:, 5:], attention_mask=mask[1:, 5:], **settings)
-    assert torch.equal(cached[1, 5:], alone[0]), "the left-padded row generates what the prompt does alone"
+    assert_cached_generation_equals_uncached(model)
 
 
 def test_beam_search_reorders_the_cached_routing_with_its_keys():

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (assert_export_refused, left_padded, measured_flops_per_token, perturbed_tiny, run_without_hfllm,
-                     train_shrunk)
+from helpers import (assert_cached_generation_equals_uncached, assert_export_refused, left_padded,
+                     measured_flops_per_token, perturbed_tiny, run_without_hfllm, train_shrunk)
 from transformers import AutoModelForCausalLM
 
 from hfllm import HfllmConfig, HfllmForCausalLM
@@ -238,14 +238,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_cached_greedy_generation_equals_uncached_alone_and_left_padded(fields):
     """Recursive KV sharing: deeper recursions read the first recursion's cached keys, whatever the positions."""
     model = tiny("sdpa", **fields)
-    ids, mask = left_padded()
-    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    for prompt, prompt_mask in ((ids[1:, 5:], mask[1:, 5:]), (ids, mask)):
-        cached = model.generate(prompt, attention_mask=prompt_mask, use_cache=True, **settings)
-        uncached = model.generate(prompt, attention_mask=prompt_mask, use_cache=False, **settings)
-        assert torch.equal(cached, uncached)
-    alone = model.generate(ids[1:, 5:], attention_mask=mask[1:, 5:], **settings)
-    assert torch.equal(cached[1, 5:], alone[0]), "the left-padded row generates what the prompt does alone"
+    assert_cached_generation_equals_uncached(model)
 
 
 def test_cache_holds_one_entry_per_unique_layer():

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import (CORPUS, TINY, assert_export_refused, left_padded, measured_flops_per_token, perturbed_tiny,
-                     run_without_hfllm, train_shrunk)
+from helpers import (CORPUS, TINY, assert_cached_generation_equals_uncached, assert_export_refused, left_padded,
+                     measured_flops_per_token, perturbed_tiny, run_without_hfllm, train_shrunk)
 from transformers import AutoModelForCausalLM
 
 from hfllm import HfllmConfig, HfllmForCausalLM
@@ -333,14 +333,7 @@ def test_zero_init_output_projections_start_every_block_as_the_identity():
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cached_greedy_generation_equals_uncached_alone_and_left_padded(variant):
     model = tiny(variant, "sdpa")
-    ids, mask = left_padded()
-    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    for prompt, prompt_mask in ((ids[1:, 5:], mask[1:, 5:]), (ids, mask)):
-        cached = model.generate(prompt, attention_mask=prompt_mask, use_cache=True, **settings)
-        uncached = model.generate(prompt, attention_mask=prompt_mask, use_cache=False, **settings)
-        assert torch.equal(cached, uncached), variant
-    alone = model.generate(ids[1:, 5:], attention_mask=mask[1:, 5:], **settings)
-    assert torch.equal(cached[1, 5:], alone[0]), "the left-padded row generates what the prompt does alone"
+    assert_cached_generation_equals_uncached(model)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
